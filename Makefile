@@ -1,0 +1,43 @@
+# Two entry points for a fresh machine: `make demo` (the main job on the bundled corpus) and
+# `make test`. Both create .venv and install the project with its test extras on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_RUN ?= runs/demo
+
+.PHONY: venv demo test lint format slurm-up slurm-down clean bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m ipt_hpc.launch shard --config configs/demo.yaml --out $(DEMO_RUN)/raw
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+slurm-up:
+	tools/local-slurm up
+
+slurm-down:
+	tools/local-slurm down
+
+bench: venv
+	$(PY) tools/bench_records.py --mb 100
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

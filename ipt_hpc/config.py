@@ -1,0 +1,138 @@
+"""Configuration: YAML files validated on load, ``--set key=value`` overrides, stable hashes.
+
+Unknown keys and wrong types are errors naming the file and the dotted key. Each stage hashes
+only the sections that change its output, so e.g. a different executor does not invalidate shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecordsConfig(_Section):
+    """How record files are written and how bad input records are handled."""
+
+    level: int = Field(3, ge=1, le=22, description="zstd compression level")
+    frame_bytes: int = Field(1 << 20, ge=4096, description="uncompressed bytes per zstd frame")
+    fsync: bool = Field(True, description="fsync on flush and close (durability)")
+    on_bad_record: Literal["error", "quarantine"] = Field(
+        "error", description="'error' stops at the first bad record; 'quarantine' sets it aside, counted"
+    )
+
+
+class ShardConfig(_Section):
+    """The ``shard`` stage: raw corpus -> N balanced zstd JSONL shards."""
+
+    inputs: list[str] = Field(default_factory=list, description="files, folders, globs or a hub dataset name")
+    format: Literal["auto", "jsonl", "parquet", "arrow", "hub"] = "auto"
+    text_field: str = Field("text", min_length=1, description="RefinedWeb calls it 'content'")
+    id_field: str | None = Field(None, description="use the source's own id; default '<file>:<line>'")
+    keep_fields: list[str] = Field(default_factory=list, description="extra source fields copied to 'meta'")
+    num_shards: int = Field(8, ge=1, le=10_000_000)
+    max_doc_bytes: int = Field(8 << 20, ge=1, description="larger documents are bad records")
+    hub_split: str = "train"
+
+
+class ExecutionConfig(_Section):
+    """Where tasks run (the execution layer reads this; stages never do)."""
+
+    backend: Literal["local", "debug"] = Field("local", description="local: submitit worker processes")
+    workers: int | None = Field(None, ge=1, description="local worker processes (default: CPU count)")
+    timeout_min: int = Field(24 * 60, ge=1)
+
+
+class Config(_Section):
+    """The whole configuration of a run."""
+
+    records: RecordsConfig = Field(default_factory=RecordsConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"{origin}: malformed key {key!r}")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: key {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value parsed as YAML, so 3 is an int and [a, b] a list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set shard.num_shards=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def _format_errors(exc: ValidationError, origin: str, overridden: set[str]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        where = "--set" if key in overridden else origin
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{where}: key '{key}': {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Config:
+    """Load and validate a config file, then apply ``--set`` overrides and CLI-flag values."""
+    tree: dict[str, Any] = {}
+    origin = "<defaults>"
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{origin}: cannot read config ({exc.strerror})") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{origin}: not valid YAML ({exc})") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{origin}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    overridden: set[str] = set()
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, "--set")
+        overridden.add(key)
+    for key, value in (extra or {}).items():
+        _set_dotted(tree, key, value, "command line")
+        overridden.add(key)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin, overridden)) from None
+
+
+def config_hash(data: dict[str, Any]) -> str:
+    """Stable short hash of a JSON-able config fragment (key order does not matter)."""
+    blob = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    return "sha256:" + hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,212 @@
+"""Command line: ``python -m ipt_hpc.launch <stage> ...``.
+
+Errors a user can act on are printed as one message, without a traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import IptError
+
+EPILOG_SHARD = """\
+examples:
+  # 64 shards of a local JSON Lines corpus whose text field is 'content' (RefinedWeb)
+  python -m ipt_hpc.launch shard --input data/refinedweb/ --num-shards 64 \\
+      --set shard.text_field=content --out runs/rw/raw
+
+  # the bundled demo corpus, bad records set aside instead of stopping the run
+  python -m ipt_hpc.launch shard --config configs/demo.yaml --out runs/demo/raw \\
+      --on-bad-record quarantine
+
+  # print what would run, without reading the corpus
+  python -m ipt_hpc.launch shard --config configs/demo.yaml --out runs/demo/raw --dry-run
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", metavar="FILE", help="YAML config (see configs/); validated on load")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override any config field, e.g. --set records.level=6 (repeatable)",
+    )
+    e = p.add_argument_group("execution")
+    e.add_argument("--executor", choices=["local", "debug"], help="where tasks run (default: local)")
+    e.add_argument("--workers", type=int, metavar="N", help="local worker processes (default: CPU count)")
+    e.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
+    e.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ipt_hpc.launch",
+        description="Instruction Pre-Training at HPC scale: run one pipeline stage.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ipt_hpc {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="stage", metavar="<stage>")
+    sub.required = True
+
+    p = sub.add_parser(
+        "shard",
+        help="raw corpus -> N zstd JSONL shards with stable ids and a manifest",
+        description="Split a raw corpus (JSON Lines, optionally .gz/.zst; parquet; arrow; a hub dataset name)"
+        " into N zstd JSON Lines shards balanced by text bytes, with stable ids and manifest.json.",
+        epilog=EPILOG_SHARD,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--input", dest="inputs", metavar="PATH", nargs="+", action="extend", help="files, folders or globs")
+    dest = p.add_mutually_exclusive_group()
+    dest.add_argument("--out", metavar="DIR", help="output folder (e.g. RUN/raw)")
+    dest.add_argument("--run", metavar="RUN", help="run folder; output goes to RUN/raw")
+    p.add_argument("--num-shards", type=int, metavar="N")
+    p.add_argument("--text-field", metavar="NAME", help="field holding the document text (default: text)")
+    p.add_argument("--id-field", metavar="NAME", help="use the source's own id field")
+    p.add_argument("--format", choices=["auto", "jsonl", "parquet", "arrow", "hub"])
+    p.add_argument("--on-bad-record", choices=["error", "quarantine"])
+    _common(p)
+    p.set_defaults(handler=cmd_shard)
+    return parser
+
+
+def _flag_values(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
+    return {key: getattr(args, attr) for attr, key in mapping.items() if getattr(args, attr, None) is not None}
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _progress_reporter(console: Any) -> tuple[Any, Callable[[str, int, int], None]]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    prog = Progress(
+        TextColumn("[bold]{task.description:<6}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = prog.add_task(phase, total=total)
+        prog.update(tasks[phase], completed=done, total=total)
+
+    return prog, update
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from . import shard
+    from .config import load_config
+    from .sources import discover_inputs
+
+    flags = _flag_values(
+        args,
+        {
+            "inputs": "shard.inputs",
+            "num_shards": "shard.num_shards",
+            "text_field": "shard.text_field",
+            "id_field": "shard.id_field",
+            "format": "shard.format",
+            "on_bad_record": "records.on_bad_record",
+            "executor": "execution.backend",
+            "workers": "execution.workers",
+        },
+    )
+    cfg = load_config(args.config, args.overrides, flags)
+    if not (args.out or args.run):
+        raise IptError("shard: say where to write: --out DIR or --run RUN")
+    out = Path(args.out) if args.out else Path(args.run) / "raw"
+    console = _console()
+    if args.dry_run:
+        inputs = discover_inputs(cfg.shard.inputs, cfg.shard.format)
+        total = sum(i.size for i in inputs)
+        console.print(
+            f"shard: {len(inputs)} input(s), {total / 1e6:.1f} MB on disk -> {cfg.shard.num_shards} shards in {out}"
+        )
+        for inp in inputs[:20]:
+            console.print(
+                f"  {inp.name}  ({inp.format}{'+' + inp.compression if inp.compression else ''}, {inp.size} bytes)"
+            )
+        if len(inputs) > 20:
+            console.print(f"  ... and {len(inputs) - 20} more")
+        console.print(f"executor: {cfg.execution.backend}, workers: {cfg.execution.workers or 'CPU count'}")
+        console.print(f"config hash: {shard.fingerprint(cfg, inputs)}")
+        return 0
+    prog, update = _progress_reporter(console)
+    started = time.time()
+    with prog:
+        manifest = shard.run(cfg, out, force=args.force, progress=update, log=lambda m: prog.console.print(m))
+    _print_shard_summary(console, manifest, out, time.time() - started)
+    return 0
+
+
+def _print_shard_summary(console: Any, manifest: dict[str, Any], out: Path, seconds: float) -> None:
+    from rich.table import Table
+
+    from .shard import imbalance
+
+    t = manifest["totals"]
+    table = Table(title=f"shard -> {out}", show_header=True)
+    for col in ("shards", "docs", "text MB", "zstd MB", "bad", "blank", "max/mean", "docs/s"):
+        table.add_column(col, justify="right")
+    rate = t["docs"] / t["seconds"] if t["seconds"] else float("nan")
+    table.add_row(
+        str(t["shards"]),
+        str(t["docs"]),
+        f"{t['text_bytes'] / 1e6:.2f}",
+        f"{t['bytes'] / 1e6:.2f}",
+        str(t["bad"]),
+        str(t["blank_lines"]),
+        f"{imbalance(manifest):.3f}",
+        f"{rate:,.0f}",
+    )
+    console.print(table)
+    if t["bad"]:
+        console.print(f"bad records by reason: {t['bad_by_reason']}; set aside in {out / 'quarantine'}")
+    console.print(f"manifest: {out / 'manifest.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except IptError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

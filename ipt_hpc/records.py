@@ -1,0 +1,410 @@
+"""Record I/O: zstd-compressed JSON Lines, streamed, framed at record boundaries, atomic.
+
+File layout written by :class:`RecordWriter` (see docs/records.md):
+
+* a sequence of independent zstd frames (content size and checksum in each), every frame
+  ending at a record boundary, so any prefix of whole frames is a readable file;
+* frames are cut when their uncompressed content reaches ``frame_bytes``; whatever follows
+  the last such cut is the *tail frame*, rewritten in place by each :meth:`RecordWriter.flush`.
+  The frame layout therefore depends only on the records and ``frame_bytes``, never on when
+  the caller flushed or was killed: a resumed write yields the same bytes as an uninterrupted one;
+* the file is written as ``NAME.partial`` and renamed to ``NAME`` only after a final fsync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+import zstandard
+
+from .atomic import fsync_dir
+from .errors import IptError, RecordError
+
+DEFAULT_LEVEL = 3
+DEFAULT_FRAME_BYTES = 1 << 20
+READ_CHUNK = 1 << 20
+PARTIAL_SUFFIX = ".partial"
+_DUMPS_OPTS = orjson.OPT_APPEND_NEWLINE
+
+
+def partial_path(path: str | os.PathLike[str]) -> Path:
+    """The in-progress name of ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """One JSON line (with its newline) as the writer stores it."""
+    return orjson.dumps(record, option=_DUMPS_OPTS)
+
+
+@dataclass(frozen=True)
+class FileStats:
+    """What a stage manifest records about one finished record file."""
+
+    name: str
+    records: int
+    bytes: int
+    raw_bytes: int
+    checksum: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _new_hash() -> Any:
+    return hashlib.blake2b(digest_size=16)
+
+
+def file_checksum(path: str | os.PathLike[str]) -> str:
+    """Checksum of a file's bytes, in the form stored in manifests."""
+    h = _new_hash()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(READ_CHUNK):
+            h.update(chunk)
+    return "blake2b:" + h.hexdigest()
+
+
+@dataclass
+class _Frame:
+    start: int
+    end: int
+    records: int
+    raw_bytes: int
+    content: bytes | None  # kept only for a frame shorter than frame_bytes (a tail candidate)
+
+
+def _walk_frames(fh: BinaryIO, frame_bytes: int) -> tuple[list[_Frame], int, str | None]:
+    """Walk the complete frames of a partial file.
+
+    Returns (frames, end of last complete frame, reason the walk stopped early or None).
+    """
+    dctx = zstandard.ZstdDecompressor()
+    frames: list[_Frame] = []
+    fh.seek(0)
+    pos = 0  # offset of the current frame's first byte
+    carry = b""
+    eof = False
+    while not eof or carry:
+        dobj = dctx.decompressobj()
+        parts: list[bytes] | None = []
+        size = records = consumed = 0
+        last = b""
+        data = carry
+        carry = b""
+        done = False
+        while True:
+            if not data:
+                data = fh.read(READ_CHUNK)
+                if not data:
+                    eof = True
+                    break
+            try:
+                out = dobj.decompress(data)
+            except zstandard.ZstdError as exc:
+                return frames, pos, f"damaged frame at byte {pos}: {exc}"
+            if out:
+                size += len(out)
+                records += out.count(b"\n")
+                last = out[-1:]
+                if size >= frame_bytes:
+                    parts = None  # a full frame: no tail candidate, content not needed
+                elif parts is not None:
+                    parts.append(out)
+            if dobj.eof:
+                carry = dobj.unused_data
+                consumed += len(data) - len(carry)
+                done = True
+                break
+            consumed += len(data)
+            data = b""
+        if not done:
+            if consumed:
+                return frames, pos, f"torn frame at byte {pos} ({consumed} bytes)"
+            break
+        if size and last != b"\n":
+            return frames, pos, f"frame at byte {pos} does not end at a record boundary"
+        content = b"".join(parts) if parts is not None else None
+        frames.append(_Frame(pos, pos + consumed, records, size, content))
+        pos += consumed
+    return frames, pos, None
+
+
+class RecordWriter:
+    """Streaming zstd JSONL writer with record-boundary frames, resume and atomic completion.
+
+    ``flush()`` makes every record written so far durable (tail frame + fsync); a killed
+    writer leaves a ``.partial`` whose whole frames are readable; ``close()`` fsyncs and renames.
+    With ``resume=True`` an existing ``.partial`` is reopened: a torn last frame is cut off and
+    :attr:`records` tells how many records survived, so the caller continues after them.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        level: int = DEFAULT_LEVEL,
+        frame_bytes: int = DEFAULT_FRAME_BYTES,
+        fsync: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        if self.path.exists():
+            raise IptError(f"{self.path}: already complete; remove it (or pass --force) to rewrite it")
+        if frame_bytes < 1:
+            raise ValueError("frame_bytes must be positive")
+        self.frame_bytes = frame_bytes
+        self._fsync = fsync
+        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+        self._hash = _new_hash()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._pending_records = 0
+        self._base = 0  # end of the permanent frames; the tail frame starts here
+        self._tail_len = 0  # size of the tail frame currently on disk
+        self._perm_records = 0
+        self._perm_raw = 0
+        self.recovered_note: str | None = None
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        if resume and self.partial.exists():
+            self._fh = open(self.partial, "r+b")  # noqa: SIM115 - closed in close()/abandon()
+            self._recover()
+        else:
+            self._fh = open(self.partial, "wb")  # noqa: SIM115
+        self._closed = False
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def records(self) -> int:
+        """Records accepted so far (after a resume: the records recovered from disk)."""
+        return self._perm_records + self._pending_records
+
+    def _recover(self) -> None:
+        frames, good_end, problem = _walk_frames(self._fh, self.frame_bytes)
+        self.recovered_note = problem
+        self._fh.truncate(good_end)
+        if frames and frames[-1].content is not None:
+            tail = frames.pop()
+            self._pending = [tail.content] if tail.records else []
+            self._pending_records = tail.records
+            self._pending_bytes = tail.raw_bytes
+            self._tail_len = tail.end - tail.start
+        self._base = frames[-1].end if frames else 0
+        self._perm_records = sum(f.records for f in frames)
+        self._perm_raw = sum(f.raw_bytes for f in frames)
+        self._fh.seek(0)
+        remaining = self._base
+        while remaining:
+            chunk = self._fh.read(min(READ_CHUNK, remaining))
+            self._hash.update(chunk)
+            remaining -= len(chunk)
+        self._fh.seek(self._base + self._tail_len)
+        self._sync()
+
+    # -- writing -----------------------------------------------------------------------
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (a JSON object)."""
+        self._append(orjson.dumps(record, option=_DUMPS_OPTS))
+
+    def write_line(self, line: bytes) -> None:
+        """Append one pre-encoded JSON line ending with its single newline."""
+        if not line.endswith(b"\n") or line.find(b"\n") != len(line) - 1:
+            raise ValueError("write_line needs exactly one JSON line ending in a newline")
+        self._append(line)
+
+    def write_many(self, records: Iterable[dict[str, Any]]) -> None:
+        dumps = orjson.dumps
+        for record in records:
+            self._append(dumps(record, option=_DUMPS_OPTS))
+
+    def _append(self, line: bytes) -> None:
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        self._pending_records += 1
+        if self._pending_bytes >= self.frame_bytes:
+            self._write_frame(permanent=True)
+
+    def _write_frame(self, *, permanent: bool) -> None:
+        frame = self._cctx.compress(b"".join(self._pending))
+        fh = self._fh
+        if self._tail_len:
+            fh.seek(self._base)
+        fh.write(frame)
+        if self._tail_len > len(frame):
+            fh.truncate()
+        if permanent:
+            self._hash.update(frame)
+            self._base += len(frame)
+            self._tail_len = 0
+            self._perm_records += self._pending_records
+            self._perm_raw += self._pending_bytes
+            self._pending = []
+            self._pending_bytes = 0
+            self._pending_records = 0
+        else:
+            self._tail_len = len(frame)
+
+    def _sync(self) -> None:
+        self._fh.flush()
+        if self._fsync:
+            os.fsync(self._fh.fileno())
+
+    def flush(self) -> int:
+        """Make every record written so far durable; returns that record count."""
+        if self._pending_records:
+            self._write_frame(permanent=False)
+        self._sync()
+        return self.records
+
+    def close(self) -> FileStats:
+        """Finish the file: last frame, fsync, rename ``.partial`` to its final name."""
+        if self._pending_records or self._base == 0:
+            self._write_frame(permanent=True)  # an empty file still gets one (empty) frame
+        self._sync()
+        self._fh.close()
+        self._closed = True
+        os.replace(self.partial, self.path)
+        fsync_dir(self.path.parent)
+        return FileStats(
+            name=self.path.name,
+            records=self._perm_records,
+            bytes=self._base,
+            raw_bytes=self._perm_raw,
+            checksum="blake2b:" + self._hash.hexdigest(),
+        )
+
+    def abandon(self) -> None:
+        """Stop writing without completing; the ``.partial`` stays for a later resume."""
+        if not self._closed:
+            self._fh.close()
+            self._closed = True
+
+    def discard(self) -> None:
+        """Stop writing and delete the ``.partial``."""
+        self.abandon()
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+# -- reading -----------------------------------------------------------------------------
+_ZSTD_MAGIC = 0xFD2FB528
+_SKIPPABLE = range(0x184D2A50, 0x184D2A60)
+
+
+def check_zstd_complete(path: str | os.PathLike[str]) -> None:
+    """Raise if a zstd file does not end exactly at the end of a frame (a truncated file).
+
+    Decoders stop silently at a truncated end; walking the frame and block headers (a few bytes
+    per 128 KiB block, nothing decompressed) tells a complete file from a cut one.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        pos = 0
+        while pos < size:
+            fh.seek(pos)
+            head = fh.read(18)
+            if len(head) < 8:
+                raise RecordError(path, None, f"truncated zstd frame at byte {pos}")
+            magic = int.from_bytes(head[:4], "little")
+            if magic in _SKIPPABLE:
+                pos += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            if magic != _ZSTD_MAGIC:
+                raise RecordError(path, None, f"not zstd data at byte {pos}")
+            try:
+                p = pos + zstandard.frame_header_size(head)
+            except zstandard.ZstdError as exc:
+                raise RecordError(path, None, f"bad zstd frame header at byte {pos} ({exc})") from exc
+            while True:
+                fh.seek(p)
+                block = fh.read(3)
+                if len(block) < 3:
+                    raise RecordError(path, None, f"truncated zstd frame at byte {pos}")
+                header = int.from_bytes(block, "little")
+                kind = (header >> 1) & 3
+                if kind == 3:
+                    raise RecordError(path, None, f"corrupt zstd block at byte {p}")
+                p += 3 + (1 if kind == 1 else header >> 3)
+                if header & 1:
+                    break
+            p += 4 if head[4] & 0x04 else 0  # content checksum
+            if p > size:
+                raise RecordError(path, None, f"truncated zstd frame at byte {pos}")
+            pos = p
+
+
+def iter_chunks(path: str | os.PathLike[str], chunk: int = READ_CHUNK) -> Iterator[bytes]:
+    """Decompressed bytes of a complete record file, in chunks, across all its frames."""
+    check_zstd_complete(path)
+    with open(path, "rb") as fh:
+        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True, closefd=False)
+        while data := reader.read(chunk):
+            yield data
+
+
+def split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines (without newline) of a chunked byte stream; a last line without newline is kept."""
+    rest = b""
+    for chunk in chunks:
+        if rest:
+            chunk = rest + chunk
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw JSON line)`` of a finished record file; errors name file and line."""
+    path = Path(path)
+    if path.name.endswith(PARTIAL_SUFFIX):
+        raise IptError(f"{path}: refusing to read an unfinished file")
+    lineno = 0
+    try:
+        for lineno, line in enumerate(split_lines(iter_chunks(path)), start=1):
+            yield lineno, line
+    except zstandard.ZstdError as exc:
+        raise RecordError(path, lineno + 1, f"corrupt or truncated zstd data ({exc})") from exc
+    except RecordError as exc:
+        raise RecordError(path, None, f"corrupt or truncated zstd data ({exc.reason})") from exc
+    except FileNotFoundError as exc:
+        raise IptError(f"{path}: no such record file") from exc
+
+
+def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Records of a finished record file, streamed with bounded memory."""
+    loads = orjson.loads
+    for lineno, line in iter_lines(path):
+        try:
+            record = loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise RecordError(path, lineno, f"invalid JSON ({exc})") from exc
+        if not isinstance(record, dict):
+            raise RecordError(path, lineno, f"expected a JSON object, got {type(record).__name__}")
+        yield record
+
+
+def count_records(path: str | os.PathLike[str]) -> int:
+    """Number of records in a finished record file (decompresses, does not parse)."""
+    total = 0
+    last = b"\n"
+    for chunk in iter_chunks(path):
+        total += chunk.count(b"\n")
+        last = chunk[-1:]
+    return total + (last != b"\n")

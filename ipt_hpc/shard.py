@@ -1,0 +1,401 @@
+"""The ``shard`` stage: raw corpus -> N zstd JSONL shards balanced by bytes, with a manifest.
+
+Three steps, each resumable (see docs/design.md, "The shard stage"):
+
+1. *scan* (one task per input file): validate every row, write a compact index of the good
+   documents (position, byte offset, text bytes) and quarantine or reject the bad ones;
+2. *plan* (in the coordinator): cut the global document sequence into N contiguous ranges of
+   near-equal text bytes; document j goes to shard ``k`` with ``ceil(k*T/N) <= before_j``;
+3. *write* (one task per shard): stream its ranges from the inputs and write the shard atomically.
+
+The manifest is written last, after every shard is durable: it is the stage's completion marker.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_write_bytes, read_json, write_json_atomic
+from .config import Config, RecordsConfig, ShardConfig, config_hash
+from .errors import IptError, RecordError
+from .execution import run_tasks
+from .records import RecordWriter
+from .sources import BLANK, InputFile, Row, discover_inputs, iter_rows
+
+STAGE = "shard"
+INDEX_DTYPE = np.dtype([("pos", "<i8"), ("offset", "<i8"), ("nbytes", "<i8")])
+
+
+def shard_name(k: int, num_shards: int) -> str:
+    """File name of shard ``k`` (zero-padded to at least 5 digits)."""
+    return f"shard-{k:0{max(5, len(str(num_shards - 1)))}d}.jsonl.zst"
+
+
+def max_line_bytes(cfg: ShardConfig) -> int:
+    """Longest input line accepted: JSON escaping can double a document's bytes."""
+    return 2 * cfg.max_doc_bytes + 65536
+
+
+# -- one document -------------------------------------------------------------------------
+def extract(row: Row, inp: InputFile, cfg: ShardConfig) -> tuple[dict[str, Any] | None, int, tuple[str, str] | None]:
+    """Turn an input row into an output record, or say why it is bad.
+
+    Returns ``(record, text_bytes, None)`` or ``(None, 0, (category, reason))``.
+    """
+    if row.error is not None:
+        return None, 0, row.error
+    rec = row.record
+    if not isinstance(rec, dict):
+        return None, 0, ("not_an_object", f"expected a JSON object, got {type(rec).__name__}")
+    field = cfg.text_field
+    if field not in rec:
+        return None, 0, ("missing_text", f"missing text field {field!r}")
+    text = rec[field]
+    if not isinstance(text, str):
+        kind = "null" if text is None else type(text).__name__
+        return None, 0, ("text_not_string", f"text field {field!r} is {kind}, not a string")
+    if not text.strip():
+        return None, 0, ("empty_text", f"text field {field!r} is empty")
+    if "\x00" in text:
+        return None, 0, ("nul_in_text", f"text field {field!r} contains a NUL character at {text.index(chr(0))}")
+    try:
+        nbytes = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        return None, 0, ("invalid_unicode", f"text field {field!r} holds an unpaired surrogate at {exc.start}")
+    if nbytes > cfg.max_doc_bytes:
+        return None, 0, ("too_large", f"document of {nbytes} bytes exceeds shard.max_doc_bytes={cfg.max_doc_bytes}")
+    src = f"{inp.name}:{row.pos}"
+    if cfg.id_field is None:
+        out: dict[str, Any] = {"id": src, "text": text}
+    else:
+        own = rec.get(cfg.id_field)
+        if not isinstance(own, (str, int)) or isinstance(own, bool) or own == "":
+            return None, 0, ("bad_id", f"id field {cfg.id_field!r} is missing or not a string/integer")
+        out = {"id": str(own), "text": text, "src": src}
+    if cfg.keep_fields:
+        missing = [f for f in cfg.keep_fields if f not in rec]
+        if missing:
+            return None, 0, ("missing_field", f"missing field(s) {missing} named in shard.keep_fields")
+        out["meta"] = {f: rec[f] for f in cfg.keep_fields}
+    return out, nbytes, None
+
+
+# -- task specs (picklable) -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ScanTask:
+    out: str
+    index: int
+    inp: InputFile
+    shard: ShardConfig
+    records: RecordsConfig
+
+
+@dataclass(frozen=True)
+class WriteTask:
+    out: str
+    k: int
+    num_shards: int
+    segments: list[tuple[int, int, int]]  # (input index, first document, document count)
+    inputs: list[InputFile]
+    shard: ShardConfig
+    records: RecordsConfig
+
+
+def _state(out: str | Path) -> Path:
+    return Path(out) / "_state"
+
+
+def _scan_paths(out: str | Path, index: int) -> tuple[Path, Path]:
+    base = _state(out) / "scan" / f"{index:05d}"
+    return base.with_suffix(".npy"), base.with_suffix(".json")
+
+
+def _done_path(out: str | Path, name: str) -> Path:
+    return _state(out) / "done" / (name + ".json")
+
+
+def scan_file(task: ScanTask) -> dict[str, Any]:
+    """Validate one input and index its good documents (a task of the execution layer)."""
+    cfg, inp = task.shard, task.inp
+    pos, offs, sizes = array("q"), array("q"), array("q")
+    bad: Counter[str] = Counter()
+    blank = 0
+    quarantine: RecordWriter | None = None
+    qname = f"quarantine/{task.index:05d}.jsonl.zst"
+    try:
+        for row in iter_rows(inp, max_line_bytes=max_line_bytes(cfg), hub_split=cfg.hub_split):
+            if row.record is BLANK:
+                blank += 1
+                continue
+            _, nbytes, problem = extract(row, inp, cfg)
+            if problem is None:
+                pos.append(row.pos)
+                offs.append(row.offset)
+                sizes.append(nbytes)
+                continue
+            category, reason = problem
+            if task.records.on_bad_record == "error":
+                raise RecordError(inp.name, row.pos, reason + " (use --on-bad-record quarantine to set it aside)")
+            bad[category] += 1
+            if quarantine is None:
+                quarantine = RecordWriter(Path(task.out) / qname, fsync=task.records.fsync)
+            excerpt = row.excerpt.decode("utf-8", "backslashreplace") if row.excerpt else repr(row.record)[:2048]
+            quarantine.write(
+                {"file": inp.name, "line": row.pos, "category": category, "reason": reason, "excerpt": excerpt}
+            )
+        qstats = quarantine.close().to_json() if quarantine else None
+    except BaseException:
+        if quarantine is not None:
+            quarantine.discard()
+        raise
+    index = np.empty(len(pos), dtype=INDEX_DTYPE)
+    index["pos"], index["offset"], index["nbytes"] = pos, offs, sizes
+    npy, marker = _scan_paths(task.out, task.index)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(npy, _npy_bytes(index))
+    summary = {
+        "name": inp.name,
+        "docs": len(pos),
+        "text_bytes": int(index["nbytes"].sum()),
+        "blank_lines": blank,
+        "bad": sum(bad.values()),
+        "bad_by_reason": dict(sorted(bad.items())),
+        "quarantine": qname if qstats else None,
+    }
+    write_json_atomic(marker, summary)
+    return summary
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def plan_shards(indexes: list[np.ndarray], num_shards: int) -> list[list[tuple[int, int, int]]]:
+    """Contiguous ranges of near-equal text bytes: ``[(input, first doc, count), ...]`` per shard."""
+    total = int(sum(int(ix["nbytes"].sum()) for ix in indexes))
+    bounds = np.array([-(-k * total // num_shards) for k in range(num_shards)], dtype=np.int64)
+    plan: list[list[tuple[int, int, int]]] = [[] for _ in range(num_shards)]
+    before = 0
+    for i, ix in enumerate(indexes):
+        sizes = ix["nbytes"]
+        if not len(sizes):
+            continue
+        starts = before + np.cumsum(sizes) - sizes
+        sid = np.searchsorted(bounds, starts, side="right") - 1
+        for k in np.unique(sid):
+            first = int(np.searchsorted(sid, k, side="left"))
+            last = int(np.searchsorted(sid, k, side="right"))
+            plan[int(k)].append((i, first, last - first))
+        before += int(sizes.sum())
+    return plan
+
+
+def write_shard(task: WriteTask) -> dict[str, Any]:
+    """Write one shard from its planned ranges (a task of the execution layer)."""
+    name = shard_name(task.k, task.num_shards)
+    writer = RecordWriter(
+        Path(task.out) / name, level=task.records.level, frame_bytes=task.records.frame_bytes, fsync=task.records.fsync
+    )
+    text_bytes = 0
+    try:
+        for i, first, count in task.segments:
+            inp = task.inputs[i]
+            index = np.load(_scan_paths(task.out, i)[0], mmap_mode="r")[first : first + count]
+            wanted = index["pos"]
+            j = 0
+            rows = iter_rows(
+                inp,
+                start_pos=int(wanted[0]),
+                start_offset=int(index["offset"][0]) if inp.seekable else 0,
+                max_line_bytes=max_line_bytes(task.shard),
+                hub_split=task.shard.hub_split,
+            )
+            for row in rows:
+                if row.pos < wanted[j]:
+                    continue
+                record, nbytes, problem = extract(row, inp, task.shard)
+                if row.pos != wanted[j] or problem is not None:
+                    raise RecordError(inp.name, row.pos, "input changed since it was scanned; rerun with --force")
+                writer.write(record)  # type: ignore[arg-type]
+                text_bytes += nbytes
+                j += 1
+                if j == count:
+                    break
+            if j != count:
+                raise IptError(f"{inp.name}: input ended early (changed since it was scanned); rerun with --force")
+        stats = writer.close().to_json()
+    except BaseException:
+        writer.discard()
+        raise
+    stats["text_bytes"] = text_bytes
+    write_json_atomic(_done_path(task.out, name), stats)
+    return stats
+
+
+# -- coordinator ----------------------------------------------------------------------------
+def stage_config(cfg: Config) -> dict[str, Any]:
+    """The part of the configuration that decides the shards' bytes."""
+    shard = cfg.shard.model_dump()
+    shard.pop("inputs")
+    return {"shard": shard, "records": {"level": cfg.records.level, "frame_bytes": cfg.records.frame_bytes}}
+
+
+def fingerprint(cfg: Config, inputs: list[InputFile]) -> str:
+    ids = [[i.name, i.format, i.compression, i.size, i.mtime_ns] for i in inputs]
+    return config_hash({"config": stage_config(cfg), "policy": cfg.records.on_bad_record, "inputs": ids})
+
+
+def _clear(out: Path) -> None:
+    for p in out.glob("shard-*.jsonl.zst*"):
+        p.unlink()
+    for sub in ("_state", "quarantine"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+
+
+def _count(folder: Path) -> int:
+    try:
+        return sum(1 for e in folder.iterdir() if e.name.endswith(".json"))
+    except FileNotFoundError:
+        return 0
+
+
+def run(
+    cfg: Config,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
+    """Run the whole shard stage into ``out``; returns the manifest.
+
+    Reruns are cheap: a complete stage with the same config and inputs is left as it is;
+    an interrupted one resumes (scans and shards with a marker are kept).
+    """
+    out = Path(out)
+    inputs = discover_inputs(cfg.shard.inputs, cfg.shard.format)
+    fp = fingerprint(cfg, inputs)
+    manifest_path = out / "manifest.json"
+    state = _state(out)
+    previous = None
+    if manifest_path.exists():
+        previous = read_json(manifest_path).get("fingerprint")
+    elif (state / "fingerprint.json").exists():
+        previous = read_json(state / "fingerprint.json")["fingerprint"]
+    if previous is not None and (force or previous != fp):
+        if not force:
+            raise IptError(
+                f"{out}: holds shard output of another config or other inputs ({previous}, now {fp});"
+                " pass --force to replace it, or choose another --out"
+            )
+        log(f"--force: removing previous output in {out}")
+        _clear(out)
+    elif manifest_path.exists():
+        log(f"{out}: already complete for this config and these inputs (use --force to redo)")
+        return read_json(manifest_path)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(state / "fingerprint.json", {"fingerprint": fp})
+    started = time.time()
+
+    # 1. scan
+    todo = [i for i in range(len(inputs)) if not _scan_paths(out, i)[1].exists()]
+    log(f"scan: {len(inputs)} inputs ({len(inputs) - len(todo)} already scanned)")
+    tasks = [ScanTask(str(out), i, inputs[i], cfg.shard, cfg.records) for i in todo]
+    run_tasks(
+        scan_file,
+        tasks,
+        labels=[inputs[i].name for i in todo],
+        stage="shard/scan",
+        cfg=cfg.execution,
+        log_dir=state / "logs" / "scan",
+        on_progress=progress and (lambda: progress("scan", _count(state / "scan"), len(inputs))),
+    )
+    scans = [read_json(_scan_paths(out, i)[1]) for i in range(len(inputs))]
+    docs = sum(s["docs"] for s in scans)
+    if docs == 0:
+        raise IptError(
+            f"no usable document in {len(inputs)} input(s); see the quarantine files in {out / 'quarantine'}"
+        )
+
+    # 2. plan
+    n = cfg.shard.num_shards
+    plan_path = state / "plan.json"
+    if plan_path.exists():
+        plan = [[tuple(s) for s in segs] for segs in read_json(plan_path)["shards"]]
+    else:
+        plan = plan_shards([np.load(_scan_paths(out, i)[0]) for i in range(len(inputs))], n)
+        write_json_atomic(plan_path, {"shards": plan})
+    if docs < n:
+        log(f"warning: {docs} documents for {n} shards: {n - docs} shards will be empty")
+
+    # 3. write
+    names = [shard_name(k, n) for k in range(n)]
+    todo = [k for k in range(n) if not _done_path(out, names[k]).exists()]
+    log(f"write: {n} shards ({n - len(todo)} already written)")
+    wtasks = [WriteTask(str(out), k, n, plan[k], inputs, cfg.shard, cfg.records) for k in todo]
+    run_tasks(
+        write_shard,
+        wtasks,
+        labels=[names[k] for k in todo],
+        stage="shard/write",
+        cfg=cfg.execution,
+        log_dir=state / "logs" / "write",
+        on_progress=progress and (lambda: progress("write", _count(state / "done"), n)),
+    )
+
+    # 4. manifest (the completion marker of the stage)
+    shards = [read_json(_done_path(out, name)) for name in names]
+    by_reason: Counter[str] = Counter()
+    for s in scans:
+        by_reason.update(s["bad_by_reason"])
+    manifest = {
+        "stage": STAGE,
+        "tool_version": __version__,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fp,
+        "config_hash": config_hash(stage_config(cfg)),
+        "config": {**stage_config(cfg), "on_bad_record": cfg.records.on_bad_record},
+        "inputs": [{**inp.to_json(), **scan} for inp, scan in zip(inputs, scans, strict=True)],
+        "shards": shards,
+        "totals": {
+            "inputs": len(inputs),
+            "shards": n,
+            "docs": sum(s["records"] for s in shards),
+            "text_bytes": sum(s["text_bytes"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "raw_bytes": sum(s["raw_bytes"] for s in shards),
+            "blank_lines": sum(s["blank_lines"] for s in scans),
+            "bad": sum(by_reason.values()),
+            "bad_by_reason": dict(sorted(by_reason.items())),
+            "seconds": round(time.time() - started, 3),
+        },
+        "quarantine": [s["quarantine"] for s in scans if s["quarantine"]],
+    }
+    if manifest["totals"]["docs"] != docs:
+        raise IptError(f"{out}: shards hold {manifest['totals']['docs']} documents, the scan found {docs}")
+    write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def imbalance(manifest: dict[str, Any]) -> float:
+    """Largest shard's text bytes over the mean (1.0 is perfect balance)."""
+    sizes = [s["text_bytes"] for s in manifest["shards"]]
+    mean = sum(sizes) / len(sizes)
+    return max(sizes) / mean if mean else math.nan

@@ -1,0 +1,124 @@
+"""Shared fixtures: small corpora made on the fly, and a helper to run the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "been",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "would",
+    "when",
+    "if",
+    "so",
+    "no",
+    "will",
+    "can",
+    "more",
+    "about",
+    "time",
+    "up",
+    "out",
+    "them",
+    "model",
+    "data",
+    "shard",
+    "corpus",
+    "token",
+    "pair",
+    "question",
+    "answer",
+    "instruction",
+    "response",
+    "cluster",
+    "node",
+    "array",
+    "job",
+    "record",
+]
+
+
+def make_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 400) -> list[dict]:
+    """``n`` RefinedWeb-like documents with varied lengths and some non-ASCII text."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
+        if i % 7 == 3:
+            words.insert(1, "naïve café 東京 ✓")
+        docs.append({"content": " ".join(words), "url": f"https://example.org/{seed}/{i}", "n": i})
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for d in docs:
+            fh.write(json.dumps(d, ensure_ascii=False) + "\n")
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ipt_hpc.launch", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=300
+    )
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A folder with two JSON Lines files (one gzipped) holding 300 documents."""
+    import gzip
+
+    folder = tmp_path / "corpus"
+    docs = make_docs(300, seed=1)
+    write_jsonl(folder / "a.jsonl", docs[:180])
+    folder.mkdir(exist_ok=True)
+    with gzip.open(folder / "b.jsonl.gz", "wt", encoding="utf-8") as fh:
+        for d in docs[180:]:
+            fh.write(json.dumps(d, ensure_ascii=False) + "\n")
+    return folder

@@ -1,0 +1,267 @@
+"""Record I/O: round trip, framing, durability, resume after SIGKILL, corruption reports."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from ipt_hpc.errors import IptError, RecordError
+from ipt_hpc.records import (
+    RecordWriter,
+    count_records,
+    file_checksum,
+    iter_lines,
+    partial_path,
+    read_records,
+)
+
+FRAME = 64 * 1024
+
+
+def records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {"id": f"s:{i}", "text": "".join(rng.choice('abcdefgh é東\n\t"\\') for _ in range(rng.randint(0, 3000)))}
+        for i in range(n)
+    ]
+
+
+def write_all(path: Path, recs: list[dict], flush_every: int = 0, **kw) -> bytes:
+    with RecordWriter(path, frame_bytes=FRAME, **kw) as w:
+        for i, r in enumerate(recs):
+            w.write(r)
+            if flush_every and i % flush_every == flush_every - 1:
+                w.flush()
+    return path.read_bytes()
+
+
+def frame_count(data: bytes) -> int:
+    n, pos = 0, 0
+    dctx = zstandard.ZstdDecompressor()
+    while pos < len(data):
+        obj = dctx.decompressobj()
+        obj.decompress(data[pos:])
+        assert obj.eof
+        pos = len(data) - len(obj.unused_data)
+        n += 1
+    return n
+
+
+def test_round_trip_and_stats(tmp_path: Path) -> None:
+    recs = records(800)
+    path = tmp_path / "a.jsonl.zst"
+    with RecordWriter(path, frame_bytes=FRAME) as w:
+        w.write_many(recs[:400])
+        for r in recs[400:]:
+            w.write(r)
+    assert list(read_records(path)) == recs
+    assert count_records(path) == 800
+    assert not partial_path(path).exists()
+    # several frames, each a valid zstd frame; a standard decoder reads the whole file
+    data = path.read_bytes()
+    assert frame_count(data) > 5
+    text = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read()
+    assert text.count(b"\n") == 800
+
+
+def test_close_returns_manifest_stats(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl.zst"
+    w = RecordWriter(path, frame_bytes=FRAME)
+    w.write_many(records(300))
+    stats = w.close()
+    assert stats.records == 300
+    assert stats.bytes == path.stat().st_size
+    assert stats.checksum == file_checksum(path)
+    raw = zstandard.ZstdDecompressor().stream_reader(path.read_bytes(), read_across_frames=True).read()
+    assert stats.raw_bytes == len(raw)
+
+
+def test_empty_file_is_a_valid_zstd_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jsonl.zst"
+    stats = RecordWriter(path).close()
+    assert stats.records == 0 and stats.bytes > 0
+    assert list(read_records(path)) == []
+
+
+def test_flush_pattern_does_not_change_bytes(tmp_path: Path) -> None:
+    recs = records(500, seed=3)
+    a = write_all(tmp_path / "a.jsonl.zst", recs)
+    b = write_all(tmp_path / "b.jsonl.zst", recs, flush_every=7)
+    c = write_all(tmp_path / "c.jsonl.zst", recs, flush_every=1)
+    assert a == b == c
+
+
+def test_partial_file_is_readable_prefix_after_flush(tmp_path: Path) -> None:
+    recs = records(200, seed=4)
+    path = tmp_path / "a.jsonl.zst"
+    w = RecordWriter(path, frame_bytes=FRAME)
+    w.write_many(recs[:123])
+    assert w.flush() == 123
+    w.abandon()
+    assert not path.exists()
+    data = partial_path(path).read_bytes()
+    text = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read()
+    assert text.count(b"\n") == 123
+    with pytest.raises(IptError, match="unfinished"):
+        list(read_records(partial_path(path)))
+
+
+def test_refuses_to_overwrite_complete_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl.zst"
+    write_all(path, records(3))
+    with pytest.raises(IptError, match="already complete"):
+        RecordWriter(path)
+    with pytest.raises(IptError, match="already complete"):
+        RecordWriter(path, resume=True)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 57, 199, 200])
+def test_resume_after_torn_tail_gives_identical_bytes(tmp_path: Path, cut: int) -> None:
+    recs = records(200, seed=5)
+    ref = write_all(tmp_path / "ref.jsonl.zst", recs)
+    path = tmp_path / "a.jsonl.zst"
+    w = RecordWriter(path, frame_bytes=FRAME)
+    for i, r in enumerate(recs[:cut]):
+        w.write(r)
+        if i % 13 == 0:
+            w.flush()
+    w.flush()
+    w.abandon()
+    with open(partial_path(path), "ab") as fh:  # a torn frame: header and a few bytes
+        fh.write(zstandard.ZstdCompressor().compress(b'{"x": 1}\n' * 100)[:25])
+    w = RecordWriter(path, frame_bytes=FRAME, resume=True)
+    assert w.records == cut
+    assert w.recovered_note is not None
+    w.write_many(recs[w.records :])
+    w.close()
+    assert path.read_bytes() == ref
+
+
+def test_resume_without_partial_starts_fresh(tmp_path: Path) -> None:
+    recs = records(50)
+    ref = write_all(tmp_path / "ref.jsonl.zst", recs)
+    w = RecordWriter(tmp_path / "a.jsonl.zst", frame_bytes=FRAME, resume=True)
+    assert w.records == 0
+    w.write_many(recs)
+    w.close()
+    assert (tmp_path / "a.jsonl.zst").read_bytes() == ref
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_records import records
+    from ipt_hpc.records import RecordWriter
+    recs = records(4000, seed=9)
+    w = RecordWriter({path!r}, frame_bytes={frame})
+    for i, r in enumerate(recs):
+        w.write(r)
+        if i % 50 == 49:
+            w.flush()
+        if i == 1500:
+            print("half", flush=True)
+    print("done", flush=True)
+    import time; time.sleep(60)
+    """
+)
+
+
+def test_sigkilled_writer_leaves_readable_prefix_and_resumes_to_same_bytes(tmp_path: Path) -> None:
+    recs = records(4000, seed=9)
+    ref = write_all(tmp_path / "ref.jsonl.zst", recs)
+    path = tmp_path / "killed.jsonl.zst"
+    script = KILLED_WRITER.format(tests=str(Path(__file__).parent), path=str(path), frame=FRAME)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "half"
+    os.kill(proc.pid, signal.SIGKILL)  # mid-write: the writer is still producing records
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    partial = partial_path(path)
+    assert partial.exists() and not path.exists()
+    # the readable prefix: whole frames decode to whole records that equal the input's first ones
+    w = RecordWriter(path, frame_bytes=FRAME, resume=True)
+    survived = w.records
+    assert 1500 <= survived < 4000
+    w.abandon()
+    dctx = zstandard.ZstdDecompressor()
+    prefix = dctx.decompressobj()
+    data = partial.read_bytes()
+    lines: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        obj = dctx.decompressobj()
+        try:
+            out = obj.decompress(data[pos:])
+        except zstandard.ZstdError:
+            break
+        if not obj.eof:
+            break
+        lines.extend(out.splitlines())
+        pos = len(data) - len(obj.unused_data)
+    del prefix
+    assert len(lines) == survived
+    # continue after the last durable record: identical to the uninterrupted write
+    w = RecordWriter(path, frame_bytes=FRAME, resume=True)
+    assert w.records == survived
+    w.write_many(recs[survived:])
+    w.close()
+    assert path.read_bytes() == ref
+
+
+def test_corrupt_file_error_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl.zst"
+    write_all(path, records(300, seed=2))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(RecordError, match=r"a\.jsonl\.zst:\d+: corrupt or truncated zstd data"):
+        list(read_records(path))
+
+
+def test_truncated_final_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl.zst"
+    write_all(path, records(300, seed=2))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(RecordError, match="corrupt or truncated"):
+        list(read_records(path))
+
+
+def test_bad_json_line_reported_with_line_number(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(b'{"a": 1}\n{"a": 2}\n{oops\n'))
+    with pytest.raises(RecordError, match=r"a\.jsonl\.zst:3: invalid JSON"):
+        list(read_records(path))
+    path.write_bytes(zstandard.ZstdCompressor().compress(b'{"a": 1}\n[1, 2]\n'))
+    with pytest.raises(RecordError, match=r":2: expected a JSON object, got list"):
+        list(read_records(path))
+
+
+def test_write_line_validates(tmp_path: Path) -> None:
+    w = RecordWriter(tmp_path / "a.jsonl.zst")
+    with pytest.raises(ValueError):
+        w.write_line(b'{"a": 1}')
+    with pytest.raises(ValueError):
+        w.write_line(b'{"a": 1}\n{"b": 2}\n')
+    w.write_line(b'{"a": 1}\n')
+    w.close()
+    assert [r for _, r in iter_lines(tmp_path / "a.jsonl.zst")] == [b'{"a": 1}']
+
+
+def test_exception_in_with_block_leaves_partial_not_final(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl.zst"
+    with pytest.raises(RuntimeError), RecordWriter(path) as w:
+        w.write({"a": 1})
+        w.flush()
+        raise RuntimeError("boom")
+    assert not path.exists()
+    assert partial_path(path).exists()
