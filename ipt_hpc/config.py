@@ -46,12 +46,37 @@ class ShardConfig(_Section):
     hub_split: str = "train"
 
 
-class ExecutionConfig(_Section):
-    """Where tasks run (the execution layer reads this; stages never do)."""
+class SlurmConfig(_Section):
+    """Slurm job parameters (the execution layer passes them to submitit's SlurmExecutor)."""
 
-    backend: Literal["local", "debug"] = Field("local", description="local: submitit worker processes")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = Field(240, ge=1, description="time limit of one array task, minutes")
+    cpus_per_task: int | None = Field(None, ge=1)
+    gpus_per_node: int | None = Field(None, ge=0)
+    mem_gb: float | None = Field(None, gt=0)
+    constraint: str | None = None
+    signal_delay_s: int = Field(120, ge=1, description="warning signal (USR2) this long before the time limit")
+    extra_sbatch: dict[str, str | int] = Field(
+        default_factory=dict, description="more #SBATCH options, e.g. {exclude: node[01-02]}"
+    )
+    setup: list[str] = Field(default_factory=list, description="shell lines before the task, e.g. 'module load cuda'")
+
+
+class ExecutionConfig(_Section):
+    """Where and how tasks run (the execution layer reads this; stages never do)."""
+
+    backend: Literal["local", "debug", "slurm"] = Field(
+        "local", description="local: submitit worker processes; slurm: job arrays; debug: in-process"
+    )
     workers: int | None = Field(None, ge=1, description="local worker processes (default: CPU count)")
-    timeout_min: int = Field(24 * 60, ge=1)
+    timeout_min: int = Field(24 * 60, ge=1, description="local backend: time limit of one worker")
+    shards_per_task: int = Field(1, ge=1, description="shards packed into one array task (model loaded once)")
+    parallelism: int | None = Field(None, ge=1, description="at most this many array tasks at once (%P)")
+    max_array_size: int | None = Field(None, ge=1, description="default: the cluster's MaxArraySize")
+    max_attempts: int = Field(10, ge=1, description="attempts per shard (preemptions included) before it fails")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
 class Config(_Section):

@@ -42,8 +42,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override any config field, e.g. --set records.level=6 (repeatable)",
     )
     e = p.add_argument_group("execution")
-    e.add_argument("--executor", choices=["local", "debug"], help="where tasks run (default: local)")
+    e.add_argument("--executor", choices=["local", "slurm", "debug"], help="where tasks run (default: local)")
     e.add_argument("--workers", type=int, metavar="N", help="local worker processes (default: CPU count)")
+    e.add_argument("--partition", help="Slurm partition (execution.slurm.partition)")
+    e.add_argument("--shards-per-task", type=int, metavar="K", help="shards packed into one Slurm array task")
+    e.add_argument("--parallelism", type=int, metavar="P", help="at most P array tasks at once (%%P throttle)")
     e.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
     e.add_argument("--dry-run", action="store_true", help="print what would run and exit")
 
@@ -78,7 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-record", choices=["error", "quarantine"])
     _common(p)
     p.set_defaults(handler=cmd_shard)
+
+    p = sub.add_parser(
+        "status",
+        help="shards done / running / pending / failed per stage, with throughput and ETA",
+        description="Report every stage of a run from its completion markers and the Slurm queue.",
+        epilog="examples:\n  python -m ipt_hpc.launch status --run runs/demo\n"
+        "  python -m ipt_hpc.launch status --run runs/demo --json | jq '.stages[].counts'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", metavar="RUN", required=True, help="run folder (or one stage folder)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-queue", action="store_true", help="do not ask Slurm (markers only)")
+    p.add_argument("--shards", action="store_true", help="list every shard's state (with --json)")
+    p.set_defaults(handler=cmd_status)
     return parser
+
+
+EXECUTION_FLAGS = {
+    "executor": "execution.backend",
+    "workers": "execution.workers",
+    "partition": "execution.slurm.partition",
+    "shards_per_task": "execution.shards_per_task",
+    "parallelism": "execution.parallelism",
+}
 
 
 def _flag_values(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
@@ -135,8 +161,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
             "id_field": "shard.id_field",
             "format": "shard.format",
             "on_bad_record": "records.on_bad_record",
-            "executor": "execution.backend",
-            "workers": "execution.workers",
+            **EXECUTION_FLAGS,
         },
     )
     cfg = load_config(args.config, args.overrides, flags)
@@ -191,6 +216,53 @@ def _print_shard_summary(console: Any, manifest: dict[str, Any], out: Path, seco
     if t["bad"]:
         console.print(f"bad records by reason: {t['bad_by_reason']}; set aside in {out / 'quarantine'}")
     console.print(f"manifest: {out / 'manifest.json'}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import orjson
+
+    from .status import run_status
+
+    report = run_status(args.run, use_queue=not args.no_queue)
+    if not report["stages"]:
+        raise IptError(f"{args.run}: no stage output found (no */_state/stage.json)")
+    if args.json:
+        if not args.shards:
+            for st in report["stages"]:
+                st.pop("shards")
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"status of {args.run}")
+    columns = ("stage", "shards", "done", "running", "pending", "failed", "never", "records", "tokens", "rec/s", "ETA")
+    for col in columns:
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    for st in report["stages"]:
+        c = st["counts"]
+        eta = "-" if st["eta_s"] is None else time.strftime("%H:%M:%S", time.gmtime(st["eta_s"]))
+        table.add_row(
+            st["stage"],
+            str(st["num_shards"]),
+            f"[green]{c['done']}",
+            str(c["running"]),
+            str(c["pending"]),
+            f"[red]{c['failed']}" if c["failed"] else "0",
+            str(c["never_submitted"]),
+            f"{st['records']:,}",
+            f"{st['tokens']:,}",
+            "-" if st["records_per_s"] is None else f"{st['records_per_s']:,.1f}",
+            eta,
+        )
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    for st in report["stages"]:
+        for name, error in list(st["failures"].items())[:5]:
+            console.print(f"[red]{st['stage']} {name}[/red]: {error}")
+        if st["queue_error"]:
+            console.print(f"[yellow]Slurm queue not readable: {st['queue_error']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

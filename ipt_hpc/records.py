@@ -14,6 +14,7 @@ File layout written by :class:`RecordWriter` (see docs/records.md):
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -28,6 +29,10 @@ from .errors import IptError, RecordError
 
 DEFAULT_LEVEL = 3
 DEFAULT_FRAME_BYTES = 1 << 20
+# Level of the temporary tail frame that flush() writes: it is rewritten at the real level when its
+# frame fills up or at close(), and a resume decompresses it and recompresses it, so it never reaches
+# a finished file. So far down zstd stores raw blocks at memcpy speed instead of recompressing the tail.
+TAIL_LEVEL = -1000
 READ_CHUNK = 1 << 20
 PARTIAL_SUFFIX = ".partial"
 _DUMPS_OPTS = orjson.OPT_APPEND_NEWLINE
@@ -163,6 +168,7 @@ class RecordWriter:
         self.frame_bytes = frame_bytes
         self._fsync = fsync
         self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+        self._tail_cctx = zstandard.ZstdCompressor(level=TAIL_LEVEL, write_checksum=True, write_content_size=True)
         self._hash = _new_hash()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -172,6 +178,7 @@ class RecordWriter:
         self._perm_records = 0
         self._perm_raw = 0
         self.recovered_note: str | None = None
+        self.busy = False  # True while the file or buffer is being changed (see flush_if_idle)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.partial.exists():
             self._fh = open(self.partial, "r+b")  # noqa: SIM115 - closed in close()/abandon()
@@ -225,14 +232,16 @@ class RecordWriter:
             self._append(dumps(record, option=_DUMPS_OPTS))
 
     def _append(self, line: bytes) -> None:
+        self.busy = True
         self._pending.append(line)
         self._pending_bytes += len(line)
         self._pending_records += 1
         if self._pending_bytes >= self.frame_bytes:
             self._write_frame(permanent=True)
+        self.busy = False
 
     def _write_frame(self, *, permanent: bool) -> None:
-        frame = self._cctx.compress(b"".join(self._pending))
+        frame = (self._cctx if permanent else self._tail_cctx).compress(b"".join(self._pending))
         fh = self._fh
         if self._tail_len:
             fh.seek(self._base)
@@ -258,13 +267,27 @@ class RecordWriter:
 
     def flush(self) -> int:
         """Make every record written so far durable; returns that record count."""
+        self.busy = True
         if self._pending_records:
             self._write_frame(permanent=False)
         self._sync()
+        self.busy = False
         return self.records
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def flush_if_idle(self) -> bool:
+        """Flush unless interrupted mid-write (for signal handlers); True if it flushed."""
+        if self._closed or self.busy:
+            return False
+        self.flush()
+        return True
 
     def close(self) -> FileStats:
         """Finish the file: last frame, fsync, rename ``.partial`` to its final name."""
+        self.busy = True
         if self._pending_records or self._base == 0:
             self._write_frame(permanent=True)  # an empty file still gets one (empty) frame
         self._sync()
@@ -389,15 +412,32 @@ def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, bytes]]:
 
 def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     """Records of a finished record file, streamed with bounded memory."""
+    path = Path(path)
+    if path.name.endswith(PARTIAL_SUFFIX):
+        raise IptError(f"{path}: refusing to read an unfinished file")
+    try:
+        check_zstd_complete(path)
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
+    except RecordError as exc:
+        raise RecordError(path, None, f"corrupt or truncated zstd data ({exc.reason})") from exc
+    except FileNotFoundError as exc:
+        raise IptError(f"{path}: no such record file") from exc
     loads = orjson.loads
-    for lineno, line in iter_lines(path):
+    lineno = 0
+    with fh:
+        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True, closefd=False)
         try:
-            record = loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise RecordError(path, lineno, f"invalid JSON ({exc})") from exc
-        if not isinstance(record, dict):
-            raise RecordError(path, lineno, f"expected a JSON object, got {type(record).__name__}")
-        yield record
+            # BufferedReader iterates lines in C; orjson ignores the trailing newline.
+            for lineno, line in enumerate(io.BufferedReader(reader, READ_CHUNK), start=1):
+                try:
+                    record = loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise RecordError(path, lineno, f"invalid JSON ({exc})") from exc
+                if type(record) is not dict:
+                    raise RecordError(path, lineno, f"expected a JSON object, got {type(record).__name__}")
+                yield record
+        except zstandard.ZstdError as exc:
+            raise RecordError(path, lineno + 1, f"corrupt or truncated zstd data ({exc})") from exc
 
 
 def count_records(path: str | os.PathLike[str]) -> int:

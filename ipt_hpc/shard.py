@@ -30,17 +30,13 @@ from . import __version__
 from .atomic import atomic_write_bytes, read_json, write_json_atomic
 from .config import Config, RecordsConfig, ShardConfig, config_hash
 from .errors import IptError, RecordError
-from .execution import run_tasks
+from .execution import StageState, run_tasks, shard_name
+from .execution.shards import record_submission
 from .records import RecordWriter
 from .sources import BLANK, InputFile, Row, discover_inputs, iter_rows
 
 STAGE = "shard"
 INDEX_DTYPE = np.dtype([("pos", "<i8"), ("offset", "<i8"), ("nbytes", "<i8")])
-
-
-def shard_name(k: int, num_shards: int) -> str:
-    """File name of shard ``k`` (zero-padded to at least 5 digits)."""
-    return f"shard-{k:0{max(5, len(str(num_shards - 1)))}d}.jsonl.zst"
 
 
 def max_line_bytes(cfg: ShardConfig) -> int:
@@ -312,6 +308,9 @@ def run(
         return read_json(manifest_path)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(state / "fingerprint.json", {"fingerprint": fp})
+    n = cfg.shard.num_shards
+    stage_state = StageState(out)
+    stage_state.write_stage({"stage": STAGE, "num_shards": n, "config_hash": fp})
     started = time.time()
 
     # 1. scan
@@ -335,7 +334,6 @@ def run(
         )
 
     # 2. plan
-    n = cfg.shard.num_shards
     plan_path = state / "plan.json"
     if plan_path.exists():
         plan = [[tuple(s) for s in segs] for segs in read_json(plan_path)["shards"]]
@@ -350,6 +348,9 @@ def run(
     todo = [k for k in range(n) if not _done_path(out, names[k]).exists()]
     log(f"write: {n} shards ({n - len(todo)} already written)")
     wtasks = [WriteTask(str(out), k, n, plan[k], inputs, cfg.shard, cfg.records) for k in todo]
+    local = None
+    if cfg.execution.backend != "slurm" and todo:
+        local = record_submission(stage_state, todo, backend=cfg.execution.backend)
     run_tasks(
         write_shard,
         wtasks,
@@ -358,7 +359,10 @@ def run(
         cfg=cfg.execution,
         log_dir=state / "logs" / "write",
         on_progress=progress and (lambda: progress("write", _count(state / "done"), n)),
+        on_submit=lambda sub: record_submission(stage_state, todo, sub),
     )
+    if local is not None:
+        stage_state.end_submission(local["record"])
 
     # 4. manifest (the completion marker of the stage)
     shards = [read_json(_done_path(out, name)) for name in names]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -122,3 +123,11 @@ def corpus(tmp_path: Path) -> Path:
         for d in docs[180:]:
             fh.write(json.dumps(d, ensure_ascii=False) + "\n")
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _workers_find_test_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker processes (submitit local jobs, Slurm tasks) unpickle task functions defined in tests/."""
+    here = str(Path(__file__).resolve().parent)
+    current = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", here + (os.pathsep + current if current else ""))

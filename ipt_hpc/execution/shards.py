@@ -1,0 +1,292 @@
+"""Per-shard stages: one output shard per input shard, resumable at record granularity.
+
+A stage provides a pure function ``shard_fn(stage_config, ctx) -> stats``; it reads
+``ctx.input_path``, writes through ``ctx.open_output()`` (a resuming :class:`RecordWriter`) and
+skips the ``writer.records`` input records already durable. Everything else lives here:
+completion markers, attempt log, failure records, the preemption hook, selection and submission.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import ExecutionConfig, config_hash
+from ..errors import IptError
+from ..records import RecordWriter
+from . import backends
+from .selection import parse_shards
+from .state import StageState, now
+from .tasks import PackRunner, run_tasks
+
+REPORT_EVERY_S = 1.0
+
+
+def shard_name(k: int, num_shards: int) -> str:
+    """File name of shard ``k`` (zero-padded to at least 5 digits), the same in every stage."""
+    return f"shard-{k:0{max(5, len(str(num_shards - 1)))}d}.jsonl.zst"
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """Everything a shard task needs (picklable: it travels to the array tasks)."""
+
+    stage: str
+    run_dir: str
+    out_folder: str
+    in_folder: str
+    num_shards: int
+    shard_fn: Callable[[Any, ShardContext], dict[str, Any]]
+    stage_config: Any
+    max_attempts: int = 10  # per submission: preemptions and requeues included
+    submitted_at: float = 0.0
+    frame_bytes: int = 1 << 20
+    level: int = 3
+    fsync: bool = True
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir) / self.out_folder
+
+    @property
+    def in_dir(self) -> Path:
+        return Path(self.run_dir) / self.in_folder
+
+    def config_hash(self) -> str:
+        cfg = self.stage_config
+        data = cfg.model_dump() if hasattr(cfg, "model_dump") else cfg
+        return config_hash({"stage": self.stage, "config": data, "level": self.level, "frame": self.frame_bytes})
+
+
+class ShardContext:
+    """What a stage function sees of the engine for one shard."""
+
+    def __init__(self, run: StageRun, shard_id: int, attempt: int, state: StageState) -> None:
+        self.run = run
+        self.shard_id = shard_id
+        self.name = shard_name(shard_id, run.num_shards)
+        self.attempt = attempt
+        self.input_path = run.in_dir / self.name
+        self.output_path = run.out_dir / self.name
+        self._state = state
+        self._writers: list[RecordWriter] = []
+        self._last_report = 0.0
+        self._info: dict[str, Any] = {}
+
+    def open_output(self, path: Path | None = None) -> RecordWriter:
+        """A writer for this shard's output that resumes after the last durable record."""
+        writer = RecordWriter(
+            path or self.output_path,
+            resume=True,
+            level=self.run.level,
+            frame_bytes=self.run.frame_bytes,
+            fsync=self.run.fsync,
+        )
+        self._writers.append(writer)
+        if writer.records:
+            self._state.log_event(self.name, "resumed", attempt=self.attempt, records=writer.records)
+        return writer
+
+    def report(self, records: int, **counters: Any) -> None:
+        """Progress for ``status`` (rewrites the running marker at most every few seconds)."""
+        t = time.time()
+        if t - self._last_report >= REPORT_EVERY_S:
+            self._last_report = t
+            self._state.mark_running(self.name, {**self._info, "records": records, "updated": now(), **counters})
+
+    def make_durable(self) -> None:
+        """Flush open writers unless one is in the middle of a write (signal-handler safe)."""
+        for writer in self._writers:
+            writer.flush_if_idle()
+
+
+class ShardRunner:
+    """The task function of a per-shard stage: markers around ``shard_fn`` (picklable)."""
+
+    def __init__(self, run: StageRun) -> None:
+        self.run = run
+        self._ctx: ShardContext | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"run": self.run, "_ctx": None}
+
+    def on_preempt(self) -> None:
+        ctx = self._ctx
+        if ctx is not None:
+            ctx.make_durable()
+            ctx._state.log_event(ctx.name, "preempted", attempt=ctx.attempt, job=_job_id())
+
+    def __call__(self, shard_id: int) -> dict[str, Any]:
+        run = self.run
+        state = StageState(run.out_dir)
+        name = shard_name(shard_id, run.num_shards)
+        if state.is_done(name):
+            return {"skipped": True, **(state.read("done", name) or {})}
+        events = state.events(name)
+        attempt = sum(1 for e in events if e["event"] == "start") + 1
+        this_submission = sum(1 for e in events if e["event"] == "start" and e["time"] >= run.submitted_at)
+        if this_submission >= run.max_attempts:
+            msg = (
+                f"{name}: gave up after {run.max_attempts} attempts (execution.max_attempts);"
+                f" see {state.attempts_path(name)}"
+            )
+            state.mark_failed(name, {"error": msg, "attempt": attempt - 1, "time": now()})
+            state.log_event(name, "failed", attempt=attempt - 1, error="too many attempts")
+            raise IptError(msg)
+        info = {
+            "job": _job_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "attempt": attempt,
+            "started": now(),
+        }
+        state.log_event(name, "start", **info)
+        state.mark_running(name, info)
+        ctx = ShardContext(run, shard_id, attempt, state)
+        ctx._info = info
+        self._ctx = ctx
+        started = time.time()
+        try:
+            stats = run.shard_fn(run.stage_config, ctx)
+        except BaseException as exc:
+            from .tasks import describe
+
+            ctx.make_durable()
+            error = describe(exc) if isinstance(exc, Exception) else f"interrupted ({type(exc).__name__})"
+            state.mark_failed(name, {"error": error, "attempt": attempt, "job": info["job"], "time": now()})
+            state.log_event(name, "failed", attempt=attempt, error=error.splitlines()[-1] if error else "")
+            raise
+        finally:
+            self._ctx = None
+        if not ctx.output_path.exists():
+            raise IptError(f"{name}: stage {run.stage} returned without completing {ctx.output_path}")
+        stats = {**stats, "seconds": round(time.time() - started, 3), "attempt": attempt, "finished": now()}
+        state.mark_done(name, stats)
+        state.log_event(name, "done", attempt=attempt, records=stats.get("records"))
+        return stats
+
+
+def _job_id() -> str:
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array:
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or f"pid-{os.getpid()}"
+
+
+def prepare(run: StageRun, *, force: bool = False) -> StageState:
+    """Check that the stage folder belongs to this config (or wipe it with ``force``)."""
+    state = StageState(run.out_dir)
+    info = {"stage": run.stage, "num_shards": run.num_shards, "config_hash": run.config_hash()}
+    previous = state.read_stage()
+    if previous is not None and previous != info:
+        if not force:
+            raise IptError(
+                f"{run.out_dir}: holds {previous['stage']} output of another config ({previous['config_hash']},"
+                f" now {info['config_hash']}); pass --force to replace it, or use another run folder"
+            )
+        import shutil
+
+        for p in run.out_dir.glob("shard-*.jsonl.zst*"):
+            p.unlink()
+        shutil.rmtree(state.root, ignore_errors=True)
+        (run.out_dir / "manifest.json").unlink(missing_ok=True)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    state.write_stage(info)
+    return state
+
+
+def select(run: StageRun, spec: str, *, force: bool = False) -> list[int]:
+    """The shard ids to submit: ``spec`` minus the done ones (unless ``force``)."""
+    state = StageState(run.out_dir)
+    index = {shard_name(k, run.num_shards): k for k in range(run.num_shards)}
+    done = {index[n] for n in state.names("done") if n in index}
+    failed: set[int] = set()
+    if spec.strip().lower() == "failed":  # failure markers, and shards whose job died without one
+        from .monitor import stage_status
+
+        states = stage_status(run.out_dir)["shards"]
+        failed = {index[n] for n, st in states.items() if st == "failed"}
+    chosen = parse_shards(spec, run.num_shards, done=done, failed=failed)
+    if force:
+        for k in chosen:
+            name = shard_name(k, run.num_shards)
+            state.clear(name)
+            (run.out_dir / name).unlink(missing_ok=True)
+            (run.out_dir / (name + ".partial")).unlink(missing_ok=True)
+        return chosen
+    return [k for k in chosen if k not in done]
+
+
+def record_submission(
+    state: StageState, shards: list[int], sub: backends.Submission | None = None, *, backend: str = "slurm"
+) -> dict[str, Any]:
+    """Remember which shards went where, for ``status``; returns a summary of the submission."""
+    if sub is None:
+        path = state.record_submission({"backend": backend, "shards": shards, "pid": os.getpid()})
+        return {"submitted": len(shards), "backend": backend, "record": path}
+    arrays = [{"job_id": a["job_id"], "tasks": [[shards[i] for i in t] for t in a["tasks"]]} for a in sub.arrays]
+    state.record_submission({"backend": "slurm", "arrays": arrays, "shards": len(shards)})
+    return {"submitted": len(shards), "backend": "slurm", "job_ids": sub.job_ids, "sbatch_calls": sub.sbatch_calls}
+
+
+def launch(
+    run: StageRun,
+    spec: str,
+    cfg: ExecutionConfig,
+    *,
+    force: bool = False,
+    wait: bool = False,
+    dependency: str | None = None,
+    on_progress: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Select shards and run them on the configured backend.
+
+    ``local`` and ``debug`` block until done (raising on failures). ``slurm`` submits job arrays
+    and returns at once unless ``wait``. The submission is recorded for ``status``.
+    """
+    run = dataclasses.replace(run, max_attempts=cfg.max_attempts, submitted_at=now())
+    state = prepare(run, force=force and spec == "all")
+    shards = select(run, spec, force=force)
+    labels = [shard_name(k, run.num_shards) for k in shards]
+    log_dir = state.root / "logs"
+    if not shards:
+        return {"submitted": 0, "backend": cfg.backend}
+    runner = ShardRunner(run)
+
+    def record(sub: backends.Submission) -> dict[str, Any]:
+        return record_submission(state, shards, sub)
+
+    if cfg.backend == "slurm" and not wait:
+        sub = backends.submit_arrays(
+            PackRunner(runner),
+            shards,
+            labels,
+            cfg=cfg,
+            log_dir=log_dir,
+            job_name=f"ipt-{run.stage}",
+            dependency=dependency,
+        )
+        return record(sub)
+    local = record_submission(state, shards, backend=cfg.backend) if cfg.backend != "slurm" else None
+    try:
+        run_tasks(
+            runner,
+            shards,
+            labels=labels,
+            stage=run.stage,
+            cfg=cfg,
+            log_dir=log_dir,
+            on_progress=on_progress,
+            on_submit=record,
+            dependency=dependency,
+        )
+    finally:
+        if local is not None:
+            state.end_submission(local["record"])
+    return {"submitted": len(shards), "backend": cfg.backend}

@@ -1,0 +1,131 @@
+"""Per-stage bookkeeping on disk: completion markers, failures, running tasks, attempts, submissions.
+
+Layout of ``<stage dir>/_state``::
+
+    stage.json                 stage name, shard count, config hash (written once; guards reuse)
+    done/<shard>.json          written only after the shard's output is durable (fsync + rename)
+    failed/<shard>.json        last error of a shard that is not done
+    running/<shard>.json       job id, host, pid, attempt, progress of a shard being worked on
+    attempts/<shard>.jsonl     one line per event (start, done, failed, preempted): the attempt log
+    submissions/<time>.json    what was submitted where: backend, job ids, shards per array task
+
+Everything here is plain JSON so that ``status`` is a directory scan, fast on 10,000 shards.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..atomic import read_json, write_json_atomic
+
+KINDS = ("done", "failed", "running")
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+class StageState:
+    """Markers of one stage folder (see the module docstring)."""
+
+    def __init__(self, stage_dir: str | os.PathLike[str]) -> None:
+        self.stage_dir = Path(stage_dir)
+        self.root = self.stage_dir / "_state"
+
+    # -- paths ---------------------------------------------------------------------------
+    def marker(self, kind: str, name: str) -> Path:
+        return self.root / kind / f"{name}.json"
+
+    def attempts_path(self, name: str) -> Path:
+        return self.root / "attempts" / f"{name}.jsonl"
+
+    # -- stage identity ------------------------------------------------------------------
+    def read_stage(self) -> dict[str, Any] | None:
+        path = self.root / "stage.json"
+        return read_json(path) if path.exists() else None
+
+    def write_stage(self, info: dict[str, Any]) -> None:
+        write_json_atomic(self.root / "stage.json", info)
+
+    # -- markers -------------------------------------------------------------------------
+    def names(self, kind: str) -> set[str]:
+        """Shard names holding a marker of ``kind`` (one directory scan)."""
+        try:
+            with os.scandir(self.root / kind) as it:
+                return {e.name[:-5] for e in it if e.name.endswith(".json")}
+        except FileNotFoundError:
+            return set()
+
+    def is_done(self, name: str) -> bool:
+        return self.marker("done", name).exists()
+
+    def read(self, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            return read_json(self.marker(kind, name))
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return None
+
+    def mark_running(self, name: str, info: dict[str, Any]) -> None:
+        write_json_atomic(self.marker("running", name), info)
+
+    def mark_done(self, name: str, stats: dict[str, Any]) -> None:
+        """Record a durable shard; call only after its output file was renamed into place."""
+        write_json_atomic(self.marker("done", name), stats)
+        self.marker("failed", name).unlink(missing_ok=True)
+        self.marker("running", name).unlink(missing_ok=True)
+
+    def mark_failed(self, name: str, info: dict[str, Any]) -> None:
+        write_json_atomic(self.marker("failed", name), info)
+        self.marker("running", name).unlink(missing_ok=True)
+
+    def clear(self, name: str) -> None:
+        for kind in KINDS:
+            self.marker(kind, name).unlink(missing_ok=True)
+
+    # -- attempts ------------------------------------------------------------------------
+    def log_event(self, name: str, event: str, **fields: Any) -> None:
+        """Append one event to the shard's attempt log (O_APPEND: concurrent writers are safe)."""
+        path = self.attempts_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = orjson.dumps({"event": event, "time": now(), **fields}, option=orjson.OPT_APPEND_NEWLINE)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        try:
+            with open(self.attempts_path(name), "rb") as fh:
+                return [orjson.loads(line) for line in fh if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def attempts(self, name: str) -> int:
+        return sum(1 for e in self.events(name) if e["event"] == "start")
+
+    # -- submissions ---------------------------------------------------------------------
+    def record_submission(self, info: dict[str, Any]) -> Path:
+        folder = self.root / "submissions"
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        path = folder / f"{stamp}-{os.getpid()}-{len(list(folder.iterdir())):04d}.json"
+        write_json_atomic(path, {"time": now(), "host": socket.gethostname(), **info})
+        return path
+
+    def end_submission(self, path: Path) -> None:
+        """Mark a blocking (local/debug) submission as over, so ``status`` stops counting on it."""
+        write_json_atomic(path, {**read_json(path), "ended": now()})
+
+    def submissions(self) -> list[dict[str, Any]]:
+        folder = self.root / "submissions"
+        if not folder.exists():
+            return []
+        return [read_json(p) for p in sorted(folder.glob("*.json"))]
