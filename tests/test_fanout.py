@@ -224,3 +224,33 @@ def test_local_sigkill_then_failed_rerun_resumes_from_last_durable_record(tmp_pa
     events = StageState(run / "upper").events(name)
     resumed = next(e for e in events if e["event"] == "resumed")
     assert resumed["records"] >= 5
+
+
+def test_a_shard_is_never_written_by_two_tasks(tmp_path: Path) -> None:
+    import fcntl
+
+    from ipt_hpc.execution.shards import ShardRunner
+
+    run = make_raw(tmp_path / "run", 2)
+    launch(stage(run, 2), "0", execution(backend="debug"))
+    lock = run / "upper" / "_state" / "locks" / f"{shard_name(1, 2)}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another task holds shard 1
+    try:
+        with pytest.raises(IptError, match="being processed by another task"):
+            ShardRunner(dataclasses.replace(stage(run, 2), submitted_at=time.time()))(1)
+    finally:
+        os.close(fd)
+    assert not (run / "upper" / shard_name(1, 2)).exists()
+
+
+def test_in_flight_shards_are_not_submitted_twice(tmp_path: Path) -> None:
+    run = make_raw(tmp_path / "run", 2, docs=200)
+    name = shard_name(1, 2)
+    t, errors = launch_in_background(stage(run, 2, delay_s=0.05), "1", execution(backend="local", workers=1))
+    wait_until(lambda: _running_marker(run, name, 5), 60, "the task to make progress")
+    again = launch(stage(run, 2, delay_s=0.05), "all", execution(backend="debug"))
+    assert again["submitted"] == 1 and again["in_flight"] == 1  # only shard 0 ran here
+    t.join(120)
+    assert not errors
+    assert stage_status(run / "upper")["complete"]

@@ -8,11 +8,13 @@ completion markers, attempt log, failure records, the preemption hook, selection
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,13 @@ class ShardRunner:
         name = shard_name(shard_id, run.num_shards)
         if state.is_done(name):
             return {"skipped": True, **(state.read("done", name) or {})}
+        with _shard_lock(state, name):
+            if state.is_done(name):  # finished by another task just before we took the lock
+                return {"skipped": True, **(state.read("done", name) or {})}
+            return self._run_locked(shard_id, name, state)
+
+    def _run_locked(self, shard_id: int, name: str, state: StageState) -> dict[str, Any]:
+        run = self.run
         events = state.events(name)
         attempt = sum(1 for e in events if e["event"] == "start") + 1
         this_submission = sum(1 for e in events if e["event"] == "start" and e["time"] >= run.submitted_at)
@@ -172,6 +181,26 @@ class ShardRunner:
         return stats
 
 
+@contextlib.contextmanager
+def _shard_lock(state: StageState, name: str) -> Iterator[None]:
+    """An exclusive lock on one shard: two tasks must never write the same output file."""
+    path = state.root / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = state.read("running", name) or {}
+            raise IptError(
+                f"{name}: being processed by another task (job {holder.get('job', '?')} on"
+                f" {holder.get('host', '?')}); not starting a second writer"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _job_id() -> str:
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     if array:
@@ -201,26 +230,31 @@ def prepare(run: StageRun, *, force: bool = False) -> StageState:
     return state
 
 
-def select(run: StageRun, spec: str, *, force: bool = False) -> list[int]:
-    """The shard ids to submit: ``spec`` minus the done ones (unless ``force``)."""
+def select(run: StageRun, spec: str, *, force: bool = False) -> tuple[list[int], list[int]]:
+    """``(shards to submit, shards skipped because a job already has them)`` for ``spec``.
+
+    Done shards are dropped unless ``force``; shards pending or running in a live job are never
+    submitted twice (two tasks must not write one shard).
+    """
+    from .monitor import stage_status
+
     state = StageState(run.out_dir)
     index = {shard_name(k, run.num_shards): k for k in range(run.num_shards)}
+    states = stage_status(run.out_dir)["shards"] if state.read_stage() else {}
     done = {index[n] for n in state.names("done") if n in index}
-    failed: set[int] = set()
-    if spec.strip().lower() == "failed":  # failure markers, and shards whose job died without one
-        from .monitor import stage_status
-
-        states = stage_status(run.out_dir)["shards"]
-        failed = {index[n] for n, st in states.items() if st == "failed"}
+    failed = {index[n] for n, st in states.items() if st == "failed"}  # markers, and jobs that died
+    busy = {index[n] for n, st in states.items() if st in ("pending", "running")}
     chosen = parse_shards(spec, run.num_shards, done=done, failed=failed)
+    in_flight = [k for k in chosen if k in busy]
+    chosen = [k for k in chosen if k not in busy]
     if force:
         for k in chosen:
             name = shard_name(k, run.num_shards)
             state.clear(name)
             (run.out_dir / name).unlink(missing_ok=True)
             (run.out_dir / (name + ".partial")).unlink(missing_ok=True)
-        return chosen
-    return [k for k in chosen if k not in done]
+        return chosen, in_flight
+    return [k for k in chosen if k not in done], in_flight
 
 
 def record_submission(
@@ -252,11 +286,11 @@ def launch(
     """
     run = dataclasses.replace(run, max_attempts=cfg.max_attempts, submitted_at=now())
     state = prepare(run, force=force and spec == "all")
-    shards = select(run, spec, force=force)
+    shards, in_flight = select(run, spec, force=force)
     labels = [shard_name(k, run.num_shards) for k in shards]
     log_dir = state.root / "logs"
     if not shards:
-        return {"submitted": 0, "backend": cfg.backend}
+        return {"submitted": 0, "backend": cfg.backend, "in_flight": len(in_flight)}
     runner = ShardRunner(run)
 
     def record(sub: backends.Submission) -> dict[str, Any]:
@@ -272,7 +306,7 @@ def launch(
             job_name=f"ipt-{run.stage}",
             dependency=dependency,
         )
-        return record(sub)
+        return {**record(sub), "in_flight": len(in_flight)}
     local = record_submission(state, shards, backend=cfg.backend) if cfg.backend != "slurm" else None
     try:
         run_tasks(
@@ -289,4 +323,4 @@ def launch(
     finally:
         if local is not None:
             state.end_submission(local["record"])
-    return {"submitted": len(shards), "backend": cfg.backend}
+    return {"submitted": len(shards), "backend": cfg.backend, "in_flight": len(in_flight)}
