@@ -95,6 +95,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-queue", action="store_true", help="do not ask Slurm (markers only)")
     p.add_argument("--shards", action="store_true", help="list every shard's state (with --json)")
     p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser(
+        "run-shard",
+        help="run shards of a prepared per-shard stage here (the entry point of hand-written sbatch arrays)",
+        description="Run shard OFFSET + TASK_INDEX*K + j (j < K) of a prepared stage folder; done shards are"
+        " skipped, partial ones resume. USR2 makes progress durable and requeues the Slurm job.",
+        epilog="examples:\n  sbatch --array=0-999%64 slurm/stage-array.sbatch RUN/synth\n"
+        "  python -m ipt_hpc.launch run-shard --stage-dir RUN/synth --task-index 17",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--stage-dir", required=True, metavar="DIR")
+    p.add_argument("--task-index", type=int, default=0, metavar="I", help="usually $SLURM_ARRAY_TASK_ID")
+    p.add_argument("--shards-per-task", type=int, default=1, metavar="K")
+    p.add_argument("--offset", type=int, default=0, metavar="O", help="first shard of task 0")
+    p.set_defaults(handler=cmd_run_shard)
+
+    p = sub.add_parser(
+        "sbatch",
+        help="print an sbatch script for a prepared per-shard stage, with the run's Slurm settings",
+        description="Print a job-array script that runs `run-shard` with this config's Slurm settings"
+        " (partition, time, GPUs, setup lines); every substituted value is shell-quoted.",
+        epilog="example:\n  python -m ipt_hpc.launch sbatch --stage-dir RUN/synth --config configs/x.yaml"
+        " --parallelism 64 > synth.sbatch && sbatch synth.sbatch",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--stage-dir", required=True, metavar="DIR")
+    p.add_argument("--python", help="interpreter on the compute nodes (default: this one)")
+    _common(p)
+    p.set_defaults(handler=cmd_sbatch)
     return parser
 
 
@@ -216,6 +245,25 @@ def _print_shard_summary(console: Any, manifest: dict[str, Any], out: Path, seco
     if t["bad"]:
         console.print(f"bad records by reason: {t['bad_by_reason']}; set aside in {out / 'quarantine'}")
     console.print(f"manifest: {out / 'manifest.json'}")
+
+
+def cmd_run_shard(args: argparse.Namespace) -> int:
+    from .execution.sbatch import run_shards
+
+    return run_shards(args.stage_dir, args.task_index, args.shards_per_task, args.offset)
+
+
+def cmd_sbatch(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .execution.sbatch import render
+    from .execution.shards import load_stage_run
+
+    cfg = load_config(args.config, args.overrides, _flag_values(args, EXECUTION_FLAGS)).execution
+    n = load_stage_run(args.stage_dir).num_shards
+    tasks = -(-n // cfg.shards_per_task)
+    array = f"0-{tasks - 1}" + (f"%{cfg.parallelism}" if cfg.parallelism else "")
+    sys.stdout.write(render(args.stage_dir, cfg, array=array, python=args.python))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -254,3 +254,52 @@ def test_in_flight_shards_are_not_submitted_twice(tmp_path: Path) -> None:
     t.join(120)
     assert not errors
     assert stage_status(run / "upper")["complete"]
+
+
+NASTY = "we ird'dir;$(touch PWNED)\"`x`"
+
+
+def test_rendered_sbatch_quotes_every_value(tmp_path: Path) -> None:
+    import subprocess
+
+    from ipt_hpc.execution.sbatch import render
+
+    run = make_raw(tmp_path / NASTY, 2)
+    launch(stage(run, 2), "0", execution(backend="debug"))  # prepares the stage folder
+    cfg = execution(**{"slurm.partition": "de bug;ls", "slurm.setup": ["export FOO=1"], "shards_per_task": 2})
+    script = render(run / "upper", cfg, array="0-0%1", python="/opt/my python/bin/python")
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert '#SBATCH --partition="de bug;ls"' in script
+    assert "exec '/opt/my python/bin/python' -m ipt_hpc.launch run-shard" in script
+    # the stage folder survives the shell unchanged: run the exec line's words through bash
+    exec_line = next(line for line in script.splitlines() if line.startswith("exec "))
+    words = subprocess.run(
+        ["bash", "-c", 'printf "%s\\n" ' + exec_line[len("exec ") :]],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SLURM_ARRAY_TASK_ID": "7"},
+        cwd=tmp_path,
+    ).stdout.splitlines()
+    assert words[words.index("--stage-dir") + 1] == str((run / "upper").resolve())
+    assert words[words.index("--task-index") + 1] == "7"
+    assert not (tmp_path / "PWNED").exists()
+    with pytest.raises(IptError, match="may not contain a newline"):
+        render(run / "upper", execution(**{"slurm.partition": "a\nb"}), array="0-1")
+
+
+def test_run_shard_entry_point_runs_its_pack(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    ref = reference(tmp_path, 5)
+    run = make_raw(tmp_path / "run", 5)
+    launch(stage(run, 5), "0", execution(backend="debug"))
+    proc = run_cli("run-shard", "--stage-dir", str(run / "upper"), "--task-index", "1", "--shards-per-task", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert {k for k, v in stage_status(run / "upper")["shards"].items() if v == "done"} == {
+        shard_name(k, 5) for k in (0, 2, 3)
+    }
+    proc = run_cli(
+        "run-shard", "--stage-dir", str(run / "upper"), "--task-index", "0", "--offset", "1", "--shards-per-task", "4"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert outputs(run, 5) == ref

@@ -133,3 +133,45 @@ def test_failed_shard_is_found_and_redone_on_slurm(tmp_path: Path) -> None:
     st = wait_idle(run / "upper", 180)
     assert st["complete"]
     assert outputs(run, n) == ref
+
+
+@pytest.mark.parametrize("how", ["rendered", "static-template"])
+def test_hand_submitted_array_with_nasty_paths(tmp_path: Path, how: str) -> None:
+    import sys
+
+    from test_fanout import NASTY
+
+    from ipt_hpc.execution.sbatch import render
+
+    n = 6
+    ref = reference(tmp_path, n)
+    run = make_raw(tmp_path / NASTY, n)
+    launch(stage(run, n), "0", execution(backend="debug"))  # prepare the stage folder
+    if how == "rendered":
+        cfg = slurm(shards_per_task=2, **{"slurm.extra_sbatch": {"job_name": "ipt-upper"}})
+        script = tmp_path / "job.sbatch"
+        script.write_text(render(run / "upper", cfg, array="0-2%2"))
+        cmd = ["sbatch", "--parsable", str(script)]
+    else:
+        template = Path(__file__).resolve().parents[1] / "slurm" / "stage-array.sbatch"
+        cmd = [
+            "sbatch",
+            "--parsable",
+            "--job-name=ipt-upper",
+            f"--output={tmp_path}/o-%A_%a.out",
+            "--array=0-4%3",
+            str(template),
+            str(run / "upper"),
+            "1",
+            "1",
+        ]
+    env = {**__import__("os").environ, "IPT_PYTHON": sys.executable}
+    job = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp_path, env=env).stdout.strip()
+    deadline = time.time() + 180
+    while time.time() < deadline and queue_states([job.split(";")[0]]):
+        time.sleep(0.5)
+    assert stage_status(run / "upper")["complete"], stage_status(run / "upper")["counts"]
+    assert outputs(run, n) == ref
+    assert not list(tmp_path.rglob("PWNED"))
+    if how == "rendered":  # sbatch parsed the quoted --output path of the #SBATCH line exactly
+        assert list((run / "upper" / "_state" / "logs").glob("sbatch-*_*.out"))

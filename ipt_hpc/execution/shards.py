@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import importlib
 import os
 import socket
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import read_json, write_json_atomic
 from ..config import ExecutionConfig, config_hash
 from ..errors import IptError
 from ..records import RecordWriter
@@ -60,10 +62,52 @@ class StageRun:
     def in_dir(self) -> Path:
         return Path(self.run_dir) / self.in_folder
 
-    def config_hash(self) -> str:
+    def config_data(self) -> Any:
         cfg = self.stage_config
-        data = cfg.model_dump() if hasattr(cfg, "model_dump") else cfg
-        return config_hash({"stage": self.stage, "config": data, "level": self.level, "frame": self.frame_bytes})
+        return cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg
+
+    def config_hash(self) -> str:
+        return config_hash(
+            {"stage": self.stage, "config": self.config_data(), "level": self.level, "frame": self.frame_bytes}
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON form (functions by import path) so that hand-written sbatch scripts can rebuild it."""
+        cfg_type = type(self.stage_config)
+        return {
+            "stage": self.stage,
+            "run_dir": str(Path(self.run_dir).resolve()),
+            "out_folder": self.out_folder,
+            "in_folder": self.in_folder,
+            "num_shards": self.num_shards,
+            "shard_fn": f"{self.shard_fn.__module__}:{self.shard_fn.__qualname__}",
+            "stage_config": self.config_data(),
+            "config_class": None if cfg_type in (dict, list) else f"{cfg_type.__module__}:{cfg_type.__qualname__}",
+            "max_attempts": self.max_attempts,
+            "frame_bytes": self.frame_bytes,
+            "level": self.level,
+            "fsync": self.fsync,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageRun:
+        config = data["stage_config"]
+        if data.get("config_class"):
+            config = _import(data["config_class"]).model_validate(config)
+        fields = {k: v for k, v in data.items() if k not in ("shard_fn", "stage_config", "config_class")}
+        return cls(shard_fn=_import(data["shard_fn"]), stage_config=config, **fields)
+
+
+def _import(path: str) -> Any:
+    """``package.module:Name`` -> the object."""
+    module, _, name = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise IptError(f"cannot import {path!r} ({exc}); is the package installed / PYTHONPATH set?") from exc
+    return obj
 
 
 class ShardContext:
@@ -227,7 +271,16 @@ def prepare(run: StageRun, *, force: bool = False) -> StageState:
         (run.out_dir / "manifest.json").unlink(missing_ok=True)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     state.write_stage(info)
+    write_json_atomic(state.root / "stage-run.json", run.to_json())
     return state
+
+
+def load_stage_run(stage_dir: str | os.PathLike[str]) -> StageRun:
+    """The :class:`StageRun` a stage folder was prepared for (read by ``run-shard``)."""
+    path = Path(stage_dir) / "_state" / "stage-run.json"
+    if not path.exists():
+        raise IptError(f"{stage_dir}: not a prepared stage folder (no {path.name}); submit the stage once first")
+    return StageRun.from_json(read_json(path))
 
 
 def select(run: StageRun, spec: str, *, force: bool = False) -> tuple[list[int], list[int]]:

@@ -1,0 +1,121 @@
+"""sbatch scripts for users who submit by hand, and the per-shard entry point they call.
+
+Two ways to submit a per-shard stage by hand, both ending in ``python -m ipt_hpc.launch run-shard``,
+the same :class:`ShardRunner` the submitit path runs:
+
+* ``slurm/stage-array.sbatch``: a fixed script taking the stage folder as an argument
+  (``sbatch --array=0-999%64 slurm/stage-array.sbatch RUN/synth``);
+* :func:`render`: a script with the run's Slurm settings (partition, time, GPUs, setup lines...)
+  baked in. Every substituted value is shell-quoted; ``#SBATCH`` values may not hold newlines.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import ExecutionConfig
+from ..errors import IptError
+from .shards import ShardRunner, load_stage_run
+
+SIGNAL_SPEC = "B:USR2@{delay}"
+
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_.,:/=%@+\-\[\]]+$")
+
+
+def _value(key: str, value: object) -> str:
+    """Quote a value for an ``#SBATCH`` line, which sbatch parses itself (not the shell):
+    double quotes group, a backslash escapes the next character, an unquoted ``#`` starts a comment."""
+    text = str(value)
+    if "\n" in text or "\r" in text:
+        raise IptError(f"sbatch option {key!r}: value may not contain a newline: {text!r}")
+    if _PLAIN.match(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render(stage_dir: str | os.PathLike[str], cfg: ExecutionConfig, *, array: str, python: str | None = None) -> str:
+    """A complete sbatch script running ``run-shard`` for each array task of ``array``."""
+    run = load_stage_run(stage_dir)
+    logs = Path(stage_dir).resolve() / "_state" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output
+    s = cfg.slurm
+    options: dict[str, Any] = {
+        "job-name": f"ipt-{run.stage}",
+        "array": array,
+        "requeue": None,
+        "signal": SIGNAL_SPEC.format(delay=s.signal_delay_s),
+        "open-mode": "append",
+        "output": str(logs / "sbatch-%A_%a.out"),
+        "time": s.time_min,
+        "partition": s.partition,
+        "account": s.account,
+        "qos": s.qos,
+        "cpus-per-task": s.cpus_per_task,
+        "gpus-per-node": s.gpus_per_node,
+        "mem": f"{int(s.mem_gb * 1024)}M" if s.mem_gb else None,
+        "constraint": s.constraint,
+        **{k.replace("_", "-"): v for k, v in s.extra_sbatch.items()},
+    }
+    lines = ["#!/bin/bash", f"# ipt_hpc {run.stage}: {run.num_shards} shards of {run.out_dir}"]
+    for key, value in options.items():
+        if value is None and key != "requeue":
+            continue
+        lines.append(f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={_value(key, value)}")
+    lines += ["", "set -euo pipefail"]
+    lines += list(s.setup)
+    command = [
+        shlex.quote(python or sys.executable),
+        "-m ipt_hpc.launch run-shard --stage-dir",
+        shlex.quote(str(Path(stage_dir).resolve())),
+        '--task-index "${SLURM_ARRAY_TASK_ID:-0}" --shards-per-task',
+        str(int(cfg.shards_per_task)),
+    ]
+    lines += ["exec " + " ".join(command), ""]
+    return "\n".join(lines)
+
+
+def _requeue_this_job() -> None:
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+    if job:
+        subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
+
+
+def run_shards(stage_dir: str | os.PathLike[str], task_index: int, per_task: int = 1, offset: int = 0) -> int:
+    """Entry point of hand-submitted array tasks: run shards ``offset + task_index*per_task + j``.
+
+    On USR2 (``--signal=B:USR2@...``) progress is made durable and the job requeues itself; on
+    SIGTERM progress is made durable. Returns the process exit code (1 if a shard failed).
+    """
+    run = load_stage_run(stage_dir)
+    first = offset + task_index * per_task
+    shards = [k for k in range(first, first + per_task) if k < run.num_shards]
+    if not shards:
+        print(f"run-shard: task {task_index} has no shard (stage has {run.num_shards})", file=sys.stderr)
+        return 0
+    runner = ShardRunner(run)
+
+    def on_usr2(signum: int, frame: Any) -> None:
+        runner.on_preempt()
+        _requeue_this_job()
+        sys.exit(0)
+
+    signal.signal(signal.SIGUSR2, on_usr2)
+    signal.signal(signal.SIGTERM, lambda signum, frame: runner.on_preempt())
+    failed = 0
+    for k in shards:
+        try:
+            stats = runner(k)
+            print(f"run-shard: shard {k} done ({stats.get('records', '?')} records)", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - reported, the next shard of the pack still runs
+            failed += 1
+            print(f"run-shard: shard {k} failed: {exc}", file=sys.stderr)
+    return 1 if failed else 0
