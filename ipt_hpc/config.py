@@ -58,8 +58,8 @@ class SlurmConfig(_Section):
     mem_gb: float | None = Field(None, gt=0)
     constraint: str | None = None
     signal_delay_s: int = Field(120, ge=1, description="warning signal (USR2) this long before the time limit")
-    extra_sbatch: dict[str, str | int] = Field(
-        default_factory=dict, description="more #SBATCH options, e.g. {exclude: node[01-02]}"
+    extra_sbatch: dict[str, bool | int | str] = Field(
+        default_factory=dict, description="more #SBATCH options, e.g. {exclude: node[01-02]}; true for a flag"
     )
     setup: list[str] = Field(default_factory=list, description="shell lines before the task, e.g. 'module load cuda'")
 

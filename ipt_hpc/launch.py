@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_shard)
 
     p = sub.add_parser(
+        "pipeline",
+        help="submit every available stage at once, chained with Slurm afterok dependencies",
+        description="Submit (Slurm) or run (local) every stage this version provides, in order. On Slurm each"
+        " stage waits for the previous one (afterok); a failed stage cancels the rest. Stages so far: shard.",
+        epilog="examples:\n  python -m ipt_hpc.launch pipeline --config configs/demo.yaml --run runs/demo\n"
+        "  python -m ipt_hpc.launch pipeline --config configs/refinedweb.yaml --run /scratch/rw"
+        " --executor slurm --partition cpu\n  python -m ipt_hpc.launch status --run /scratch/rw",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", metavar="RUN", required=True, help="run folder")
+    _common(p)
+    p.set_defaults(handler=cmd_pipeline)
+
+    p = sub.add_parser(
         "status",
         help="shards done / running / pending / failed per stage, with throughput and ETA",
         description="Report every stage of a run from its completion markers and the Slurm queue.",
@@ -245,6 +259,26 @@ def _print_shard_summary(console: Any, manifest: dict[str, Any], out: Path, seco
     if t["bad"]:
         console.print(f"bad records by reason: {t['bad_by_reason']}; set aside in {out / 'quarantine'}")
     console.print(f"manifest: {out / 'manifest.json'}")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import Coordinator, available_steps, submit
+
+    cfg = load_config(args.config, args.overrides, _flag_values(args, EXECUTION_FLAGS))
+    steps = available_steps(cfg, args.run)
+    console = _console()
+    if args.dry_run:
+        for i, step in enumerate(steps):
+            kind = "coordinator job" if isinstance(step, Coordinator) else "job arrays"
+            after = f", after step {i}" if i and cfg.execution.backend == "slurm" else ""
+            console.print(f"step {i + 1}: {step.name} ({kind} on {cfg.execution.backend}{after})")
+        return 0
+    for result in submit(steps, cfg.execution, args.run):
+        console.print(result)
+    if cfg.execution.backend == "slurm":
+        console.print(f"submitted; follow with: python -m ipt_hpc.launch status --run {args.run}")
+    return 0
 
 
 def cmd_run_shard(args: argparse.Namespace) -> int:

@@ -205,6 +205,7 @@ def plan_shards(indexes: list[np.ndarray], num_shards: int) -> list[list[tuple[i
 def write_shard(task: WriteTask) -> dict[str, Any]:
     """Write one shard from its planned ranges (a task of the execution layer)."""
     name = shard_name(task.k, task.num_shards)
+    started = time.time()
     writer = RecordWriter(
         Path(task.out) / name, level=task.records.level, frame_bytes=task.records.frame_bytes, fsync=task.records.fsync
     )
@@ -240,6 +241,8 @@ def write_shard(task: WriteTask) -> dict[str, Any]:
         writer.discard()
         raise
     stats["text_bytes"] = text_bytes
+    stats["seconds"] = round(time.time() - started, 3)
+    stats["finished"] = round(time.time(), 3)
     write_json_atomic(_done_path(task.out, name), stats)
     return stats
 

@@ -175,3 +175,65 @@ def test_hand_submitted_array_with_nasty_paths(tmp_path: Path, how: str) -> None
     assert not list(tmp_path.rglob("PWNED"))
     if how == "rendered":  # sbatch parsed the quoted --output path of the #SBATCH line exactly
         assert list((run / "upper" / "_state" / "logs").glob("sbatch-*_*.out"))
+
+
+def _pipeline_steps(run: Path, n: int, inputs: list[Path]):
+    from ipt_hpc import shard
+    from ipt_hpc.config import load_config
+    from ipt_hpc.pipeline import Coordinator, ShardStage
+
+    cfg = load_config(
+        None,
+        None,
+        {
+            "shard.inputs": [str(p) for p in inputs],
+            "shard.text_field": "content",
+            "shard.num_shards": n,
+            "execution.backend": "slurm",
+            "execution.slurm.time_min": 15,
+            "execution.slurm.extra_sbatch": {"job_name": "ipt-upper"},  # so the fixture cancels leftovers
+        },
+    )
+    steps = [Coordinator("shard", shard.run, (cfg, str(run / "raw"))), ShardStage(stage(run, n))]
+    return steps, cfg.execution
+
+
+def test_pipeline_chains_stages_with_afterok(tmp_path: Path) -> None:
+    from conftest import make_docs, write_jsonl
+
+    from ipt_hpc.pipeline import submit
+
+    n = 4
+    ref = reference(tmp_path, n)
+    run = tmp_path / "run"
+    inp = write_jsonl(run / "in.jsonl", make_docs(120, seed=3, max_words=40))
+    steps, cfg = _pipeline_steps(run, n, [inp])
+    result = submit(steps, cfg, run)
+    assert [r["step"] for r in result] == ["shard", "upper"]
+    assert result[1]["dependency"] == f"afterok:{result[0]['job_ids'][0]}"
+    waiting = queue_states(result[1]["job_ids"])
+    assert waiting and all(s == "PENDING" for s in waiting.values())  # held until the shard stage is done
+    deadline = time.time() + 300
+    while time.time() < deadline and not stage_status(run / "upper")["complete"]:
+        time.sleep(1)
+    assert (run / "raw" / "manifest.json").exists()
+    assert outputs(run, n) == ref
+
+
+def test_pipeline_failed_upstream_cancels_dependents(tmp_path: Path) -> None:
+    from ipt_hpc.pipeline import submit
+
+    run = tmp_path / "run"
+    run.mkdir()
+    bad = run / "in.jsonl"
+    bad.write_text('{"content": "fine"}\n{not json\n')
+    steps, cfg = _pipeline_steps(run, 2, [bad])
+    result = submit(steps, cfg, run)
+    ids = result[0]["job_ids"] + result[1]["job_ids"]
+    deadline = time.time() + 180
+    while time.time() < deadline and queue_states(ids):
+        time.sleep(1)
+    assert not queue_states(ids), "dependents of a failed stage must not stay pending forever"
+    st = stage_status(run / "upper")
+    assert st["counts"]["done"] == 0 and st["counts"]["failed"] == 2
+    assert not (run / "raw" / "manifest.json").exists()

@@ -83,6 +83,8 @@ def slurm_executor(cfg: ExecutionConfig, log_dir: Path, job_name: str, *, depend
         "stderr_to_stdout": True,
         "additional_parameters": {"requeue": True, **s.extra_sbatch},
     }
+    if dependency:  # a failed upstream cancels its dependents instead of leaving them pending forever
+        params["additional_parameters"]["kill_on_invalid_dep"] = "yes"
     for key, value in {
         "partition": s.partition,
         "account": s.account,
@@ -143,6 +145,14 @@ def submit_arrays(
         submission.arrays.append({"job_id": array_id, "tasks": chunk})
         submission.jobs.extend(jobs)
     return submission
+
+
+def submit_job(
+    fn: Any, *args: Any, cfg: ExecutionConfig, log_dir: Path, job_name: str, dependency: str | None = None
+) -> str:
+    """Submit ``fn(*args)`` as one Slurm job (e.g. a stage coordinator); returns its job id."""
+    executor = slurm_executor(cfg, log_dir, job_name, dependency=dependency)
+    return str(executor.submit(fn, *args).job_id)
 
 
 def queue_states(job_ids: Sequence[str]) -> dict[str, str]:

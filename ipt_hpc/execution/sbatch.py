@@ -50,7 +50,7 @@ def render(stage_dir: str | os.PathLike[str], cfg: ExecutionConfig, *, array: st
     options: dict[str, Any] = {
         "job-name": f"ipt-{run.stage}",
         "array": array,
-        "requeue": None,
+        "requeue": True,
         "signal": SIGNAL_SPEC.format(delay=s.signal_delay_s),
         "open-mode": "append",
         "output": str(logs / "sbatch-%A_%a.out"),
@@ -66,9 +66,9 @@ def render(stage_dir: str | os.PathLike[str], cfg: ExecutionConfig, *, array: st
     }
     lines = ["#!/bin/bash", f"# ipt_hpc {run.stage}: {run.num_shards} shards of {run.out_dir}"]
     for key, value in options.items():
-        if value is None and key != "requeue":
+        if value is None or value is False:
             continue
-        lines.append(f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={_value(key, value)}")
+        lines.append(f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={_value(key, value)}")
     lines += ["", "set -euo pipefail"]
     lines += list(s.setup)
     command = [

@@ -225,6 +225,13 @@ class ShardRunner:
         return stats
 
 
+def _input_complete(run: StageRun, name: str) -> bool:
+    """The input shard exists and its stage marked it done (or finished the whole stage)."""
+    if not (run.in_dir / name).exists():
+        return False
+    return StageState(run.in_dir).is_done(name) or (run.in_dir / "manifest.json").exists()
+
+
 @contextlib.contextmanager
 def _shard_lock(state: StageState, name: str) -> Iterator[None]:
     """An exclusive lock on one shard: two tasks must never write the same output file."""

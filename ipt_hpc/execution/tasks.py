@@ -64,8 +64,9 @@ class PackRunner(submitit.helpers.Checkpointable):
     before SIGKILL) triggers the same hook.
     """
 
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
+    def __init__(self, fn: Callable[[Any], Any], *, strict: bool = False) -> None:
         self.fn = fn
+        self.strict = strict  # fail the job when an item failed (so Slurm's afterok sees it)
 
     def __call__(self, items: Sequence[Any], labels: Sequence[str]) -> list[Outcome]:
         self._install_sigterm()
@@ -75,6 +76,9 @@ class PackRunner(submitit.helpers.Checkpointable):
                 outcomes.append(Outcome(label, True, self.fn(item)))
             except Exception as exc:  # noqa: BLE001 - reported per item, by name, to the coordinator
                 outcomes.append(Outcome(label, False, describe(exc)))
+        failed = [o for o in outcomes if not o.ok]
+        if self.strict and failed:
+            raise TaskFailures("pack", [(o.label, str(o.value)) for o in failed], len(outcomes))
         return outcomes
 
     def _preempted(self) -> None:
@@ -93,7 +97,7 @@ class PackRunner(submitit.helpers.Checkpointable):
 
     def checkpoint(self, items: Sequence[Any], labels: Sequence[str]) -> submitit.helpers.DelayedSubmission:
         self._preempted()
-        return submitit.helpers.DelayedSubmission(PackRunner(self.fn), items, labels)
+        return submitit.helpers.DelayedSubmission(PackRunner(self.fn, strict=self.strict), items, labels)
 
 
 def run_tasks(

@@ -1,0 +1,83 @@
+"""``pipeline``: submit every available stage at once, each waiting for the previous one.
+
+On Slurm each step's jobs depend on the previous step's with ``afterok`` (a failed step cancels
+the rest: ``--kill-on-invalid-dep=yes``). A stage that plans its own fan-out (``shard``: scan, plan,
+write) runs as one small *coordinator* job that submits and waits for its arrays; per-shard stages
+are submitted directly as arrays. On the local and debug backends the steps simply run in order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_json_atomic
+from .config import Config, ExecutionConfig
+from .execution import StageRun, launch
+from .execution.backends import submit_job
+
+
+@dataclass(frozen=True)
+class Coordinator:
+    """A stage that fans out by itself, run as one job: ``fn(*args)``."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class ShardStage:
+    """A per-shard stage, submitted as job arrays."""
+
+    run: StageRun
+    spec: str = "all"
+
+    @property
+    def name(self) -> str:
+        return self.run.stage
+
+
+Step = Coordinator | ShardStage
+
+
+def submit(steps: Sequence[Step], cfg: ExecutionConfig, run_dir: str | Path) -> list[dict[str, Any]]:
+    """Submit (Slurm) or run (local/debug) ``steps`` in order; returns one summary per step."""
+    run_dir = Path(run_dir)
+    log_dir = run_dir / "_state" / "logs" / "pipeline"
+    results: list[dict[str, Any]] = []
+    dependency: str | None = None
+    for step in steps:
+        if cfg.backend != "slurm":
+            if isinstance(step, Coordinator):
+                step.fn(*step.args)
+                results.append({"step": step.name, "ran": True})
+            else:
+                results.append({"step": step.name, **launch(step.run, step.spec, cfg)})
+            continue
+        if isinstance(step, Coordinator):
+            job = submit_job(
+                step.fn, *step.args, cfg=cfg, log_dir=log_dir, job_name=f"ipt-{step.name}", dependency=dependency
+            )
+            ids = [job]
+            results.append({"step": step.name, "job_ids": ids, "dependency": dependency})
+        else:
+            info = launch(step.run, step.spec, cfg, dependency=dependency)
+            ids = info.get("job_ids", [])
+            results.append({"step": step.name, **info, "dependency": dependency})
+        if ids:
+            dependency = "afterok:" + ":".join(ids)
+    if cfg.backend == "slurm":
+        write_json_atomic(run_dir / "_state" / f"pipeline-{time.strftime('%Y%m%dT%H%M%S')}.json", {"steps": results})
+    return results
+
+
+def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
+    """The stages this version can run, in pipeline order, for ``cfg``."""
+    from . import shard
+
+    inner = cfg.model_copy(deep=True)
+    return [Coordinator("shard", shard.run, (inner, str(Path(run_dir) / "raw")))]
