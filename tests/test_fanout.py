@@ -303,3 +303,24 @@ def test_run_shard_entry_point_runs_its_pack(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert outputs(run, 5) == ref
+
+
+def test_status_cli_table_and_json_without_slurm(tmp_path: Path) -> None:
+    import json
+
+    from conftest import run_cli
+
+    run = make_raw(tmp_path / "run", 4)
+    with pytest.raises(TaskFailures):
+        launch(stage(run, 4, fail_shards=[1]), "0-2", execution(backend="debug"))
+    proc = run_cli("status", "--run", str(run), "--no-queue")
+    assert proc.returncode == 0, proc.stderr
+    assert "shard" in proc.stdout and "upper" in proc.stdout
+    assert "deliberate failure of shard 1" in proc.stdout
+    proc = run_cli("status", "--run", str(run), "--json", "--shards")
+    report = json.loads(proc.stdout)
+    raw, upper = report["stages"]
+    assert raw["stage"] == "shard" and raw["complete"]
+    assert upper["counts"] == {"done": 2, "running": 0, "pending": 0, "failed": 1, "never_submitted": 1}
+    assert upper["shards"][shard_name(3, 4)] == "never_submitted"
+    assert run_cli("status", "--run", str(tmp_path / "nothing")).returncode == 2
