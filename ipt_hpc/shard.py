@@ -110,16 +110,12 @@ class WriteTask:
 
 
 def _state(out: str | Path) -> Path:
-    return Path(out) / "_state"
+    return StageState(out).root
 
 
 def _scan_paths(out: str | Path, index: int) -> tuple[Path, Path]:
     base = _state(out) / "scan" / f"{index:05d}"
     return base.with_suffix(".npy"), base.with_suffix(".json")
-
-
-def _done_path(out: str | Path, name: str) -> Path:
-    return _state(out) / "done" / (name + ".json")
 
 
 def scan_file(task: ScanTask) -> dict[str, Any]:
@@ -243,7 +239,7 @@ def write_shard(task: WriteTask) -> dict[str, Any]:
     stats["text_bytes"] = text_bytes
     stats["seconds"] = round(time.time() - started, 3)
     stats["finished"] = round(time.time(), 3)
-    write_json_atomic(_done_path(task.out, name), stats)
+    StageState(task.out).mark_done(name, stats)
     return stats
 
 
@@ -266,13 +262,6 @@ def _clear(out: Path) -> None:
     for sub in ("_state", "quarantine"):
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "manifest.json").unlink(missing_ok=True)
-
-
-def _count(folder: Path) -> int:
-    try:
-        return sum(1 for e in folder.iterdir() if e.name.endswith(".json"))
-    except FileNotFoundError:
-        return 0
 
 
 def run(
@@ -327,7 +316,7 @@ def run(
         stage="shard/scan",
         cfg=cfg.execution,
         log_dir=state / "logs" / "scan",
-        on_progress=progress and (lambda: progress("scan", _count(state / "scan"), len(inputs))),
+        on_progress=progress and (lambda: progress("scan", len(stage_state.names("scan")), len(inputs))),
     )
     scans = [read_json(_scan_paths(out, i)[1]) for i in range(len(inputs))]
     docs = sum(s["docs"] for s in scans)
@@ -348,7 +337,7 @@ def run(
 
     # 3. write
     names = [shard_name(k, n) for k in range(n)]
-    todo = [k for k in range(n) if not _done_path(out, names[k]).exists()]
+    todo = [k for k in range(n) if not stage_state.is_done(names[k])]
     log(f"write: {n} shards ({n - len(todo)} already written)")
     wtasks = [WriteTask(str(out), k, n, plan[k], inputs, cfg.shard, cfg.records) for k in todo]
     local = None
@@ -361,14 +350,14 @@ def run(
         stage="shard/write",
         cfg=cfg.execution,
         log_dir=state / "logs" / "write",
-        on_progress=progress and (lambda: progress("write", _count(state / "done"), n)),
+        on_progress=progress and (lambda: progress("write", len(stage_state.names("done")), n)),
         on_submit=lambda sub: record_submission(stage_state, todo, sub),
     )
     if local is not None:
         stage_state.end_submission(local["record"])
 
     # 4. manifest (the completion marker of the stage)
-    shards = [read_json(_done_path(out, name)) for name in names]
+    shards = [stage_state.read("done", name) for name in names]
     by_reason: Counter[str] = Counter()
     for s in scans:
         by_reason.update(s["bad_by_reason"])

@@ -25,7 +25,7 @@ from ..config import ExecutionConfig, config_hash
 from ..errors import IptError
 from ..records import RecordWriter
 from . import backends
-from .selection import parse_shards
+from .selection import compress_ids, parse_shards
 from .state import StageState, now
 from .tasks import PackRunner, run_tasks
 
@@ -113,17 +113,17 @@ def _import(path: str) -> Any:
 class ShardContext:
     """What a stage function sees of the engine for one shard."""
 
-    def __init__(self, run: StageRun, shard_id: int, attempt: int, state: StageState) -> None:
+    def __init__(self, run: StageRun, shard_id: int, state: StageState, info: dict[str, Any]) -> None:
         self.run = run
         self.shard_id = shard_id
         self.name = shard_name(shard_id, run.num_shards)
-        self.attempt = attempt
+        self.attempt: int = info["attempt"]
         self.input_path = run.in_dir / self.name
         self.output_path = run.out_dir / self.name
-        self._state = state
+        self.state = state
+        self._info = info  # the running marker's fields (job, host, pid, attempt, started)
         self._writers: list[RecordWriter] = []
         self._last_report = 0.0
-        self._info: dict[str, Any] = {}
 
     def open_output(self, path: Path | None = None) -> RecordWriter:
         """A writer for this shard's output that resumes after the last durable record."""
@@ -136,15 +136,15 @@ class ShardContext:
         )
         self._writers.append(writer)
         if writer.records:
-            self._state.log_event(self.name, "resumed", attempt=self.attempt, records=writer.records)
+            self.state.log_event(self.name, "resumed", attempt=self.attempt, records=writer.records)
         return writer
 
     def report(self, records: int, **counters: Any) -> None:
-        """Progress for ``status`` (rewrites the running marker at most every few seconds)."""
+        """Progress for ``status`` (rewrites the running marker at most once per ``REPORT_EVERY_S``)."""
         t = time.time()
         if t - self._last_report >= REPORT_EVERY_S:
             self._last_report = t
-            self._state.mark_running(self.name, {**self._info, "records": records, "updated": now(), **counters})
+            self.state.mark_running(self.name, {**self._info, "records": records, "updated": now(), **counters})
 
     def make_durable(self) -> None:
         """Flush open writers unless one is in the middle of a write (signal-handler safe)."""
@@ -166,7 +166,7 @@ class ShardRunner:
         ctx = self._ctx
         if ctx is not None:
             ctx.make_durable()
-            ctx._state.log_event(ctx.name, "preempted", attempt=ctx.attempt, job=_job_id())
+            ctx.state.log_event(ctx.name, "preempted", attempt=ctx.attempt, job=_job_id())
 
     def __call__(self, shard_id: int) -> dict[str, Any]:
         run = self.run
@@ -201,8 +201,7 @@ class ShardRunner:
         }
         state.log_event(name, "start", **info)
         state.mark_running(name, info)
-        ctx = ShardContext(run, shard_id, attempt, state)
-        ctx._info = info
+        ctx = ShardContext(run, shard_id, state, info)
         self._ctx = ctx
         started = time.time()
         try:
@@ -349,8 +348,9 @@ def launch(
     shards, in_flight = select(run, spec, force=force)
     labels = [shard_name(k, run.num_shards) for k in shards]
     log_dir = state.root / "logs"
+    summary = {"shards": compress_ids(shards), "in_flight": len(in_flight)}
     if not shards:
-        return {"submitted": 0, "backend": cfg.backend, "in_flight": len(in_flight)}
+        return {"submitted": 0, "backend": cfg.backend, **summary}
     runner = ShardRunner(run)
 
     def record(sub: backends.Submission) -> dict[str, Any]:
@@ -366,7 +366,7 @@ def launch(
             job_name=f"ipt-{run.stage}",
             dependency=dependency,
         )
-        return {**record(sub), "in_flight": len(in_flight)}
+        return {**record(sub), **summary}
     local = record_submission(state, shards, backend=cfg.backend) if cfg.backend != "slurm" else None
     try:
         run_tasks(
@@ -383,4 +383,4 @@ def launch(
     finally:
         if local is not None:
             state.end_submission(local["record"])
-    return {"submitted": len(shards), "backend": cfg.backend, "in_flight": len(in_flight)}
+    return {"submitted": len(shards), "backend": cfg.backend, **summary}

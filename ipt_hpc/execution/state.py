@@ -108,9 +108,6 @@ class StageState:
         except FileNotFoundError:
             return []
 
-    def attempts(self, name: str) -> int:
-        return sum(1 for e in self.events(name) if e["event"] == "start")
-
     # -- submissions ---------------------------------------------------------------------
     def record_submission(self, info: dict[str, Any]) -> Path:
         folder = self.root / "submissions"
