@@ -46,6 +46,23 @@ class ShardConfig(_Section):
     hub_split: str = "train"
 
 
+class TokenizeConfig(_Section):
+    """The ``tokenize`` stage: zstd JSONL -> Megatron indexed datasets (one group per input stage)."""
+
+    tokenizer: str | None = Field(None, description="tokenizer folder, tokenizer.json's folder, or hub name")
+    input_stage: str = Field("augmented", description="run sub-folder to read: raw, synth, augmented, ...")
+    group: str | None = Field(None, description="output group name (default: the input stage's folder)")
+    text_field: str = "text"
+    prepend_bos: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: BOS when the tokenizer adds one itself (Llama, Mistral)"
+    )
+    append_eod: bool = Field(True, description="EOD (the tokenizer's EOS) after each document")
+    dtype: Literal["auto", "uint16", "int32"] = "auto"
+    empty_text: Literal["error", "skip", "keep"] = "error"
+    workers: int | None = Field(None, ge=1, description="tokenizer processes per task (default: cpus_per_task)")
+    batch_docs: int = Field(256, ge=1, description="documents per batch sent to a tokenizer process")
+
+
 class SlurmConfig(_Section):
     """Slurm job parameters (the execution layer passes them to submitit's SlurmExecutor)."""
 
@@ -84,6 +101,7 @@ class Config(_Section):
 
     records: RecordsConfig = Field(default_factory=RecordsConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
 

@@ -83,6 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_shard)
 
     p = sub.add_parser(
+        "tokenize",
+        help="zstd JSONL shards -> Megatron indexed datasets (.bin/.idx), merged per group",
+        description="Tokenize a stage's shards with a Hugging Face fast tokenizer into Megatron indexed datasets"
+        " (RUN/tokens/GROUP/shard-NNNNN.{bin,idx}), then merge them into RUN/tokens/GROUP.{bin,idx}.",
+        epilog="examples:\n  python -m ipt_hpc.launch tokenize --run runs/demo --input-stage raw --tokenizer tok/\n"
+        "  python -m ipt_hpc.launch tokenize --run /scratch/rw --input-stage augmented --tokenizer"
+        " meta-llama/Llama-2-7b-hf --executor slurm --shards-per-task 8\n"
+        "  python -m ipt_hpc.launch merge --run /scratch/rw --group augmented   # after the Slurm arrays",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", metavar="RUN", required=True)
+    p.add_argument("--input-stage", metavar="FOLDER", help="raw, synth, augmented, ... (tokenize.input_stage)")
+    p.add_argument("--tokenizer", metavar="PATH_OR_NAME", help="tokenize.tokenizer")
+    p.add_argument("--group", metavar="NAME", help="output group (default: the input stage)")
+    p.add_argument("--shards", default="all", metavar="SPEC", help="0-99, 3,17, all, missing, failed")
+    p.add_argument("--wait", action="store_true", help="with --executor slurm: wait, then merge")
+    _common(p)
+    p.set_defaults(handler=cmd_tokenize)
+
+    p = sub.add_parser("merge", help="merge a tokenized group's shards into RUN/tokens/GROUP.{bin,idx}")
+    p.add_argument("--run", metavar="RUN", required=True)
+    p.add_argument("--group", metavar="NAME", required=True)
+    p.set_defaults(handler=cmd_merge)
+
+    p = sub.add_parser(
         "pipeline",
         help="submit every available stage at once, chained with Slurm afterok dependencies",
         description="Submit (Slurm) or run (local) every stage this version provides, in order. On Slurm each"
@@ -259,6 +284,47 @@ def _print_shard_summary(console: Any, manifest: dict[str, Any], out: Path, seco
     if t["bad"]:
         console.print(f"bad records by reason: {t['bad_by_reason']}; set aside in {out / 'quarantine'}")
     console.print(f"manifest: {out / 'manifest.json'}")
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from . import tokenize
+    from .config import load_config
+
+    flags = _flag_values(
+        args,
+        {"input_stage": "tokenize.input_stage", "tokenizer": "tokenize.tokenizer", "group": "tokenize.group"},
+    )
+    cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
+    console = _console()
+    if args.dry_run:
+        stage, group = tokenize.stage_run(cfg, args.run)
+        job = stage.stage_config
+        console.print(f"tokenize {stage.num_shards} shards of {stage.in_dir} -> {group} on {cfg.execution.backend}")
+        console.print(f"dtype {job.dtype}, BOS {job.bos_id}, EOD {job.eod_id}, {job.workers} tokenizer processes")
+        return 0
+    prog, update = _progress_reporter(console)
+    with prog:
+        result = tokenize.run(cfg, args.run, args.shards, force=args.force, wait=args.wait, progress=update)
+    merged = result.pop("merged", None)
+    console.print(result)
+    if merged:
+        rate = sum(s.get("tokens_per_s") or 0 for s in merged["shards"]) / max(1, len(merged["shards"]))
+        console.print(
+            f"{merged['dataset']}.{{bin,idx}}: {merged['documents']:,} documents, {merged['tokens']:,} tokens"
+            f" (mean {merged['mean_length']}), {rate:,.0f} tokens/s per shard task"
+        )
+    elif cfg.execution.backend == "slurm":
+        console.print(f"follow with: python -m ipt_hpc.launch status --run {args.run}; then merge")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .execution.shards import load_stage_run
+    from .tokenize import merge_group
+
+    manifest = merge_group(load_stage_run(Path(args.run) / "tokens" / args.group))
+    print(f"{manifest['dataset']}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens")
+    return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:

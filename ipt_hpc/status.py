@@ -17,8 +17,13 @@ def find_stages(run_dir: str | os.PathLike[str]) -> list[Path]:
     run = Path(run_dir)
     if (run / "_state" / "stage.json").exists():
         return [run]
-    found = [p.parent.parent for p in run.glob("*/_state/stage.json")]
-    return sorted(found, key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+    found = [p.parent.parent for p in [*run.glob("*/_state/stage.json"), *run.glob("tokens/*/_state/stage.json")]]
+
+    def rank(p: Path) -> tuple[int, str]:
+        top = p.relative_to(run).parts[0]
+        return (order.index(top) if top in order else len(order), str(p))
+
+    return sorted(found, key=rank)
 
 
 def run_status(run_dir: str | os.PathLike[str], *, use_queue: bool = True) -> dict[str, Any]:

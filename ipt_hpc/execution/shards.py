@@ -50,6 +50,7 @@ class StageRun:
     stage_config: Any
     max_attempts: int = 10  # per submission: preemptions and requeues included
     submitted_at: float = 0.0
+    out_suffix: str = ".jsonl.zst"  # the file whose existence completes a shard (tokenize: ".idx")
     frame_bytes: int = 1 << 20
     level: int = 3
     fsync: bool = True
@@ -84,6 +85,7 @@ class StageRun:
             "stage_config": self.config_data(),
             "config_class": None if cfg_type in (dict, list) else f"{cfg_type.__module__}:{cfg_type.__qualname__}",
             "max_attempts": self.max_attempts,
+            "out_suffix": self.out_suffix,
             "frame_bytes": self.frame_bytes,
             "level": self.level,
             "fsync": self.fsync,
@@ -119,7 +121,7 @@ class ShardContext:
         self.name = shard_name(shard_id, run.num_shards)
         self.attempt: int = info["attempt"]
         self.input_path = run.in_dir / self.name
-        self.output_path = run.out_dir / self.name
+        self.output_path = run.out_dir / (self.name.removesuffix(".jsonl.zst") + run.out_suffix)
         self.state = state
         self._info = info  # the running marker's fields (job, host, pid, attempt, started)
         self._writers: list[RecordWriter] = []

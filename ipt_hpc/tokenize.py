@@ -1,0 +1,313 @@
+"""The ``tokenize`` stage: zstd JSONL shards -> Megatron indexed datasets, one document per record.
+
+Per shard: the main process streams records (decompress + parse, cheap) and hands batches of texts to
+``workers`` single-threaded tokenizer processes (``encode_batch_fast``, the ``tokenizers`` Rust core);
+ids come back in order and are appended to ``tokens/<group>/shard-NNNNN.bin``; the ``.idx`` is written
+last. A shard is redone whole if interrupted (never half-appended). ``merge`` then concatenates the
+shards of a group into ``tokens/<group>.{bin,idx}`` without re-tokenizing.
+
+Special tokens are added here, not by the tokenizer (``add_special_tokens=False``): BOS before each
+document when the model family's tokenizer adds one itself (``prepend_bos: auto``; Llama/Mistral do)
+and EOD (the tokenizer's EOS) after each, as Megatron GPT training expects.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from itertools import chain
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from .atomic import read_json, write_json_atomic
+from .config import Config
+from .errors import IptError, RecordError
+from .execution import ShardContext, StageRun, StageState, launch, shard_name
+from .indexed import IndexedWriter, dtype_for_vocab, merge
+from .records import RecordWriter, iter_lines
+
+STAGE = "tokenize"
+SHARD_SUFFIX = ".jsonl.zst"
+
+
+class TokenizeJob(BaseModel):
+    """What a tokenize task needs (resolved from the config and the tokenizer; JSON-serialisable)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokenizer_dir: str
+    tokenizer_sha256: str
+    text_field: str
+    bos_id: int | None
+    eod_id: int | None
+    dtype: Literal["uint16", "int32"]
+    empty_text: Literal["error", "skip", "keep"]
+    on_bad_record: Literal["error", "quarantine"]
+    workers: int
+    batch_docs: int
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
+def prepare_tokenizer(spec: str, dest: Path) -> tuple[Any, str]:
+    """Load a fast tokenizer (path or hub name) and keep a copy in the run: ``(tokenizer, sha256)``."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise IptError("tokenize needs transformers: pip install 'ipt_hpc[train]'") from exc
+    try:
+        tok = AutoTokenizer.from_pretrained(spec, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise IptError(f"cannot load tokenizer {spec!r}: {exc}") from exc
+    if not getattr(tok, "is_fast", False):
+        raise IptError(f"tokenizer {spec!r} has no fast (Rust) version; tokenize needs one")
+    dest.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(dest))
+    sha = hashlib.sha256((dest / "tokenizer.json").read_bytes()).hexdigest()
+    return tok, sha
+
+
+def special_ids(tok: Any, prepend_bos: str, append_eod: bool) -> tuple[int | None, int | None]:
+    """BOS id (or None) and EOD id (or None) per the config and the tokenizer's own behaviour."""
+    bos = tok.bos_token_id
+    if prepend_bos == "auto":
+        ids = tok("a")["input_ids"]
+        prepend = bos is not None and bool(ids) and ids[0] == bos
+    else:
+        prepend = prepend_bos == "always"
+        if prepend and bos is None:
+            raise IptError("tokenize.prepend_bos=always, but the tokenizer has no BOS token")
+    eod = tok.eos_token_id if append_eod else None
+    if append_eod and eod is None:
+        raise IptError("tokenize.append_eod=true, but the tokenizer has no EOS token to use as EOD")
+    return (bos if prepend else None), eod
+
+
+# -- workers ------------------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_json: str, bos: int | None, eod: int | None, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    from tokenizers import Tokenizer
+
+    _WORKER.update(tok=Tokenizer.from_file(tokenizer_json), bos=bos, eod=eod, dtype=np.dtype(dtype))
+
+
+def _encode(texts: list[str]) -> tuple[bytes, bytes]:
+    """Token ids of a batch, concatenated, and the per-document lengths (as raw bytes, cheap to send)."""
+    w = _WORKER
+    encodings = w["tok"].encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in encodings]
+    bos, eod = w["bos"], w["eod"]
+    extra = (bos is not None) + (eod is not None)
+    lengths = np.fromiter((len(x) + extra for x in ids), dtype=np.int32, count=len(ids))
+    if extra:
+        head, tail = ([bos] if bos is not None else []), ([eod] if eod is not None else [])
+        ids = [head + x + tail for x in ids]
+    flat = np.fromiter(chain.from_iterable(ids), dtype=w["dtype"], count=int(lengths.sum()))
+    return flat.tobytes(), lengths.tobytes()
+
+
+_POOLS: dict[tuple[Any, ...], Any] = {}
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.terminate()
+    _POOLS.clear()
+
+
+def _pool(job: TokenizeJob) -> Any:
+    """A worker pool per tokenizer, kept for the next shards of the same task."""
+    key = (job.tokenizer_sha256, job.workers, job.bos_id, job.eod_id, job.dtype)
+    if key not in _POOLS:
+        _close_pools()
+        ctx = multiprocessing.get_context("spawn")
+        tok_json = str(Path(job.tokenizer_dir) / "tokenizer.json")
+        args = (tok_json, job.bos_id, job.eod_id, job.dtype)
+        _POOLS[key] = ctx.Pool(job.workers, initializer=_init_worker, initargs=args)
+    return _POOLS[key]
+
+
+# -- one shard ----------------------------------------------------------------------------------
+def _batches(job: TokenizeJob, path: Path, stats: dict[str, int], quarantine: list[dict]) -> Iterator[list[str]]:
+    """Texts of a shard in batches, applying the empty-text and bad-record policies."""
+    import orjson
+
+    batch: list[str] = []
+    field = job.text_field
+    for lineno, line in iter_lines(path):
+        problem = None
+        try:
+            rec = orjson.loads(line)
+            text = rec.get(field) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                problem = f"text field {field!r} is missing or not a string"
+        except orjson.JSONDecodeError as exc:
+            problem, text = f"invalid JSON ({exc})", None
+        if problem is not None:
+            if job.on_bad_record == "error":
+                raise RecordError(path, lineno, problem)
+            quarantine.append({"file": path.name, "line": lineno, "reason": problem})
+            stats["bad"] += 1
+            continue
+        if not text:
+            if job.empty_text == "error":
+                raise RecordError(path, lineno, "empty text (set tokenize.empty_text to skip or keep)")
+            if job.empty_text == "skip":
+                stats["skipped_empty"] += 1
+                continue
+        batch.append(text)  # type: ignore[arg-type]
+        if len(batch) >= job.batch_docs:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tokenize_shard(job: TokenizeJob, ctx: ShardContext) -> dict[str, Any]:
+    """Tokenize one shard into ``ctx.output_path`` (a task of the execution layer)."""
+    prefix = ctx.output_path.parent / ctx.output_path.name.removesuffix(".idx")
+    writer = IndexedWriter(prefix, np.dtype(job.dtype))
+    stats = {"bad": 0, "skipped_empty": 0}
+    quarantine: list[dict] = []
+    started = time.time()
+    try:
+        pool = _pool(job)
+        in_flight: deque[Any] = deque()  # at most 2 batches per worker: bounded memory, workers never idle
+
+        def write_oldest() -> None:
+            ids, lengths = in_flight.popleft().get()
+            writer.add(np.frombuffer(ids, dtype=job.dtype), np.frombuffer(lengths, dtype=np.int32))
+            ctx.report(writer.documents, tokens=writer.tokens)
+
+        for batch in _batches(job, ctx.input_path, stats, quarantine):
+            in_flight.append(pool.apply_async(_encode, (batch,)))
+            if len(in_flight) >= 2 * job.workers:
+                write_oldest()
+        while in_flight:
+            write_oldest()
+        if quarantine:
+            qpath = ctx.output_path.parent / "quarantine" / f"{prefix.name}.jsonl.zst"
+            qpath.unlink(missing_ok=True)
+            with RecordWriter(qpath) as q:
+                q.write_many(quarantine)
+        out = writer.close()
+    except BaseException:
+        writer.discard()
+        raise
+    seconds = time.time() - started
+    return {
+        "records": out["documents"],
+        "tokens": out["tokens"],
+        "bin_bytes": out["bin_bytes"],
+        "input_bytes": ctx.input_path.stat().st_size,
+        "tokens_per_s": round(out["tokens"] / seconds, 1) if seconds > 0 else None,
+        **stats,
+    }
+
+
+# -- coordinator ----------------------------------------------------------------------------------
+def stage_run(cfg: Config, run_dir: str | Path) -> tuple[StageRun, Path]:
+    """The StageRun of ``tokenize`` for this config (loads the tokenizer, keeps a copy in the run)."""
+    t = cfg.tokenize
+    if not t.tokenizer:
+        raise IptError("tokenize: no tokenizer given (--tokenizer PATH_OR_NAME or tokenize.tokenizer)")
+    run_dir = Path(run_dir)
+    in_state = StageState(run_dir / t.input_stage).read_stage()
+    if in_state is None:
+        raise IptError(f"tokenize: {run_dir / t.input_stage} holds no stage output (run that stage first)")
+    group = t.group or t.input_stage
+    out_folder = f"tokens/{group}"
+    tok_dir = run_dir / out_folder / "tokenizer"
+    tok, sha = prepare_tokenizer(t.tokenizer, tok_dir)
+    bos, eod = special_ids(tok, t.prepend_bos, t.append_eod)
+    vocab = len(tok)
+    dtype = str(dtype_for_vocab(vocab)) if t.dtype == "auto" else t.dtype
+    if dtype == "uint16" and vocab >= 65536:
+        raise IptError(f"tokenize.dtype=uint16 cannot hold a vocabulary of {vocab} tokens")
+    job = TokenizeJob(
+        tokenizer_dir=str(tok_dir.resolve()),
+        tokenizer_sha256=sha,
+        text_field=t.text_field,
+        bos_id=bos,
+        eod_id=eod,
+        dtype=dtype,  # type: ignore[arg-type]
+        empty_text=t.empty_text,
+        on_bad_record=cfg.records.on_bad_record,
+        workers=t.workers or cfg.execution.slurm.cpus_per_task or os.cpu_count() or 1,
+        batch_docs=t.batch_docs,
+    )
+    run = StageRun(
+        stage=STAGE,
+        run_dir=str(run_dir),
+        out_folder=out_folder,
+        in_folder=t.input_stage,
+        num_shards=in_state["num_shards"],
+        shard_fn=tokenize_shard,
+        stage_config=job,
+        out_suffix=".idx",
+    )
+    return run, run_dir / "tokens" / group
+
+
+def merge_group(run: StageRun) -> dict[str, Any]:
+    """Merge a finished group's shards into ``tokens/<group>.{bin,idx}`` and write its manifest."""
+    state = StageState(run.out_dir)
+    names = [shard_name(k, run.num_shards) for k in range(run.num_shards)]
+    missing = [n for n in names if not state.is_done(n)]
+    if missing:
+        raise IptError(f"{run.out_dir}: {len(missing)} shards not tokenized yet (e.g. {missing[0]}); see status")
+    prefixes = [run.out_dir / n[: -len(SHARD_SUFFIX)] for n in names]
+    out_prefix = run.out_dir.parent / run.out_dir.name
+    stats = merge(prefixes, out_prefix)
+    shards = [state.read("done", n) for n in names]
+    manifest = {
+        "stage": STAGE,
+        "group": run.out_dir.name,
+        "dataset": str(out_prefix),
+        "config_hash": run.config_hash(),
+        "config": run.config_data(),
+        "documents": stats["documents"],
+        "tokens": stats["tokens"],
+        "mean_length": round(stats["tokens"] / stats["documents"], 2) if stats["documents"] else 0.0,
+        "bad": sum(s.get("bad", 0) for s in shards),  # type: ignore[union-attr]
+        "skipped_empty": sum(s.get("skipped_empty", 0) for s in shards),  # type: ignore[union-attr]
+        "shards": shards,
+    }
+    write_json_atomic(run.out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def run(
+    cfg: Config,
+    run_dir: str | Path,
+    spec: str = "all",
+    *,
+    force: bool = False,
+    wait: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Tokenize the selected shards; on the blocking backends also merge when the group is complete."""
+    stage, group_dir = stage_run(cfg, run_dir)
+    state = StageState(group_dir)
+    on_progress = progress and (lambda: progress(STAGE, len(state.names("done")), stage.num_shards))
+    result = launch(stage, spec, cfg.execution, force=force, wait=wait, on_progress=on_progress)
+    blocking = cfg.execution.backend != "slurm" or wait
+    if blocking and all(state.is_done(shard_name(k, stage.num_shards)) for k in range(stage.num_shards)):
+        result["merged"] = merge_group(stage)
+    return result
+
+
+def load_manifest(group_dir: str | Path) -> dict[str, Any]:
+    return read_json(Path(group_dir) / "manifest.json")
