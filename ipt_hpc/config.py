@@ -46,6 +46,24 @@ class ShardConfig(_Section):
     hub_split: str = "train"
 
 
+class SynthConfig(_Section):
+    """The ``synthesize`` stage: the instruction synthesizer's multi-round inference."""
+
+    model: str | None = Field(None, description="synthesizer: a folder or hub name (instruction-synthesizer)")
+    backend: Literal["transformers", "vllm"] = "transformers"
+    rounds: int = Field(2, ge=1, description="M: documents of a shard are split into M rounds")
+    max_new_tokens: int = Field(400, ge=1)
+    max_model_len: int = Field(4096, ge=16)
+    too_long: Literal["truncate", "skip"] = Field("truncate", description="documents over the token budget")
+    chunk_docs: int = Field(64, ge=1, description="documents per durable chunk (flushed after each)")
+    batch_size: int = Field(8, ge=1, description="transformers backend: prompts per generate call")
+    keep_raw: bool = Field(False, description="keep the raw generation text in each record")
+    device: str = Field("auto", description="transformers backend: auto, cpu, cuda")
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend")
+
+
 class TokenizeConfig(_Section):
     """The ``tokenize`` stage: zstd JSONL -> Megatron indexed datasets (one group per input stage)."""
 
@@ -101,6 +119,7 @@ class Config(_Section):
 
     records: RecordsConfig = Field(default_factory=RecordsConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 

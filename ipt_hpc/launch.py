@@ -83,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_shard)
 
     p = sub.add_parser(
+        "synthesize",
+        help="raw shards -> instruction-response pairs per document (the paper's multi-round synthesis)",
+        description="Run the instruction synthesizer over RUN/raw with the paper's M-round few-shot procedure;"
+        " writes RUN/synth/shard-NNNNN.jsonl.zst, resumable at record granularity.",
+        epilog="examples:\n  python -m ipt_hpc.launch synthesize --run runs/demo --model models/tiny-synth\n"
+        "  python -m ipt_hpc.launch synthesize --run /scratch/rw --model instruction-pretrain/instruction-synthesizer"
+        " --backend vllm --executor slurm --shards-per-task 16 --parallelism 64 --set execution.slurm.gpus_per_node=1\n"
+        "  python -m ipt_hpc.launch synthesize --run /scratch/rw --shards failed --executor slurm",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", metavar="RUN", required=True)
+    p.add_argument("--model", metavar="PATH_OR_NAME", help="synth.model")
+    p.add_argument("--backend", choices=["transformers", "vllm"], help="synth.backend")
+    p.add_argument("--shards", default="all", metavar="SPEC", help="0-99, 3,17, all, missing, failed")
+    p.add_argument("--wait", action="store_true", help="with --executor slurm: wait for the arrays")
+    _common(p)
+    p.set_defaults(handler=cmd_synthesize)
+
+    p = sub.add_parser(
         "tokenize",
         help="zstd JSONL shards -> Megatron indexed datasets (.bin/.idx), merged per group",
         description="Tokenize a stage's shards with a Hugging Face fast tokenizer into Megatron indexed datasets"
@@ -284,6 +303,41 @@ def _print_shard_summary(console: Any, manifest: dict[str, Any], out: Path, seco
     if t["bad"]:
         console.print(f"bad records by reason: {t['bad_by_reason']}; set aside in {out / 'quarantine'}")
     console.print(f"manifest: {out / 'manifest.json'}")
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from . import synthesize
+    from .config import load_config
+    from .execution import StageState, launch
+    from .execution.shards import prepare
+
+    flags = _flag_values(args, {"model": "synth.model", "backend": "synth.backend"})
+    cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
+    stage = synthesize.stage_run(cfg, args.run)
+    console = _console()
+    if args.dry_run:  # prepares the stage folder (for hand-written sbatch arrays) and submits nothing
+        prepare(stage)
+        job = stage.stage_config
+        console.print(
+            f"synthesize {stage.num_shards} shards of {stage.in_dir} with {job.model} ({job.backend}),"
+            f" {job.rounds} rounds, max_new_tokens {job.max_new_tokens}, max_model_len {job.max_model_len},"
+            f" on {cfg.execution.backend}"
+        )
+        return 0
+    prog, update = _progress_reporter(console)
+    state = StageState(stage.out_dir)
+    with prog:
+        result = launch(
+            stage,
+            args.shards,
+            cfg.execution,
+            force=args.force,
+            wait=args.wait,
+            on_progress=lambda: update("synth", len(state.names("done")), stage.num_shards),
+        )
+    console.print(result)
+    console.print(f"follow with: python -m ipt_hpc.launch status --run {args.run}")
+    return 0
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:

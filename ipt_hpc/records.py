@@ -63,6 +63,24 @@ class FileStats:
         return asdict(self)
 
 
+class _Limited(io.RawIOBase):
+    """The first ``limit`` bytes of a file (the permanent frames of a partial record file)."""
+
+    def __init__(self, fh: BinaryIO, limit: int) -> None:
+        self._fh, self._left = fh, limit
+        fh.seek(0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self._left)
+        data = self._fh.read(n)
+        buf[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+
 def _new_hash() -> Any:
     return hashlib.blake2b(digest_size=16)
 
@@ -214,6 +232,22 @@ class RecordWriter:
             remaining -= len(chunk)
         self._fh.seek(self._base + self._tail_len)
         self._sync()
+
+    def written(self) -> Iterator[dict[str, Any]]:
+        """Every record accepted so far, in order (after a resume: the recovered ones first).
+
+        For stages whose next steps depend on earlier output (synthesis chains): the file is the truth.
+        """
+        self._fh.flush()
+        if self._base:
+            with open(self.partial, "rb") as fh:
+                raw = io.BufferedReader(_Limited(fh, self._base), READ_CHUNK)
+                reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+                for line in io.BufferedReader(reader, READ_CHUNK):
+                    yield orjson.loads(line)
+        for chunk in self._pending:
+            for line in chunk.splitlines():
+                yield orjson.loads(line)
 
     # -- writing -----------------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:

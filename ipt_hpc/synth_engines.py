@@ -1,0 +1,162 @@
+"""Generation engines for ``synthesize``: vLLM (GPU) and transformers (CPU or GPU), one interface.
+
+Both take token-id prompts (the ids the stage built once per document) and decode greedily. A prompt
+an engine rejects becomes an error on that one result, never a fake response and never a crashed
+shard. vLLM is an optional extra imported lazily; its path could not be run where this was written
+(no GPU, and its wheel is too large for the lent GPU machine): it follows vLLM's documented API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Generation:
+    ids: list[int]
+    text: str
+    error: str | None = None
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]: ...
+
+
+class TransformersEngine:
+    """Batched greedy ``generate`` with left padding (small models, tests, CPU)."""
+
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        self.pad = self.tokenizer.pad_token_id
+        if self.pad is None:
+            self.pad = self.tokenizer.eos_token_id
+        self.eos = self.tokenizer.eos_token_id
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+        out: list[Generation | None] = [None] * len(prompts)
+        ok = []
+        for i, p in enumerate(prompts):
+            if not p or len(p) + max_new_tokens > self.max_len:
+                out[i] = Generation([], "", f"prompt of {len(p)} tokens + {max_new_tokens} exceeds {self.max_len}")
+            else:
+                ok.append(i)
+        # similar lengths together: less padding; output order is restored below
+        ok.sort(key=lambda i: len(prompts[i]))
+        for start in range(0, len(ok), self.batch_size):
+            batch = ok[start : start + self.batch_size]
+            try:
+                results = self._batch([prompts[i] for i in batch], max_new_tokens)
+            except Exception as exc:  # noqa: BLE001 - isolate the prompt the engine rejects
+                results = []
+                for i in batch:
+                    try:
+                        results.extend(self._batch([prompts[i]], max_new_tokens))
+                    except Exception as one:  # noqa: BLE001
+                        results.append(Generation([], "", f"engine rejected the prompt: {one or exc}"))
+            for i, res in zip(batch, results, strict=True):
+                out[i] = res
+        return [g for g in out if g is not None]
+
+    def _batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        with torch.no_grad():
+            gen = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.pad,
+                eos_token_id=self.eos,
+            )
+        results = []
+        for row in gen[:, width:].tolist():
+            if self.eos in row:
+                row = row[: row.index(self.eos)]
+            results.append(Generation(row, self.tokenizer.decode(row, skip_special_tokens=True)))
+        return results
+
+
+class VllmEngine:
+    """vLLM offline inference: token-id prompts, greedy, prefix caching, tensor parallel."""
+
+    def __init__(
+        self, model: str, *, max_model_len: int, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9
+    ) -> None:
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            from .errors import IptError
+
+            raise IptError("synth.backend=vllm needs vLLM on a GPU node: pip install 'ipt_hpc[vllm]'") from exc
+        self.max_model_len = max_model_len
+        self.llm = LLM(
+            model=model,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=True,  # chained prompts share their prefixes
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        out: list[Generation | None] = [None] * len(prompts)
+        ok = []
+        for i, p in enumerate(prompts):
+            if not p or len(p) + max_new_tokens > self.max_model_len:
+                out[i] = Generation(
+                    [], "", f"prompt of {len(p)} tokens + {max_new_tokens} exceeds {self.max_model_len}"
+                )
+            else:
+                ok.append(i)
+        if ok:
+            try:
+                results = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in ok], params)
+                pairs = zip(ok, results, strict=True)
+                for i, res in pairs:
+                    c = res.outputs[0]
+                    out[i] = Generation(list(c.token_ids), c.text)
+            except ValueError:  # one bad prompt fails the call: retry one by one to isolate it
+                for i in ok:
+                    try:
+                        c = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i])], params)[0].outputs[0]
+                        out[i] = Generation(list(c.token_ids), c.text)
+                    except ValueError as exc:
+                        out[i] = Generation([], "", f"engine rejected the prompt: {exc}")
+        return [g for g in out if g is not None]
+
+
+_ENGINES: dict[tuple[Any, ...], Engine] = {}
+
+
+def get_engine(backend: str, model: str, **options: Any) -> Engine:
+    """One engine per task process and model (a pack of shards loads the model once)."""
+    key = (backend, model, tuple(sorted(options.items())))
+    if key not in _ENGINES:
+        _ENGINES.clear()
+        if backend == "vllm":
+            _ENGINES[key] = VllmEngine(model, **options)
+        else:
+            _ENGINES[key] = TransformersEngine(model, **options)
+    return _ENGINES[key]

@@ -1,0 +1,216 @@
+"""The ``synthesize`` stage: raw shards -> one record per document with instruction-response pairs.
+
+Per shard (see :mod:`ipt_hpc.synth_format` for the protocol): the documents are tokenized once with the
+synthesizer's own tokenizer (batched), split into M rounds, and generated round by round in chunks; each
+chunk's records are appended and flushed, so a preempted or killed task resumes after its last durable
+record. Output records are in input order (rounds are contiguous ranges of documents), and each keeps
+the ids its engine generated, so the chains of later rounds are rebuilt exactly on resume: the final
+shard is byte-identical to an uninterrupted run (given deterministic generation).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from .config import Config
+from .errors import IptError
+from .execution import ShardContext, StageRun, StageState, launch
+from .records import read_records
+from .synth_engines import Generation, get_engine
+from .synth_format import Entry, Slot, advance, build_prompt, parse_pairs, rounds_of, stats_histogram
+
+STAGE = "synthesize"
+HEAD, TAIL = " <CON>", " </CON>\n\n"
+
+
+class SynthJob(BaseModel):
+    """What a synthesize task needs (JSON-serialisable; hashed into the stage's identity)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    backend: Literal["transformers", "vllm"]
+    rounds: int
+    max_new_tokens: int
+    max_model_len: int
+    too_long: Literal["truncate", "skip"]
+    chunk_docs: int
+    batch_size: int
+    keep_raw: bool
+    device: str
+    dtype: str
+    tensor_parallel_size: int
+    gpu_memory_utilization: float
+
+
+def _engine(job: SynthJob) -> Any:
+    if job.backend == "vllm":
+        return get_engine(
+            "vllm",
+            job.model,
+            max_model_len=job.max_model_len,
+            tensor_parallel_size=job.tensor_parallel_size,
+            gpu_memory_utilization=job.gpu_memory_utilization,
+        )
+    return get_engine("transformers", job.model, device=job.device, dtype=job.dtype, batch_size=job.batch_size)
+
+
+def context_ids(tokenizer: Any, texts: list[str], job: SynthJob) -> tuple[list[list[int] | None], int]:
+    """Context segment ids per document (`` <CON>`` + text + `` </CON>\\n\\n``), budget-truncated.
+
+    The three parts are tokenized separately (the text with its leading space), in one batched call.
+    Returns the ids (None for a document skipped as too long) and the number over the budget.
+    """
+    head = tokenizer(HEAD, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(TAIL, add_special_tokens=False)["input_ids"]
+    bodies = tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]
+    room = job.max_model_len - job.max_new_tokens - 1 - len(head) - len(tail)  # 1: BOS
+    if room <= 0:
+        raise IptError(f"synth.max_model_len={job.max_model_len} leaves no room for a document")
+    out: list[list[int] | None] = []
+    cut = 0
+    for body in bodies:
+        if len(body) > room:
+            cut += 1
+            if job.too_long == "skip":
+                out.append(None)
+                continue
+            body = body[:room]
+        out.append(head + body + tail)
+    return out, cut
+
+
+def synthesize_shard(job: SynthJob, ctx: ShardContext) -> dict[str, Any]:
+    """Synthesize one shard (a task of the execution layer)."""
+    t0 = time.perf_counter()
+    docs = list(read_records(ctx.input_path))
+    engine = _engine(job)
+    tok = engine.tokenizer
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    if bos is None or eos is None:
+        raise IptError(f"synthesizer tokenizer of {job.model} lacks a BOS or EOS token")
+    writer = ctx.open_output()
+    done = writer.records
+    ids, over_budget = context_ids(tok, [d["text"] for d in docs], job)
+    prep_s = time.perf_counter() - t0
+    engine_s = 0.0
+    slots: dict[int, Slot] = {}
+    # rebuild the chains from the durable records (same decisions as the uninterrupted run)
+    previous = dict(enumerate(writer.written())) if done else {}
+    for r, rnd in enumerate(rounds_of(len(docs), job.rounds)):
+        pending = []
+        for i, d in enumerate(rnd):
+            slot = slots.setdefault(i, Slot())
+            if d < done:
+                rec = previous[d]
+                entry = Entry(d, ids[d] or [], rec.get("gen_ids"), len(rec["pairs"]))
+                advance(slot, entry, rec["chain_docs"])
+            else:
+                pending.append((i, d))
+        for start in range(0, len(pending), job.chunk_docs):
+            chunk = pending[start : start + job.chunk_docs]
+            prompts, plans = [], []
+            for i, d in chunk:
+                if ids[d] is None:
+                    prompts.append([])
+                    plans.append([])
+                    continue
+                prompt, chained = build_prompt(
+                    slots[i],
+                    Entry(d, ids[d]),
+                    bos=bos,
+                    eos=eos,
+                    max_model_len=job.max_model_len,
+                    max_new_tokens=job.max_new_tokens,
+                )
+                prompts.append(prompt)
+                plans.append(chained)
+            t = time.perf_counter()
+            gens = engine.generate([p for p in prompts if p], job.max_new_tokens)
+            engine_s += time.perf_counter() - t
+            it = iter(gens)
+            for (i, d), prompt, chained in zip(chunk, prompts, plans, strict=True):
+                gen = next(it) if prompt else Generation([], "", "skipped: longer than the token budget")
+                pairs, dropped = parse_pairs(gen.text) if gen.error is None else ([], Counter())
+                entry = Entry(d, ids[d] or [], gen.ids, len(pairs))
+                advance(slots[i], entry, chained)
+                rec = {
+                    "id": docs[d]["id"],
+                    "text": docs[d]["text"],
+                    "round": r,
+                    "slot": i,
+                    "chain": [docs[j]["id"] for j in chained],
+                    "chain_docs": chained,
+                    "pairs": pairs,
+                    "dropped": dict(dropped),
+                    "prompt_tokens": len(prompt),
+                    "gen_tokens": len(gen.ids),
+                    "gen_ids": gen.ids,
+                    "error": gen.error,
+                }
+                if job.keep_raw:
+                    rec["raw"] = gen.text
+                writer.write(rec)
+            writer.flush()
+            ctx.report(writer.records)
+    stats = writer.close().to_json()
+    return {**stats, **shard_stats(ctx.output_path, over_budget, prep_s, engine_s, time.perf_counter() - t0)}
+
+
+def shard_stats(path: Path, over_budget: int, prep_s: float, engine_s: float, total_s: float) -> dict[str, Any]:
+    pairs, dropped, errors = [], Counter(), 0
+    prompt_tokens = gen_tokens = 0
+    for rec in read_records(path):
+        pairs.append(len(rec["pairs"]))
+        dropped.update(rec["dropped"])
+        errors += rec["error"] is not None
+        prompt_tokens += rec["prompt_tokens"]
+        gen_tokens += rec["gen_tokens"]
+    return {
+        "docs": len(pairs),
+        "pairs": sum(pairs),
+        "pairs_per_doc": stats_histogram(pairs),
+        "docs_without_pairs": sum(1 for p in pairs if p == 0),
+        "dropped": dict(dropped),
+        "errors": errors,
+        "over_budget": over_budget,  # truncated or skipped, per synth.too_long
+        "prompt_tokens": prompt_tokens,
+        "tokens": gen_tokens,
+        "gen_tokens_per_s": round(gen_tokens / engine_s, 1) if engine_s else None,
+        "cpu_side_share": round(1 - engine_s / total_s, 3) if total_s else None,
+    }
+
+
+def stage_run(cfg: Config, run_dir: str | Path) -> StageRun:
+    s = cfg.synth
+    if not s.model:
+        raise IptError("synthesize: no synthesizer model (--model PATH_OR_NAME or synth.model)")
+    run_dir = Path(run_dir)
+    info = StageState(run_dir / "raw").read_stage()
+    if info is None:
+        raise IptError(f"synthesize: {run_dir / 'raw'} holds no shards; run the shard stage first")
+    job = SynthJob(
+        model=s.model,
+        backend=s.backend,
+        rounds=s.rounds,
+        max_new_tokens=s.max_new_tokens,
+        max_model_len=s.max_model_len,
+        too_long=s.too_long,
+        chunk_docs=s.chunk_docs,
+        batch_size=s.batch_size,
+        keep_raw=s.keep_raw,
+        device=s.device,
+        dtype=s.dtype,
+        tensor_parallel_size=s.tensor_parallel_size,
+        gpu_memory_utilization=s.gpu_memory_utilization,
+    )
+    return StageRun(STAGE, str(run_dir), "synth", "raw", info["num_shards"], synthesize_shard, job)
+
+
+def run(cfg: Config, run_dir: str | Path, spec: str = "all", **kw: Any) -> dict[str, Any]:
+    return launch(stage_run(cfg, run_dir), spec, cfg.execution, **kw)

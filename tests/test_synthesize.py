@@ -1,0 +1,152 @@
+"""synthesize with a tiny random Llama on CPU: token-exact prompts, records, resume, rejected prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_fanout import make_raw
+from tiny_model import tiny_llama
+
+from ipt_hpc import synthesize
+from ipt_hpc.config import load_config
+from ipt_hpc.execution import StageState, shard_name
+from ipt_hpc.records import RecordWriter, partial_path, read_records
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("synth"))
+
+
+def cfg_for(model: Path, **sets):
+    base = {
+        "synth.model": str(model),
+        "synth.max_new_tokens": 12,
+        "synth.max_model_len": 512,
+        "synth.rounds": 2,
+        "synth.chunk_docs": 3,
+        "execution.backend": "debug",
+    }
+    return load_config(None, None, {**base, **{f"synth.{k}" if "." not in k else k: v for k, v in sets.items()}})
+
+
+def test_prompts_are_token_exact_and_records_complete(tmp_path: Path, model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    run = make_raw(tmp_path / "run", 2, docs=10)
+    synthesize.run(cfg_for(model_dir), run)
+    for k in range(2):
+        name = shard_name(k, 2)
+        recs = list(read_records(run / "synth" / name))
+        src = list(read_records(run / "raw" / name))
+        assert [r["id"] for r in recs] == [s["id"] for s in src]
+        for rec in recs:
+            # no pairs from a random model: every prompt is a fresh chain of exactly BOS + context
+            ctx = tok(" <CON>", add_special_tokens=False)["input_ids"]
+            ctx += tok(" " + rec["text"], add_special_tokens=False)["input_ids"]
+            ctx += tok(" </CON>\n\n", add_special_tokens=False)["input_ids"]
+            assert rec["prompt_tokens"] == 1 + len(ctx)
+            assert rec["pairs"] == [] and rec["chain"] == []
+            assert 0 < rec["gen_tokens"] <= 12 and rec["error"] is None
+        assert {r["round"] for r in recs} == {0, 1}
+    done = StageState(run / "synth").read("done", shard_name(0, 2))
+    assert done["docs"] == len(list(read_records(run / "raw" / shard_name(0, 2))))
+    assert done["pairs_per_doc"] == {"0": done["docs"]}
+    assert 0 <= done["cpu_side_share"] <= 1
+
+
+def test_rejected_and_too_long_prompts_become_record_errors(tmp_path: Path, model_dir: Path) -> None:
+    run = make_raw(tmp_path / "run", 1, docs=6)
+    # max_model_len larger than the model's 512 positions: long prompts are rejected by the engine
+    long_doc = {"id": "x:1", "text": "word " * 700}
+    recs = list(read_records(run / "raw" / shard_name(0, 1)))
+    (run / "raw" / shard_name(0, 1)).unlink()
+    with RecordWriter(run / "raw" / shard_name(0, 1)) as w:
+        w.write_many([*recs[:2], long_doc, *recs[2:]])
+    synthesize.run(cfg_for(model_dir, max_model_len=4096, max_new_tokens=12), run)
+    out = list(read_records(run / "synth" / shard_name(0, 1)))
+    bad = next(r for r in out if r["id"] == "x:1")
+    assert bad["error"] and "exceeds" in bad["error"] and bad["pairs"] == []
+    assert all(r["error"] is None for r in out if r["id"] != "x:1")
+    # skip policy: a document over the budget is not sent at all, and counted
+    synthesize.run(cfg_for(model_dir, max_model_len=300, too_long="skip"), run, force=True)
+    done = StageState(run / "synth").read("done", shard_name(0, 1))
+    assert done["over_budget"] == 1 and done["errors"] == 1
+
+
+def test_interrupted_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_dir: Path) -> None:
+    ref = make_raw(tmp_path / "ref", 1, docs=14)
+    synthesize.run(cfg_for(model_dir), ref)
+    want = (ref / "synth" / shard_name(0, 1)).read_bytes()
+    run = make_raw(tmp_path / "run", 1, docs=14)
+    # an attempt that died after 2 durable chunks: keep those records in a .partial
+    durable = list(read_records(ref / "synth" / shard_name(0, 1)))[:6]
+    out = run / "synth" / shard_name(0, 1)
+    stage = synthesize.stage_run(cfg_for(model_dir), run)
+    from ipt_hpc.execution.shards import prepare
+
+    prepare(stage)
+    w = RecordWriter(out)
+    w.write_many(durable)
+    w.flush()
+    w.abandon()
+    assert partial_path(out).exists()
+    synthesize.run(cfg_for(model_dir), run)
+    assert out.read_bytes() == want
+    events = [e["event"] for e in StageState(run / "synth").events(shard_name(0, 1))]
+    assert "resumed" in events
+
+
+def test_sigkilled_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_dir: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    from ipt_hpc.execution.shards import prepare
+
+    cfg = cfg_for(model_dir, max_new_tokens=24, chunk_docs=2)
+    ref = make_raw(tmp_path / "ref", 1, docs=40)
+    synthesize.run(cfg, ref)
+    want = (ref / "synth" / shard_name(0, 1)).read_bytes()
+    run = make_raw(tmp_path / "run", 1, docs=40)
+    prepare(synthesize.stage_run(cfg, run))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipt_hpc.launch", "run-shard", "--stage-dir", str(run / "synth")],
+        cwd=REPO,
+        start_new_session=True,
+    )
+    state = StageState(run / "synth")
+    name = shard_name(0, 1)
+    deadline = time.time() + 120
+    while time.time() < deadline and (state.read("running", name) or {}).get("records", 0) < 6:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert not (run / "synth" / name).exists() and partial_path(run / "synth" / name).exists()
+    synthesize.run(cfg, run, "failed")
+    assert (run / "synth" / name).read_bytes() == want
+    resumed = next(e for e in state.events(name) if e["event"] == "resumed")
+    assert 6 <= resumed["records"] < 40
+
+
+def test_cli_synthesize_dry_run_then_run(tmp_path: Path, model_dir: Path) -> None:
+    from conftest import run_cli
+
+    run = make_raw(tmp_path / "run", 2, docs=6)
+    common = ["--run", str(run), "--model", str(model_dir), "--set", "synth.max_new_tokens=8", "--executor", "debug"]
+    proc = run_cli("synthesize", *common, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "synthesize 2 shards" in proc.stderr
+    assert (run / "synth" / "_state" / "stage-run.json").exists()
+    assert not list((run / "synth").glob("shard-*"))
+    proc = run_cli("synthesize", *common, "--shards", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in (run / "synth").glob("shard-*")] == [shard_name(1, 2)]
