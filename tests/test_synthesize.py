@@ -113,10 +113,10 @@ def test_sigkilled_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_di
     from ipt_hpc.execution.shards import prepare
 
     cfg = cfg_for(model_dir, max_new_tokens=24, chunk_docs=2)
-    ref = make_raw(tmp_path / "ref", 1, docs=40)
+    ref = make_raw(tmp_path / "ref", 1, docs=200)
     synthesize.run(cfg, ref)
     want = (ref / "synth" / shard_name(0, 1)).read_bytes()
-    run = make_raw(tmp_path / "run", 1, docs=40)
+    run = make_raw(tmp_path / "run", 1, docs=200)
     prepare(synthesize.stage_run(cfg, run))
     proc = subprocess.Popen(
         [sys.executable, "-m", "ipt_hpc.launch", "run-shard", "--stage-dir", str(run / "synth")],
@@ -128,13 +128,14 @@ def test_sigkilled_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_di
     deadline = time.time() + 120
     while time.time() < deadline and (state.read("running", name) or {}).get("records", 0) < 6:
         time.sleep(0.05)
+    assert proc.poll() is None, "the task finished before it could be killed; make the shard longer"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert not (run / "synth" / name).exists() and partial_path(run / "synth" / name).exists()
     synthesize.run(cfg, run, "failed")
     assert (run / "synth" / name).read_bytes() == want
     resumed = next(e for e in state.events(name) if e["event"] == "resumed")
-    assert 6 <= resumed["records"] < 40
+    assert 6 <= resumed["records"] < 200
 
 
 def test_cli_synthesize_dry_run_then_run(tmp_path: Path, model_dir: Path) -> None:

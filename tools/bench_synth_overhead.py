@@ -1,0 +1,180 @@
+"""Per-document CPU overhead of ``synthesize`` (everything but the engine), per core, side by side with
+(a) the tokenizer's own ``encode_batch`` over the same texts (the floor: an engine given text prompts
+tokenizes them anyway) and (b) the reference procedure's word-count budget estimate.
+
+    python tools/bench_synth_overhead.py --docs 4000 --vocab 32000
+
+Single core (``RAYON_NUM_THREADS=1``). Documents: 1-3 KB of English-like prose (the generator of
+``tools/bench_records.py``). Tokenizer: a byte-level BPE trained here on a sample of that text.
+*ours* runs the stage's real CPU path: batched tokenization of the context segments with exact budgets
+(``synthesize.context_ids``), M-round chaining and prompt building (``synth_format``), parsing a
+realistic generation per document (``parse_pairs``) and writing the records (``RecordWriter``); the engine
+is replaced by a table of pre-tokenized generations, since only the CPU side is measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS.parent))
+sys.path.insert(0, str(TOOLS))
+
+from bench_records import make_records  # noqa: E402
+
+from ipt_hpc.records import RecordWriter  # noqa: E402
+from ipt_hpc.synth_format import Entry, Slot, advance, build_prompt, parse_pairs, rounds_of  # noqa: E402
+from ipt_hpc.synthesize import SynthJob, context_ids  # noqa: E402
+
+GENERATION = (
+    "<QUE> What does the passage say about {w0}? <ANS> It explains that {w1} and {w2} are related. </END>\n\n"
+    "<QUE> Why is {w3} mentioned? <ANS> Because {w4} depends on it; the text gives {w5} as an example. </END>\n\n"
+    "<QUE> Summarize the passage in one sentence. <ANS> The passage describes {w0}, {w2} and {w5}. </END>"
+)
+
+
+def train_tokenizer(texts: list[str], vocab: int, folder: Path) -> object:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def ours(tok: object, texts: list[str], gens: list[tuple[list[int], str]], job: SynthJob, out: Path) -> float:
+    """The stage's CPU path for one shard, engine replaced by pre-tokenized generations."""
+    t = time.perf_counter()
+    ids, _ = context_ids(tok, texts, job)
+    bos, eos = tok.bos_token_id, tok.eos_token_id  # type: ignore[attr-defined]
+    slots: dict[int, Slot] = {}
+    with RecordWriter(out) as writer:
+        for r, rnd in enumerate(rounds_of(len(texts), job.rounds)):
+            for i, d in enumerate(rnd):
+                slot = slots.setdefault(i, Slot())
+                prompt, chained = build_prompt(
+                    slot,
+                    Entry(d, ids[d]),
+                    bos=bos,
+                    eos=eos,
+                    max_model_len=job.max_model_len,
+                    max_new_tokens=job.max_new_tokens,
+                )
+                gen_ids, gen_text = gens[d]
+                pairs, dropped = parse_pairs(gen_text)
+                advance(slot, Entry(d, ids[d], gen_ids, len(pairs)), chained)
+                writer.write(
+                    {
+                        "id": str(d),
+                        "text": texts[d],
+                        "round": r,
+                        "slot": i,
+                        "chain": [str(j) for j in chained],
+                        "chain_docs": chained,
+                        "pairs": pairs,
+                        "dropped": dict(dropped),
+                        "prompt_tokens": len(prompt),
+                        "gen_tokens": len(gen_ids),
+                        "gen_ids": gen_ids,
+                        "error": None,
+                    }
+                )
+                if d % job.chunk_docs == job.chunk_docs - 1:
+                    writer.flush()
+    return time.perf_counter() - t
+
+
+def floor(tok: object, texts: list[str]) -> float:
+    backend = tok.backend_tokenizer  # type: ignore[attr-defined]
+    t = time.perf_counter()
+    backend.encode_batch(texts, add_special_tokens=False)
+    return time.perf_counter() - t
+
+
+def word_count(texts: list[str], job: SynthJob) -> float:
+    """The reference procedure's budget: words x 1.5 estimated tokens, then text prompts."""
+    t = time.perf_counter()
+    budget = job.max_model_len - job.max_new_tokens
+    prompts = []
+    for text in texts:
+        words = text.split()
+        if len(words) * 1.5 > budget:
+            text = " ".join(words[: int(budget / 1.5)])
+        prompts.append(f"<s> <CON> {text} </CON>\n\n")
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=4000)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    records, _ = make_records(args.docs * 2100, seed=7)
+    texts = [r["text"] for r in records][: args.docs]
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    print(f"command: {' '.join([sys.executable, *sys.argv])}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        t = time.perf_counter()
+        sample = random.Random(0).sample(texts, min(len(texts), 1500))
+        tok = train_tokenizer(sample, args.vocab, folder / "tok")
+        took = time.perf_counter() - t
+        print(f"{len(texts):,} documents, {mb:.1f} MB; tokenizer vocab {len(tok):,} trained in {took:.0f} s")
+        rng = random.Random(1)
+        gens = []
+        for text in texts:
+            words = [w for w in text.split() if w.isalpha()] or ["it"]
+            gen_text = GENERATION.format(**{f"w{i}": rng.choice(words) for i in range(6)})
+            gens.append((tok(gen_text, add_special_tokens=False)["input_ids"], gen_text))
+        job = SynthJob(
+            model="bench",
+            backend="transformers",
+            rounds=2,
+            max_new_tokens=400,
+            max_model_len=4096,
+            too_long="truncate",
+            chunk_docs=64,
+            batch_size=8,
+            keep_raw=False,
+            device="cpu",
+            dtype="auto",
+            tensor_parallel_size=1,
+            gpu_memory_utilization=0.9,
+        )
+        times: dict[str, list[float]] = {"ours": [], "floor": [], "wordcount": []}
+        for rep in range(args.repeat):
+            times["floor"].append(floor(tok, texts))
+            times["ours"].append(ours(tok, texts, gens, job, folder / f"out-{rep}.jsonl.zst"))
+            times["wordcount"].append(word_count(texts, job))
+    best = {k: min(v) for k, v in times.items()}
+    rows = [
+        ("(a) floor: encode_batch of the texts", best["floor"]),
+        ("ours: exact budgets + chaining + parse + write", best["ours"]),
+        ("(b) reference: word-count estimate only", best["wordcount"]),
+        ("(b) + the engine's own tokenization (= a)", best["wordcount"] + best["floor"]),
+    ]
+    print(f"\n{'per core, best of ' + str(args.repeat):48} {'seconds':>8} {'docs/s':>8} {'vs (a)':>7}")
+    for label, sec in rows:
+        print(f"{label:48} {sec:8.3f} {len(texts) / sec:8.0f} {sec / best['floor']:6.2f}x")
+    ratio = best["ours"] / best["floor"]
+    print(f"\ntarget: ours within 1.2x of (a): {'met' if ratio <= 1.2 else 'MISSED'} ({ratio:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
