@@ -257,6 +257,7 @@ def stage_run(cfg: Config, run_dir: str | Path) -> tuple[StageRun, Path]:
         shard_fn=tokenize_shard,
         stage_config=job,
         out_suffix=".idx",
+        finalize_fn=merge_group,
     )
     return run, run_dir / "tokens" / group
 
@@ -303,9 +304,9 @@ def run(
     state = StageState(group_dir)
     on_progress = progress and (lambda: progress(STAGE, len(state.names("done")), stage.num_shards))
     result = launch(stage, spec, cfg.execution, force=force, wait=wait, on_progress=on_progress)
-    blocking = cfg.execution.backend != "slurm" or wait
-    if blocking and all(state.is_done(shard_name(k, stage.num_shards)) for k in range(stage.num_shards)):
-        result["merged"] = merge_group(stage)
+    manifest = group_dir / "manifest.json"  # the last shard's task merged the group (finalize step)
+    if manifest.exists():
+        result["merged"] = read_json(manifest)
     return result
 
 

@@ -57,6 +57,9 @@ def test_prompts_are_token_exact_and_records_complete(tmp_path: Path, model_dir:
     assert done["docs"] == len(list(read_records(run / "raw" / shard_name(0, 2))))
     assert done["pairs_per_doc"] == {"0": done["docs"]}
     assert 0 <= done["cpu_side_share"] <= 1
+    manifest = __import__("ipt_hpc.atomic", fromlist=["read_json"]).read_json(run / "synth" / "manifest.json")
+    assert manifest["totals"]["docs"] == 10 and manifest["totals"]["pairs"] == 0
+    assert len(manifest["shards"]) == 2
 
 
 def test_rejected_and_too_long_prompts_become_record_errors(tmp_path: Path, model_dir: Path) -> None:

@@ -51,6 +51,7 @@ class StageRun:
     max_attempts: int = 10  # per submission: preemptions and requeues included
     submitted_at: float = 0.0
     out_suffix: str = ".jsonl.zst"  # the file whose existence completes a shard (tokenize: ".idx")
+    finalize_fn: Callable[[StageRun], dict[str, Any]] | None = None  # run once all shards are done
     frame_bytes: int = 1 << 20
     level: int = 3
     fsync: bool = True
@@ -81,11 +82,12 @@ class StageRun:
             "out_folder": self.out_folder,
             "in_folder": self.in_folder,
             "num_shards": self.num_shards,
-            "shard_fn": f"{self.shard_fn.__module__}:{self.shard_fn.__qualname__}",
+            "shard_fn": _path_of(self.shard_fn),
             "stage_config": self.config_data(),
             "config_class": None if cfg_type in (dict, list) else f"{cfg_type.__module__}:{cfg_type.__qualname__}",
             "max_attempts": self.max_attempts,
             "out_suffix": self.out_suffix,
+            "finalize_fn": _path_of(self.finalize_fn) if self.finalize_fn else None,
             "frame_bytes": self.frame_bytes,
             "level": self.level,
             "fsync": self.fsync,
@@ -96,8 +98,13 @@ class StageRun:
         config = data["stage_config"]
         if data.get("config_class"):
             config = _import(data["config_class"]).model_validate(config)
-        fields = {k: v for k, v in data.items() if k not in ("shard_fn", "stage_config", "config_class")}
-        return cls(shard_fn=_import(data["shard_fn"]), stage_config=config, **fields)
+        fields = {k: v for k, v in data.items() if k not in ("shard_fn", "stage_config", "config_class", "finalize_fn")}
+        finalize = _import(data["finalize_fn"]) if data.get("finalize_fn") else None
+        return cls(shard_fn=_import(data["shard_fn"]), stage_config=config, finalize_fn=finalize, **fields)
+
+
+def _path_of(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}:{fn.__qualname__}"
 
 
 def _import(path: str) -> Any:
@@ -223,7 +230,65 @@ class ShardRunner:
         stats = {**stats, "seconds": round(time.time() - started, 3), "attempt": attempt, "finished": now()}
         state.mark_done(name, stats)
         state.log_event(name, "done", attempt=attempt, records=stats.get("records"))
+        if len(state.names("done")) >= run.num_shards:
+            finalize(run)
         return stats
+
+
+def stage_manifest(run: StageRun) -> dict[str, Any]:
+    """The default stage manifest: config, every shard's completion stats, and their numeric totals."""
+    state = StageState(run.out_dir)
+    shards = [state.read("done", shard_name(k, run.num_shards)) or {} for k in range(run.num_shards)]
+    totals: dict[str, float] = {}
+    for stats in shards:
+        for key, value in stats.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("attempt", "finished"):
+                totals[key] = totals.get(key, 0) + value
+    manifest = {
+        "stage": run.stage,
+        "config_hash": run.config_hash(),
+        "config": run.config_data(),
+        "num_shards": run.num_shards,
+        "totals": totals,
+        "shards": shards,
+    }
+    write_json_atomic(run.out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def finalize(run: StageRun) -> dict[str, Any] | None:
+    """Once every shard is done: the stage's finalize step (default: its manifest), exactly once.
+
+    Called by whichever task completes the last shard; a lock and the manifest's presence keep two
+    tasks finishing together from doing it twice. A failure is recorded, not raised: the shards are
+    done, and ``python -m ipt_hpc.launch merge``/a rerun can finish the job.
+    """
+    state = StageState(run.out_dir)
+    if (run.out_dir / "manifest.json").exists():
+        return None
+    path = state.root / "locks" / "finalize.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # another task is finalizing
+        if (run.out_dir / "manifest.json").exists():
+            return None
+        if any(not state.is_done(shard_name(k, run.num_shards)) for k in range(run.num_shards)):
+            return None
+        try:
+            result = (run.finalize_fn or stage_manifest)(run)
+        except Exception as exc:  # noqa: BLE001 - recorded for status; shards stay done
+            from .tasks import describe
+
+            write_json_atomic(state.root / "finalize-error.json", {"error": describe(exc), "time": now()})
+            return None
+        (state.root / "finalize-error.json").unlink(missing_ok=True)
+        return result
+    finally:
+        os.close(fd)
 
 
 def _input_complete(run: StageRun, name: str) -> bool:
@@ -352,7 +417,10 @@ def launch(
     log_dir = state.root / "logs"
     summary = {"shards": compress_ids(shards), "in_flight": len(in_flight)}
     if not shards:
+        if cfg.backend != "slurm" or wait:
+            finalize(run)  # e.g. a stage completed before a finalize step failed
         return {"submitted": 0, "backend": cfg.backend, **summary}
+    (run.out_dir / "manifest.json").unlink(missing_ok=True)  # no longer describes the stage
     runner = ShardRunner(run)
 
     def record(sub: backends.Submission) -> dict[str, Any]:
