@@ -338,7 +338,7 @@ def prepare(run: StageRun, *, force: bool = False) -> StageState:
             )
         import shutil
 
-        for p in run.out_dir.glob("shard-*.jsonl.zst*"):
+        for p in run.out_dir.glob("shard-*.*"):
             p.unlink()
         shutil.rmtree(state.root, ignore_errors=True)
         (run.out_dir / "manifest.json").unlink(missing_ok=True)
@@ -377,8 +377,9 @@ def select(run: StageRun, spec: str, *, force: bool = False) -> tuple[list[int],
         for k in chosen:
             name = shard_name(k, run.num_shards)
             state.clear(name)
-            (run.out_dir / name).unlink(missing_ok=True)
-            (run.out_dir / (name + ".partial")).unlink(missing_ok=True)
+            stem = name.removesuffix(".jsonl.zst")
+            for old in run.out_dir.glob(f"{stem}.*"):  # the output and its partial, whatever the suffix
+                old.unlink()
         return chosen, in_flight
     return [k for k in chosen if k not in done], in_flight
 
