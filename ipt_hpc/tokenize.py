@@ -20,7 +20,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +32,7 @@ from .errors import IptError, RecordError
 from .execution import ShardContext, StageRun, StageState, launch, shard_name
 from .indexed import IndexedWriter, dtype_for_vocab, merge
 from .records import RecordWriter, iter_lines
+from .tokenize_worker import _encode, _init_worker  # a light module: spawned workers import only numpy
 
 STAGE = "tokenize"
 SHARD_SUFFIX = ".jsonl.zst"
@@ -91,32 +91,6 @@ def special_ids(tok: Any, prepend_bos: str, append_eod: bool) -> tuple[int | Non
 
 
 # -- workers ------------------------------------------------------------------------------------
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(tokenizer_json: str, bos: int | None, eod: int | None, dtype: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    from tokenizers import Tokenizer
-
-    _WORKER.update(tok=Tokenizer.from_file(tokenizer_json), bos=bos, eod=eod, dtype=np.dtype(dtype))
-
-
-def _encode(texts: list[str]) -> tuple[bytes, bytes]:
-    """Token ids of a batch, concatenated, and the per-document lengths (as raw bytes, cheap to send)."""
-    w = _WORKER
-    encodings = w["tok"].encode_batch_fast(texts, add_special_tokens=False)
-    ids = [e.ids for e in encodings]
-    bos, eod = w["bos"], w["eod"]
-    extra = (bos is not None) + (eod is not None)
-    lengths = np.fromiter((len(x) + extra for x in ids), dtype=np.int32, count=len(ids))
-    if extra:
-        head, tail = ([bos] if bos is not None else []), ([eod] if eod is not None else [])
-        ids = [head + x + tail for x in ids]
-    flat = np.fromiter(chain.from_iterable(ids), dtype=w["dtype"], count=int(lengths.sum()))
-    return flat.tobytes(), lengths.tobytes()
-
-
 _POOLS: dict[tuple[Any, ...], Any] = {}
 
 
