@@ -199,21 +199,7 @@ def stage_run(cfg: Config, run_dir: str | Path) -> StageRun:
     info = StageState(run_dir / "raw").read_stage()
     if info is None:
         raise IptError(f"synthesize: {run_dir / 'raw'} holds no shards; run the shard stage first")
-    job = SynthJob(
-        model=s.model,
-        backend=s.backend,
-        rounds=s.rounds,
-        max_new_tokens=s.max_new_tokens,
-        max_model_len=s.max_model_len,
-        too_long=s.too_long,
-        chunk_docs=s.chunk_docs,
-        batch_size=s.batch_size,
-        keep_raw=s.keep_raw,
-        device=s.device,
-        dtype=s.dtype,
-        tensor_parallel_size=s.tensor_parallel_size,
-        gpu_memory_utilization=s.gpu_memory_utilization,
-    )
+    job = SynthJob(**s.model_dump())  # the same fields, model now known to be set
     return StageRun(STAGE, str(run_dir), "synth", "raw", info["num_shards"], synthesize_shard, job)
 
 

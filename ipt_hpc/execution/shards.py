@@ -266,13 +266,8 @@ def finalize(run: StageRun) -> dict[str, Any] | None:
     state = StageState(run.out_dir)
     if (run.out_dir / "manifest.json").exists():
         return None
-    path = state.root / "locks" / "finalize.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with _try_lock(state, "finalize") as locked:
+        if not locked:
             return None  # another task is finalizing
         if (run.out_dir / "manifest.json").exists():
             return None
@@ -287,8 +282,6 @@ def finalize(run: StageRun) -> dict[str, Any] | None:
             return None
         (state.root / "finalize-error.json").unlink(missing_ok=True)
         return result
-    finally:
-        os.close(fd)
 
 
 def _input_complete(run: StageRun, name: str) -> bool:
@@ -299,8 +292,8 @@ def _input_complete(run: StageRun, name: str) -> bool:
 
 
 @contextlib.contextmanager
-def _shard_lock(state: StageState, name: str) -> Iterator[None]:
-    """An exclusive lock on one shard: two tasks must never write the same output file."""
+def _try_lock(state: StageState, name: str) -> Iterator[bool]:
+    """A non-blocking exclusive lock file under ``_state/locks``; yields whether it was taken."""
     path = state.root / "locks" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -308,14 +301,24 @@ def _shard_lock(state: StageState, name: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _shard_lock(state: StageState, name: str) -> Iterator[None]:
+    """An exclusive lock on one shard: two tasks must never write the same output file."""
+    with _try_lock(state, name) as locked:
+        if not locked:
             holder = state.read("running", name) or {}
             raise IptError(
                 f"{name}: being processed by another task (job {holder.get('job', '?')} on"
                 f" {holder.get('host', '?')}); not starting a second writer"
-            ) from None
+            )
         yield
-    finally:
-        os.close(fd)
 
 
 def _job_id() -> str:
