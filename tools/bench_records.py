@@ -199,8 +199,8 @@ def write_json(path: Path, ctx: Ctx) -> None:
         _durable(fh, ctx)
 
 
-def read_json(path: Path, ctx: Ctx) -> int:
-    loads = json.loads
+def _read_text_lines(path: Path, loads: Callable[[str], Any]) -> int:
+    """The streaming peers' reader: TextIOWrapper line iteration over a zstd stream, one loads per line."""
     n = 0
     with open(path, "rb") as fh:
         reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True, closefd=False)
@@ -208,6 +208,10 @@ def read_json(path: Path, ctx: Ctx) -> int:
             loads(line)
             n += 1
     return n
+
+
+def read_json(path: Path, ctx: Ctx) -> int:
+    return _read_text_lines(path, json.loads)
 
 
 def write_orjson(path: Path, ctx: Ctx) -> None:
@@ -221,14 +225,7 @@ def write_orjson(path: Path, ctx: Ctx) -> None:
 
 
 def read_orjson(path: Path, ctx: Ctx) -> int:
-    loads = orjson.loads
-    n = 0
-    with open(path, "rb") as fh:
-        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True, closefd=False)
-        for line in io.TextIOWrapper(reader, encoding="utf-8"):
-            loads(line)
-            n += 1
-    return n
+    return _read_text_lines(path, orjson.loads)
 
 
 def write_raw_oneshot(path: Path, ctx: Ctx) -> None:

@@ -82,22 +82,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_records import DOC_MODULES  # the same stdlib modules' docstrings as the records benchmark
+
 MB = 1e6
 TARGET_LIMIT = 0.90  # ipt_hpc throughput / limit throughput
 TARGET_DATATROVE = 1.05  # ipt_hpc throughput / datatrove throughput
 TARGET_MEGATRON = 2.0  # ipt_hpc throughput / preprocess_data throughput
 CHECK_DOCS = 200  # documents of ipt_hpc's output compared id for id with a fresh encoding
 
-_DOC_MODULE_NAMES = """
-abc argparse ast asyncio base64 bisect calendar cmd codecs collections concurrent.futures configparser contextlib
-copy csv dataclasses datetime decimal difflib dis email enum fractions ftplib functools getopt gettext glob gzip
-hashlib heapq hmac html http.client http.cookies http.server imaplib inspect io ipaddress itertools json logging
-lzma mailbox math mimetypes multiprocessing numbers operator optparse os pathlib pickle pkgutil platform plistlib
-poplib pprint queue random re sched secrets selectors shelve shlex shutil signal smtplib socket socketserver sqlite3
-ssl statistics string struct subprocess tarfile tempfile textwrap threading time timeit tokenize traceback types
-typing unittest urllib.parse urllib.request uuid warnings weakref xml.dom.minidom xml.etree.ElementTree zipfile
-zoneinfo
-"""
 PROSE_NAME = re.compile(r"(readme|news|changes|changelog|copyright|license|authors|history|faq|notes?)", re.I)
 PROSE_SUFFIXES = {".txt", ".md", ".rst"}
 PARA_SPLIT = re.compile(r"\n[ \t]*\n")
@@ -124,7 +116,7 @@ def _text_files() -> Iterator[Path]:
 
 
 def _docstrings() -> Iterator[str]:
-    for name in _DOC_MODULE_NAMES.split():
+    for name in DOC_MODULES:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
