@@ -44,11 +44,6 @@ def partial_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
-def encode_record(record: dict[str, Any]) -> bytes:
-    """One JSON line (with its newline) as the writer stores it."""
-    return orjson.dumps(record, option=_DUMPS_OPTS)
-
-
 @dataclass(frozen=True)
 class FileStats:
     """What a stage manifest records about one finished record file."""

@@ -282,7 +282,3 @@ def run(
     if manifest.exists():
         result["merged"] = read_json(manifest)
     return result
-
-
-def load_manifest(group_dir: str | Path) -> dict[str, Any]:
-    return read_json(Path(group_dir) / "manifest.json")
