@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -62,6 +62,44 @@ class SynthConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend")
+    convert_share: float = Field(
+        1.0, gt=0, le=1, description="share of raw documents sent to synthesis, chosen by id (paper: see recipe)"
+    )
+    select_seed: int = Field(0, description="seed of the by-id choice of documents to convert")
+
+
+class TemplifyConfig(_Section):
+    """The ``templify`` stage: synthesized records -> instruction-augmented pre-training texts."""
+
+    input_stage: str = Field("synth", description="run sub-folder holding synthesize records")
+    output_folder: str = Field("augmented", description="run sub-folder to write")
+    raw_stage: str | None = Field(
+        "raw", description="documents of these shards not sent to synthesis become texts of the raw group; null: none"
+    )
+    seed: int = Field(0, description="global seed of the per-record format draw")
+
+
+class MixGroup(_Section):
+    """One token group of the blend: ``repeat`` (epochs relative to the others) or a fixed ``share``."""
+
+    repeat: float | None = Field(None, gt=0, description="weight proportional to tokens x repeat (default 1)")
+    share: float | None = Field(None, gt=0, le=1, description="fixed share of the training tokens")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> MixGroup:
+        if self.repeat is not None and self.share is not None:
+            raise ValueError("give either repeat or share, not both")
+        return self
+
+
+class MixtureConfig(_Section):
+    """The pre-training mixture over token groups (RUN/tokens/<group>), as Megatron blend weights."""
+
+    groups: dict[str, MixGroup] = Field(
+        default_factory=lambda: {"augmented": MixGroup(), "raw": MixGroup()},
+        description="group name -> {repeat: R} or {share: S}",
+    )
+    train_tokens: int | None = Field(None, ge=1, description="planned training tokens (reports epochs per group)")
 
 
 class TokenizeConfig(_Section):
@@ -79,6 +117,9 @@ class TokenizeConfig(_Section):
     empty_text: Literal["error", "skip", "keep"] = "error"
     workers: int | None = Field(None, ge=1, description="tokenizer processes per task (default: cpus_per_task)")
     batch_docs: int = Field(256, ge=1, description="documents per batch sent to a tokenizer process")
+    record_group: str | None = Field(
+        None, description="only records whose 'group' field is this (templify writes augmented and raw)"
+    )
 
 
 class SlurmConfig(_Section):
@@ -120,6 +161,8 @@ class Config(_Section):
     records: RecordsConfig = Field(default_factory=RecordsConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    templify: TemplifyConfig = Field(default_factory=TemplifyConfig)
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 

@@ -102,6 +102,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_synthesize)
 
     p = sub.add_parser(
+        "templify",
+        help="synthesized records -> instruction-augmented pre-training texts (+ unconverted raw texts)",
+        description="Rebuild each shard's few-shot chains and render them as pre-training texts in formats drawn"
+        " per record (deterministic by id and seed); writes RUN/augmented/shard-NNNNN.jsonl.zst with a 'group'"
+        " field per record (augmented or raw), a manifest with format stats and two PNG charts.",
+        epilog="examples:\n  python -m ipt_hpc.launch templify --run runs/demo\n"
+        "  python -m ipt_hpc.launch templify --run /scratch/rw --executor slurm --shards-per-task 64\n"
+        "  python -m ipt_hpc.launch tokenize --run runs/demo --input-stage augmented --record-group raw"
+        " --tokenizer tok/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", metavar="RUN", required=True)
+    p.add_argument("--input-stage", metavar="FOLDER", help="synthesize output folder (templify.input_stage)")
+    p.add_argument("--seed", type=int, help="global seed of the format draw (templify.seed)")
+    p.add_argument("--shards", default="all", metavar="SPEC", help="0-99, 3,17, all, missing, failed")
+    p.add_argument("--wait", action="store_true", help="with --executor slurm: wait for the arrays")
+    _common(p)
+    p.set_defaults(handler=cmd_templify)
+
+    p = sub.add_parser(
+        "mixture",
+        help="Megatron blend weights and token shares of a run's tokenized groups",
+        description="Read RUN/tokens/*/manifest.json, apply mixture.groups (repeat or share per group) and write"
+        " RUN/mixture.json with the weights for megatron-core's BlendedMegatronDatasetBuilder.",
+        epilog="example:\n  python -m ipt_hpc.launch mixture --run runs/demo --config configs/refinedweb.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", metavar="RUN", required=True)
+    p.add_argument("--config", metavar="FILE", help="YAML config with a mixture section")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[])
+    p.set_defaults(handler=cmd_mixture)
+
+    p = sub.add_parser(
         "tokenize",
         help="zstd JSONL shards -> Megatron indexed datasets (.bin/.idx), merged per group",
         description="Tokenize a stage's shards with a Hugging Face fast tokenizer into Megatron indexed datasets"
@@ -115,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", metavar="RUN", required=True)
     p.add_argument("--input-stage", metavar="FOLDER", help="raw, synth, augmented, ... (tokenize.input_stage)")
     p.add_argument("--tokenizer", metavar="PATH_OR_NAME", help="tokenize.tokenizer")
-    p.add_argument("--group", metavar="NAME", help="output group (default: the input stage)")
+    p.add_argument("--group", metavar="NAME", help="output group (default: --record-group, else the input stage)")
+    p.add_argument("--record-group", metavar="NAME", help="only records whose 'group' field is NAME")
     p.add_argument("--shards", default="all", metavar="SPEC", help="0-99, 3,17, all, missing, failed")
     p.add_argument("--wait", action="store_true", help="with --executor slurm: wait, then merge")
     _common(p)
@@ -305,25 +339,11 @@ def _print_shard_summary(console: Any, manifest: dict[str, Any], out: Path, seco
     console.print(f"manifest: {out / 'manifest.json'}")
 
 
-def cmd_synthesize(args: argparse.Namespace) -> int:
-    from . import synthesize
-    from .config import load_config
+def _launch_stage(args: argparse.Namespace, stage: Any, cfg: Any, label: str) -> int:
+    """Submit a record stage's selected shards with a progress bar (shared by synthesize and templify)."""
     from .execution import StageState, launch
-    from .execution.shards import prepare
 
-    flags = _flag_values(args, {"model": "synth.model", "backend": "synth.backend"})
-    cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
-    stage = synthesize.stage_run(cfg, args.run)
     console = _console()
-    if args.dry_run:  # prepares the stage folder (for hand-written sbatch arrays) and submits nothing
-        prepare(stage)
-        job = stage.stage_config
-        console.print(
-            f"synthesize {stage.num_shards} shards of {stage.in_dir} with {job.model} ({job.backend}),"
-            f" {job.rounds} rounds, max_new_tokens {job.max_new_tokens}, max_model_len {job.max_model_len},"
-            f" on {cfg.execution.backend}"
-        )
-        return 0
     prog, update = _progress_reporter(console)
     state = StageState(stage.out_dir)
     with prog:
@@ -333,10 +353,81 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
             cfg.execution,
             force=args.force,
             wait=args.wait,
-            on_progress=lambda: update("synth", len(state.names("done")), stage.num_shards),
+            on_progress=lambda: update(label, len(state.names("done")), stage.num_shards),
         )
     console.print(result)
     console.print(f"follow with: python -m ipt_hpc.launch status --run {args.run}")
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from . import synthesize
+    from .config import load_config
+    from .execution.shards import prepare
+
+    flags = _flag_values(args, {"model": "synth.model", "backend": "synth.backend"})
+    cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
+    stage = synthesize.stage_run(cfg, args.run)
+    if args.dry_run:  # prepares the stage folder (for hand-written sbatch arrays) and submits nothing
+        prepare(stage)
+        job = stage.stage_config
+        _console().print(
+            f"synthesize {stage.num_shards} shards of {stage.in_dir} with {job.model} ({job.backend}),"
+            f" {job.rounds} rounds, max_new_tokens {job.max_new_tokens}, max_model_len {job.max_model_len},"
+            f" converting {job.convert_share:.0%} of documents, on {cfg.execution.backend}"
+        )
+        return 0
+    return _launch_stage(args, stage, cfg, "synth")
+
+
+def cmd_templify(args: argparse.Namespace) -> int:
+    from . import templify
+    from .config import load_config
+    from .execution.shards import prepare
+
+    flags = _flag_values(args, {"seed": "templify.seed", "input_stage": "templify.input_stage"})
+    cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
+    stage = templify.stage_run(cfg, args.run)
+    if args.dry_run:
+        prepare(stage)
+        job = stage.stage_config
+        _console().print(
+            f"templify {stage.num_shards} shards of {stage.in_dir} -> {stage.out_dir} (seed {job.seed},"
+            f" unconverted documents from {job.raw_stage or 'nowhere'}) on {cfg.execution.backend}"
+        )
+        return 0
+    rc = _launch_stage(args, stage, cfg, "templify")
+    manifest = stage.out_dir / "manifest.json"
+    if manifest.exists():
+        from .atomic import read_json
+
+        m = read_json(manifest)
+        t, charts = m["totals"], ", ".join(str(stage.out_dir / c) for c in m["charts"])
+        _console().print(
+            f"{t['augmented_texts']:,} augmented texts ({t['pairs']:,} pairs, {t['distinct_formats']} formats),"
+            f" {t['raw_texts']:,} raw texts; charts: {charts or 'none (matplotlib missing)'}"
+        )
+    return rc
+
+
+def cmd_mixture(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .config import load_config
+    from .mixture import write_report
+
+    cfg = load_config(args.config, args.overrides)
+    report = write_report(args.run, cfg.mixture.groups, cfg.mixture.train_tokens)
+    table = Table(title=f"mixture of {args.run}")
+    for col in ("group", "documents", "tokens", "weight (share of training tokens)", "epochs"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for name, row in report["groups"].items():
+        epochs = f"{row['epochs']:.2f}" if "epochs" in row else "-"
+        table.add_row(name, f"{row['documents']:,}", f"{row['tokens']:,}", f"{row['weight']:.4f}", epochs)
+    console = _console()
+    console.print(table)
+    console.print(f"Megatron blend (data_path): {' '.join(report['data_path'])}")
+    console.print(f"written to {Path(args.run) / 'mixture.json'}")
     return 0
 
 
@@ -346,7 +437,12 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
     flags = _flag_values(
         args,
-        {"input_stage": "tokenize.input_stage", "tokenizer": "tokenize.tokenizer", "group": "tokenize.group"},
+        {
+            "input_stage": "tokenize.input_stage",
+            "tokenizer": "tokenize.tokenizer",
+            "group": "tokenize.group",
+            "record_group": "tokenize.record_group",
+        },
     )
     cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
     console = _console()

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from .config import Config
 from .errors import IptError
 from .execution import ShardContext, StageRun, StageState, launch
+from .mixture import converted
 from .records import read_records
 from .synth_engines import Generation, get_engine
 from .synth_format import Entry, Slot, advance, build_prompt, parse_pairs, rounds_of, stats_histogram
@@ -46,6 +47,8 @@ class SynthJob(BaseModel):
     dtype: str
     tensor_parallel_size: int
     gpu_memory_utilization: float
+    convert_share: float
+    select_seed: int
 
 
 def _engine(job: SynthJob) -> Any:
@@ -93,7 +96,12 @@ def context_ids(tokenizer: Any, texts: list[str], job: SynthJob) -> tuple[list[l
 def synthesize_shard(job: SynthJob, ctx: ShardContext) -> dict[str, Any]:
     """Synthesize one shard (a task of the execution layer)."""
     t0 = time.perf_counter()
-    docs = list(read_records(ctx.input_path))
+    docs, not_converted = [], 0
+    for doc in read_records(ctx.input_path):
+        if converted(doc["id"], job.convert_share, job.select_seed):
+            docs.append(doc)
+        else:
+            not_converted += 1  # left to the raw group (templify)
     engine = _engine(job)
     tok = engine.tokenizer
     bos, eos = tok.bos_token_id, tok.eos_token_id
@@ -164,7 +172,9 @@ def synthesize_shard(job: SynthJob, ctx: ShardContext) -> dict[str, Any]:
             writer.flush()
             ctx.report(writer.records)
     stats = writer.close().to_json()
-    return {**stats, **shard_stats(ctx.output_path, over_budget, prep_s, engine_s, time.perf_counter() - t0)}
+    seconds = time.perf_counter() - t0
+    stats.update(shard_stats(ctx.output_path, over_budget, prep_s, engine_s, seconds))
+    return {**stats, "not_converted": not_converted}
 
 
 def shard_stats(path: Path, over_budget: int, prep_s: float, engine_s: float, total_s: float) -> dict[str, Any]:

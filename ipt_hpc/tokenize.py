@@ -53,6 +53,7 @@ class TokenizeJob(BaseModel):
     on_bad_record: Literal["error", "quarantine"]
     workers: int
     batch_docs: int
+    record_group: str | None
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
@@ -135,6 +136,9 @@ def _batches(job: TokenizeJob, path: Path, stats: dict[str, int], quarantine: li
             quarantine.append({"file": path.name, "line": lineno, "reason": problem})
             stats["bad"] += 1
             continue
+        if job.record_group is not None and rec.get("group") != job.record_group:
+            stats["other_group"] += 1
+            continue
         if not text:
             if job.empty_text == "error":
                 raise RecordError(path, lineno, "empty text (set tokenize.empty_text to skip or keep)")
@@ -153,7 +157,7 @@ def tokenize_shard(job: TokenizeJob, ctx: ShardContext) -> dict[str, Any]:
     """Tokenize one shard into ``ctx.output_path`` (a task of the execution layer)."""
     prefix = ctx.output_path.parent / ctx.output_path.name.removesuffix(".idx")
     writer = IndexedWriter(prefix, np.dtype(job.dtype))
-    stats = {"bad": 0, "skipped_empty": 0}
+    stats = {"bad": 0, "skipped_empty": 0, "other_group": 0}
     quarantine: list[dict] = []
     started = time.time()
     try:
@@ -201,7 +205,7 @@ def stage_run(cfg: Config, run_dir: str | Path) -> tuple[StageRun, Path]:
     in_state = StageState(run_dir / t.input_stage).read_stage()
     if in_state is None:
         raise IptError(f"tokenize: {run_dir / t.input_stage} holds no stage output (run that stage first)")
-    group = t.group or t.input_stage
+    group = t.group or t.record_group or t.input_stage
     out_folder = f"tokens/{group}"
     tok_dir = run_dir / out_folder / "tokenizer"
     tok, sha = prepare_tokenizer(t.tokenizer, tok_dir)
@@ -221,6 +225,7 @@ def stage_run(cfg: Config, run_dir: str | Path) -> tuple[StageRun, Path]:
         on_bad_record=cfg.records.on_bad_record,
         workers=t.workers or cfg.execution.slurm.cpus_per_task or os.cpu_count() or 1,
         batch_docs=t.batch_docs,
+        record_group=t.record_group,
     )
     run = StageRun(
         stage=STAGE,
@@ -258,6 +263,7 @@ def merge_group(run: StageRun) -> dict[str, Any]:
         "mean_length": round(stats["tokens"] / stats["documents"], 2) if stats["documents"] else 0.0,
         "bad": sum(s.get("bad", 0) for s in shards),  # type: ignore[union-attr]
         "skipped_empty": sum(s.get("skipped_empty", 0) for s in shards),  # type: ignore[union-attr]
+        "other_group": sum(s.get("other_group", 0) for s in shards),  # type: ignore[union-attr]
         "shards": shards,
     }
     write_json_atomic(run.out_dir / "manifest.json", manifest)

@@ -154,3 +154,14 @@ def test_cli_synthesize_dry_run_then_run(tmp_path: Path, model_dir: Path) -> Non
     proc = run_cli("synthesize", *common, "--shards", "1")
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in (run / "synth").glob("shard-*")] == [shard_name(1, 2)]
+
+
+def test_convert_share_sends_only_chosen_documents(tmp_path: Path, model_dir: Path) -> None:
+    from ipt_hpc.mixture import converted
+
+    run = make_raw(tmp_path / "run", 1, docs=30)
+    synthesize.run(cfg_for(model_dir, convert_share=0.5, max_new_tokens=4), run)
+    src = [r["id"] for r in read_records(run / "raw" / shard_name(0, 1))]
+    got = [r["id"] for r in read_records(run / "synth" / shard_name(0, 1))]
+    assert got == [i for i in src if converted(i, 0.5)] and 0 < len(got) < len(src)
+    assert StageState(run / "synth").read("done", shard_name(0, 1))["not_converted"] == len(src) - len(got)
