@@ -165,3 +165,18 @@ def test_convert_share_sends_only_chosen_documents(tmp_path: Path, model_dir: Pa
     got = [r["id"] for r in read_records(run / "synth" / shard_name(0, 1))]
     assert got == [i for i in src if converted(i, 0.5)] and 0 < len(got) < len(src)
     assert StageState(run / "synth").read("done", shard_name(0, 1))["not_converted"] == len(src) - len(got)
+
+
+def test_background_context_ids_equal_one_eager_call(model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    job = synthesize.SynthJob(**cfg_for(model_dir, max_model_len=40, max_new_tokens=8).synth.model_dump())
+    texts = [("word " * n).strip() for n in range(1, 60)]
+    eager, cut = synthesize.context_ids(tok, texts, job)
+    lazy = synthesize.ContextIds(tok, texts, job, block=7)
+    try:
+        assert [lazy[d] for d in range(len(texts))] == eager
+        assert lazy.over_budget() == cut > 0
+    finally:
+        lazy.close()
