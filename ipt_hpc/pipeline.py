@@ -76,8 +76,33 @@ def submit(steps: Sequence[Step], cfg: ExecutionConfig, run_dir: str | Path) -> 
 
 
 def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
-    """The stages this version can run, in pipeline order, for ``cfg``."""
-    from . import shard
+    """The stages ``cfg`` asks for, in pipeline order, built before any of them ran.
 
+    shard always; synthesize and templify when ``synth.model`` is set; tokenize (per record group of
+    templify's output, or of the raw shards without synthesis) and the mixture report when
+    ``tokenize.tokenizer`` is set. Shard counts come from ``shard.num_shards`` (the shard stage writes
+    exactly that many), so every step can be submitted at once behind its predecessor.
+    """
+    from . import mixture, shard, synthesize, templify, tokenize
+
+    run_dir = Path(run_dir)
+    n = cfg.shard.num_shards
     inner = cfg.model_copy(deep=True)
-    return [Coordinator("shard", shard.run, (inner, str(Path(run_dir) / "raw")))]
+    steps: list[Step] = [Coordinator("shard", shard.run, (inner, str(run_dir / "raw")))]
+    if cfg.synth.model:
+        steps.append(ShardStage(synthesize.stage_run(cfg, run_dir, num_shards=n)))
+        steps.append(ShardStage(templify.stage_run(cfg, run_dir, num_shards=n)))
+    if cfg.tokenize.tokenizer:
+        if cfg.synth.model:
+            groups = [g for g in ("augmented", "raw") if g != "raw" or cfg.synth.convert_share < 1]
+            variants = [{"input_stage": cfg.templify.output_folder, "record_group": g, "group": g} for g in groups]
+        else:
+            variants = [{"input_stage": "raw", "record_group": None, "group": "raw"}]
+        for v in variants:
+            tcfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update=v)})
+            steps.append(ShardStage(tokenize.stage_run(tcfg, run_dir, num_shards=n)[0]))
+        groups = {g: spec for g, spec in cfg.mixture.groups.items() if g in {v["group"] for v in variants}}
+        if groups:
+            args = (str(run_dir), groups, cfg.mixture.train_tokens)
+            steps.append(Coordinator("mixture", mixture.write_report, args))
+    return steps

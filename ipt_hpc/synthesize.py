@@ -261,16 +261,19 @@ def shard_stats(path: Path, over_budget: int, wait_s: float, engine_s: float, to
     }
 
 
-def stage_run(cfg: Config, run_dir: str | Path) -> StageRun:
+def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -> StageRun:
+    """The stage for ``run_dir``; ``num_shards`` when the shard stage has not run yet (pipeline)."""
     s = cfg.synth
     if not s.model:
         raise IptError("synthesize: no synthesizer model (--model PATH_OR_NAME or synth.model)")
     run_dir = Path(run_dir)
-    info = StageState(run_dir / "raw").read_stage()
-    if info is None:
-        raise IptError(f"synthesize: {run_dir / 'raw'} holds no shards; run the shard stage first")
+    if num_shards is None:
+        info = StageState(run_dir / "raw").read_stage()
+        if info is None:
+            raise IptError(f"synthesize: {run_dir / 'raw'} holds no shards; run the shard stage first")
+        num_shards = info["num_shards"]
     job = SynthJob(**s.model_dump())  # the same fields, model now known to be set
-    return StageRun(STAGE, str(run_dir), "synth", "raw", info["num_shards"], synthesize_shard, job)
+    return StageRun(STAGE, str(run_dir), "synth", "raw", num_shards, synthesize_shard, job)
 
 
 def run(cfg: Config, run_dir: str | Path, spec: str = "all", **kw: Any) -> dict[str, Any]:

@@ -233,19 +233,22 @@ def _save(fig: Any, path: Path) -> str:
 
 
 # -- coordinator ------------------------------------------------------------------------------------
-def stage_run(cfg: Config, run_dir: str | Path) -> StageRun:
+def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -> StageRun:
+    """The stage for ``run_dir``; ``num_shards`` when synthesize has not run yet (pipeline)."""
     t = cfg.templify
     run_dir = Path(run_dir)
-    info = StageState(run_dir / t.input_stage).read_stage()
-    if info is None:
-        raise IptError(f"templify: {run_dir / t.input_stage} holds no stage output; run synthesize first")
+    if num_shards is None:
+        info = StageState(run_dir / t.input_stage).read_stage()
+        if info is None:
+            raise IptError(f"templify: {run_dir / t.input_stage} holds no stage output; run synthesize first")
+        num_shards = info["num_shards"]
     job = TemplifyJob(seed=t.seed, raw_stage=t.raw_stage)
     return StageRun(
         STAGE,
         str(run_dir),
         t.output_folder,
         t.input_stage,
-        info["num_shards"],
+        num_shards,
         templify_shard,
         job,
         finalize_fn=finalize_stage,

@@ -196,15 +196,20 @@ def tokenize_shard(job: TokenizeJob, ctx: ShardContext) -> dict[str, Any]:
 
 
 # -- coordinator ----------------------------------------------------------------------------------
-def stage_run(cfg: Config, run_dir: str | Path) -> tuple[StageRun, Path]:
-    """The StageRun of ``tokenize`` for this config (loads the tokenizer, keeps a copy in the run)."""
+def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -> tuple[StageRun, Path]:
+    """The StageRun of ``tokenize`` for this config (loads the tokenizer, keeps a copy in the run).
+
+    ``num_shards`` when the input stage has not run yet (pipeline); else read from its state.
+    """
     t = cfg.tokenize
     if not t.tokenizer:
         raise IptError("tokenize: no tokenizer given (--tokenizer PATH_OR_NAME or tokenize.tokenizer)")
     run_dir = Path(run_dir)
-    in_state = StageState(run_dir / t.input_stage).read_stage()
-    if in_state is None:
-        raise IptError(f"tokenize: {run_dir / t.input_stage} holds no stage output (run that stage first)")
+    if num_shards is None:
+        in_state = StageState(run_dir / t.input_stage).read_stage()
+        if in_state is None:
+            raise IptError(f"tokenize: {run_dir / t.input_stage} holds no stage output (run that stage first)")
+        num_shards = in_state["num_shards"]
     group = t.group or t.record_group or t.input_stage
     out_folder = f"tokens/{group}"
     tok_dir = run_dir / out_folder / "tokenizer"
@@ -232,7 +237,7 @@ def stage_run(cfg: Config, run_dir: str | Path) -> tuple[StageRun, Path]:
         run_dir=str(run_dir),
         out_folder=out_folder,
         in_folder=t.input_stage,
-        num_shards=in_state["num_shards"],
+        num_shards=num_shards,
         shard_fn=tokenize_shard,
         stage_config=job,
         out_suffix=".idx",

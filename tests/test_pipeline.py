@@ -1,0 +1,56 @@
+"""pipeline: every configured stage built before any ran, run in order (local) or chained (Slurm)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import make_docs, run_cli, write_jsonl
+
+from ipt_hpc.atomic import read_json
+from ipt_hpc.config import load_config
+from ipt_hpc.pipeline import available_steps
+
+pytest.importorskip("transformers")
+
+
+def test_steps_follow_the_config(tmp_path: Path) -> None:
+    from tokenizer_fixture import train_tokenizer
+
+    tok = train_tokenizer(tmp_path / "tok")
+    base = {"shard.num_shards": 3, "tokenize.tokenizer": str(tok)}
+    names = lambda cfg: [s.name for s in available_steps(cfg, tmp_path / "run")]  # noqa: E731
+    assert names(load_config(None, None, {"shard.num_shards": 3})) == ["shard"]
+    assert names(load_config(None, None, base)) == ["shard", "tokenize", "mixture"]
+    with_synth = {**base, "synth.model": "some/model", "synth.convert_share": 0.5}
+    steps = available_steps(load_config(None, None, with_synth), tmp_path / "run")
+    assert [s.name for s in steps] == ["shard", "synthesize", "templify", "tokenize", "tokenize", "mixture"]
+    assert [s.run.num_shards for s in steps[1:5]] == [3, 3, 3, 3]  # known before the shard stage ran
+    assert [s.run.out_folder for s in steps[3:5]] == ["tokens/augmented", "tokens/raw"]
+
+
+def test_pipeline_runs_shard_to_mixture_locally(tmp_path: Path) -> None:
+    from tiny_model import tiny_llama
+
+    model = tiny_llama(tmp_path / "model")
+    inp = write_jsonl(tmp_path / "in.jsonl", make_docs(40, seed=5, max_words=30))
+    run = tmp_path / "run"
+    sets = {
+        "shard.inputs": f"[{inp}]",
+        "shard.text_field": "content",
+        "shard.num_shards": 2,
+        "synth.model": str(model),
+        "synth.max_new_tokens": 6,
+        "synth.max_model_len": 256,
+        "synth.convert_share": 0.5,
+        "tokenize.tokenizer": str(model),
+        "tokenize.workers": 1,
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    proc = run_cli("pipeline", "--run", str(run), "--executor", "debug", *args)
+    assert proc.returncode == 0, proc.stderr
+    for folder in ("raw", "synth", "augmented", "tokens/augmented", "tokens/raw"):
+        assert (run / folder / "manifest.json").exists(), folder
+    report = read_json(run / "mixture.json")
+    docs = sum(g["documents"] for g in report["groups"].values())
+    assert docs == 40 and sum(g["weight"] for g in report["groups"].values()) == pytest.approx(1.0)
