@@ -135,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_mixture)
 
     p = sub.add_parser(
+        "report",
+        help="one markdown + HTML page per run: stages, synthesis stats, mixture, loss curve, eval, PNG charts",
+        description="Write RUN/report/report.md and report.html (with PNG charts beside them) from the run's"
+        " manifests, training log and evaluation results; sections appear for the stages the run holds.",
+        epilog="example:\n  python -m ipt_hpc.launch report --run runs/demo && chromium runs/demo/report/report.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", metavar="RUN", required=True)
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser(
         "tokenize",
         help="zstd JSONL shards -> Megatron indexed datasets (.bin/.idx), merged per group",
         description="Tokenize a stage's shards with a Hugging Face fast tokenizer into Megatron indexed datasets"
@@ -408,6 +419,14 @@ def cmd_templify(args: argparse.Namespace) -> int:
             f" {t['raw_texts']:,} raw texts; charts: {charts or 'none (matplotlib missing)'}"
         )
     return rc
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build
+
+    out = build(args.run)
+    _console().print(f"report ({', '.join(out['sections'])}):\n  {out['markdown']}\n  {out['html']}")
+    return 0
 
 
 def cmd_mixture(args: argparse.Namespace) -> int:

@@ -256,6 +256,7 @@ def shard_stats(path: Path, over_budget: int, wait_s: float, engine_s: float, to
         "prompt_tokens": prompt_tokens,
         "tokens": gen_tokens,
         "gen_tokens_per_s": round(gen_tokens / engine_s, 1) if engine_s else None,
+        "engine_s": round(engine_s, 3),
         "cpu_side_share": round(1 - engine_s / total_s, 3) if total_s else None,
         "tokenize_wait_s": round(wait_s, 3),  # the engine waited this long for prompt ids (not overlapped)
     }

@@ -235,6 +235,11 @@ class ShardRunner:
         return stats
 
 
+def _summable(key: str) -> bool:
+    """Counts add up over shards; rates, shares and timestamps do not."""
+    return key not in ("attempt", "finished") and not key.endswith(("_per_s", "_share"))
+
+
 def stage_manifest(run: StageRun) -> dict[str, Any]:
     """The default stage manifest: config, every shard's completion stats, and their numeric totals."""
     state = StageState(run.out_dir)
@@ -242,7 +247,7 @@ def stage_manifest(run: StageRun) -> dict[str, Any]:
     totals: dict[str, float] = {}
     for stats in shards:
         for key, value in stats.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("attempt", "finished"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and _summable(key):
                 totals[key] = totals.get(key, 0) + value
     manifest = {
         "stage": run.stage,
