@@ -268,10 +268,12 @@ def offline_message(tm: Any, failed: list[tuple[str, OSError]], cfg: EvalConfig 
 
     cache = datasets.config.HF_DATASETS_CACHE
     offline = datasets.config.HF_HUB_OFFLINE
+    network = any(isinstance(exc, ConnectionError) for _, exc in failed)
+    mode = "offline mode: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set" if offline else "no network?"
     lines = [
         f"eval: the data of {len(failed)} task(s) could not be loaded"
-        f" ({'offline mode: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set' if offline else 'no network?'};"
-        f" datasets cache: {cache}):"
+        + (f" ({mode}; datasets cache: {cache})" if network else "")
+        + ":"
     ]
     hub: list[TaskDataset] = []
     for spec, exc in failed:

@@ -164,7 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", action="store_true", help="only download the tasks' datasets into the HF cache")
     g = p.add_argument_group("configuration and execution")
     g.add_argument("--config", metavar="FILE", help="YAML config (see configs/); validated on load")
-    g.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], help="override")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="e.g. --set eval.seed=[1,2,3,4]",
+    )
     g.add_argument("--executor", choices=["local", "slurm", "debug"], help="local: here; slurm: one GPU job")
     g.add_argument("--partition", help="Slurm partition (execution.slurm.partition)")
     g.add_argument("--force", action="store_true", help="re-evaluate groups that are done")

@@ -252,13 +252,23 @@ def test_offline_missing_dataset_is_named_before_the_model_loads(model_dir: Path
     assert proc.returncode == 2 and "unset HF_DATASETS_OFFLINE" in proc.stderr
 
 
-def test_task_datasets_of_groups_and_tags() -> None:
+def test_task_datasets_of_groups_and_tags(task_dir: Path, tmp_path: Path) -> None:
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager()
+    yaml_text = (task_dir / "tiny_mc.yaml").read_text(encoding="utf-8")
+    (tmp_path / "gone.yaml").write_text(
+        yaml_text.replace("task: tiny_mc", "task: gone_mc").replace(
+            str(task_dir / "tiny_mc.jsonl"), "/nonexistent.jsonl"
+        )
+    )
+    tm = TaskManager(include_path=str(tmp_path))
     arc = {(d.path, d.name) for d in evaluate.task_datasets(tm, ["ai2_arc"])}
     assert arc == {("allenai/ai2_arc", "ARC-Easy"), ("allenai/ai2_arc", "ARC-Challenge")}
     mmlu = evaluate.task_datasets(tm, ["mmlu"])
     assert {d.path for d in mmlu} == {"cais/mmlu"} and len(mmlu) == 57
     with pytest.raises(IptError, match=r"did you mean.*hellaswag"):
         evaluate.check_task_names(tm, ["hellaswg"])
+    with pytest.raises(evaluate.DatasetUnavailable) as err:
+        evaluate.load_tasks(tm, ["gone_mc"])
+    assert "gone_mc: needs dataset local json files" in str(err.value) and "/nonexistent.jsonl" in str(err.value)
+    assert "Check the data_files of the custom task(s) gone_mc" in str(err.value)
