@@ -520,9 +520,11 @@ def write_table(out_dir: str | os.PathLike[str]) -> Path:
     nshot: dict[str, Any] = {}
     requested: list[str] = []
     for res in runs.values():
-        merged.update(res.get("results", {}))
+        ours = res.get("ipt_hpc", {})
+        nshot.update({t: ours.get("num_fewshot") for t in ours.get("tasks", [])})  # groups (mmlu): the group's shots
         nshot.update(res.get("n-shot", {}))
-        requested += res.get("ipt_hpc", {}).get("tasks", [])
+        merged.update(res.get("results", {}))
+        requested += ours.get("tasks", [])
     header = ["Benchmark", "lm-eval task", "n-shot", "metric", "ours", *models]
     rows = []
     listed = set()
@@ -530,7 +532,7 @@ def write_table(out_dir: str | os.PathLike[str]) -> Path:
         task = bench["task"]
         listed.add(task)
         score = _score(merged[task], bench.get("metric")) if task in merged else None
-        shots = nshot.get(task, bench["num_fewshot"] if score else "")
+        shots = nshot.get(task, "") if score else ""
         rows.append(
             [bench["label"], task, str(shots), score[0] if score else (bench.get("metric") or ""), _cell(score)]
             + [_paper_cell(bench["scores"].get(m)) for m in models]

@@ -272,3 +272,31 @@ def test_task_datasets_of_groups_and_tags(task_dir: Path, tmp_path: Path) -> Non
         evaluate.load_tasks(tm, ["gone_mc"])
     assert "gone_mc: needs dataset local json files" in str(err.value) and "/nonexistent.jsonl" in str(err.value)
     assert "Check the data_files of the custom task(s) gone_mc" in str(err.value)
+
+
+def test_table_tags_groups_and_paper_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """results.md from lm-eval's layout (ai2_arc -> arc_easy, the mmlu group's aggregate) and a filled paper file."""
+    from ipt_hpc.atomic import write_json_atomic
+
+    res = {
+        "results": {
+            "arc_easy": {"acc,none": 0.5, "acc_stderr,none": 0.01, "acc_norm,none": 0.45, "acc_norm_stderr,none": 0.01},
+            "mmlu": {"acc,none": 0.25, "acc_stderr,none": 0.003, "alias": "mmlu"},
+            "mmlu_anatomy": {"acc,none": 0.2, "acc_stderr,none": 0.03},
+        },
+        "n-shot": {"arc_easy": 5, "mmlu_anatomy": 5},
+        "config": {},
+        "ipt_hpc": {"tasks": ["ai2_arc", "mmlu"], "num_fewshot": 5},
+    }
+    (tmp_path / "five_shot.json").write_text(json.dumps(res))
+    write_json_atomic(tmp_path / "manifest.json", {"groups": {"five_shot": {"file": "five_shot.json", "model": "m"}}})
+    paper = evaluate.paper_results()
+    assert all(v is None for b in paper["benchmarks"] for v in b["scores"].values())  # never invented
+    arc = next(b for b in paper["benchmarks"] if b["task"] == "arc_easy")
+    arc["metric"], arc["scores"]["InstructLM-500M"] = "acc", 12.34
+    paper["source"] = "test source"
+    monkeypatch.setattr(evaluate, "paper_results", lambda: paper)
+    table = evaluate.write_table(tmp_path).read_text(encoding="utf-8")
+    assert "| ARC-e | arc_easy | 5 | acc | 50.0 ± 1.0 | – | 12.3 | – | – |" in table
+    assert "| MMLU | mmlu | 5 | acc | 25.0 ± 0.3 |" in table
+    assert "mmlu_anatomy" not in table and "Paper columns: test source." in table
