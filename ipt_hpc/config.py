@@ -155,6 +155,47 @@ class ExecutionConfig(_Section):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
+class EvalGroup(_Section):
+    """One lm-eval invocation: tasks (names, groups or tags) evaluated with one few-shot setting."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task, group or tag names (or YAML paths)")
+    num_fewshot: int | None = Field(None, ge=0, description="None: each task's own default")
+
+
+def _model_card_groups() -> dict[str, EvalGroup]:
+    """The two lm-eval commands of the InstructLM model cards (zero-shot and five-shot)."""
+    return {
+        "zero_shot": EvalGroup(tasks=["piqa", "hellaswag", "winogrande"], num_fewshot=0),
+        "five_shot": EvalGroup(tasks=["social_iqa", "ai2_arc", "openbookqa", "boolq", "mmlu"], num_fewshot=5),
+    }
+
+
+class EvalConfig(_Section):
+    """The ``eval`` stage: lm-evaluation-harness on a Hugging Face model, as the model card runs it."""
+
+    model: str | None = Field(None, description="Hugging Face model folder (RUN/hf) or hub name")
+    groups: dict[str, EvalGroup] = Field(default_factory=_model_card_groups, description="name -> tasks, shots")
+    batch_size: int | str = Field("auto", description="an int, 'auto' or 'auto:N' (lm-eval's --batch_size)")
+    max_batch_size: int | None = Field(None, ge=1, description="cap for batch_size auto (lm-eval's default: 64)")
+    dtype: str = Field("float16", description="model card: float16; use float32 on CPU")
+    device: str | None = Field(None, description="cuda, cuda:0, cpu; default: cuda when available, else cpu")
+    add_bos_token: bool = Field(True, description="the InstructLM models need BOS (lm-eval's default is off)")
+    require_bos: bool = Field(True, description="refuse a tokenizer that does not prepend BOS when asked")
+    model_args: dict[str, bool | int | float | str] = Field(
+        default_factory=dict, description="more HFLM arguments, e.g. {max_length: 2048}"
+    )
+    limit: int | float | None = Field(None, gt=0, description="documents per task (a fraction if < 1); tests only")
+    include_path: list[str] = Field(default_factory=list, description="folders of custom task YAMLs")
+    out: str | None = Field(None, description="output folder (default: RUN/eval)")
+    seed: list[int | None] = Field(
+        default_factory=lambda: [0, 1234, 1234, 1234],
+        min_length=4,
+        max_length=4,
+        description="random, numpy, torch, few-shot seeds (lm-eval's CLI defaults)",
+    )
+    log_samples: bool = Field(False, description="keep per-document outputs (RUN/eval/<group>.samples.json)")
+
+
 class Config(_Section):
     """The whole configuration of a run."""
 
@@ -164,6 +205,7 @@ class Config(_Section):
     templify: TemplifyConfig = Field(default_factory=TemplifyConfig)
     mixture: MixtureConfig = Field(default_factory=MixtureConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
 

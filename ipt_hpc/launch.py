@@ -30,6 +30,22 @@ examples:
 """
 
 
+EPILOG_EVAL = """\
+examples:
+  # the model card's two task groups on an exported model (results in RUN/eval/)
+  python -m ipt_hpc.launch eval --model RUN/hf
+
+  # the same as one Slurm GPU job; --dry-run shows the lm-eval calls and the job first
+  python -m ipt_hpc.launch eval --model RUN/hf --executor slurm --partition gpu --dry-run
+
+  # on a login node with network: fill the HF datasets cache the compute nodes read
+  HF_HOME=/shared/hf python -m ipt_hpc.launch eval --prefetch
+
+  # a custom task from local YAML + data files (air-gapped clusters), 50 documents
+  python -m ipt_hpc.launch eval --model RUN/hf --tasks my_mc --include-path tasks/ --limit 50
+"""
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration")
     g.add_argument("--config", metavar="FILE", help="YAML config (see configs/); validated on load")
@@ -165,6 +181,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="with --executor slurm: wait, then merge")
     _common(p)
     p.set_defaults(handler=cmd_tokenize)
+
+    p = sub.add_parser(
+        "eval",
+        help="lm-evaluation-harness on a Hugging Face model, as the InstructLM model card runs it",
+        description="Run lm-eval (add_bos_token=True, greedy, batch size auto) on the model card's task groups:"
+        " zero_shot (piqa, hellaswag, winogrande; 0-shot) and five_shot (social_iqa, ai2_arc, openbookqa, boolq,"
+        " mmlu; 5-shot). Writes RUN/eval/<group>.json (lm-eval's JSON), manifest.json and results.md (our scores"
+        " next to the paper's). Every dataset is loaded before the model: an uncached dataset on an offline node"
+        " stops the run with the dataset's name and the command that downloads it.",
+        epilog=EPILOG_EVAL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", metavar="PATH_OR_NAME", help="Hugging Face model folder, e.g. RUN/hf (eval.model)")
+    dest = p.add_mutually_exclusive_group()
+    dest.add_argument("--run", metavar="RUN", help="run folder; output goes to RUN/eval (default: the model's parent)")
+    dest.add_argument("--out", metavar="DIR", help="output folder (eval.out)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--groups", metavar="A,B", help="configured groups to run (default: all: zero_shot,five_shot)")
+    what.add_argument("--tasks", metavar="T1,T2", help="run these lm-eval tasks as one group 'tasks' instead")
+    p.add_argument("--num-fewshot", type=int, metavar="N", help="with --tasks: few-shot examples (default: task's)")
+    p.add_argument("--include-path", metavar="DIR", action="append", help="folder of custom task YAMLs (repeatable)")
+    p.add_argument("--limit", type=float, metavar="N", help="documents per task (a fraction if < 1); smoke tests only")
+    p.add_argument("--batch-size", metavar="B", help="int, auto or auto:N (eval.batch_size; default auto)")
+    p.add_argument("--dtype", help="model dtype (eval.dtype; model card: float16; float32 on CPU)")
+    p.add_argument("--device", help="cuda, cuda:0, cpu (eval.device; default: cuda when available)")
+    p.add_argument("--prefetch", action="store_true", help="only download the tasks' datasets into the HF cache")
+    g = p.add_argument_group("configuration and execution")
+    g.add_argument("--config", metavar="FILE", help="YAML config (see configs/); validated on load")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="e.g. --set eval.seed=[1,2,3,4]",
+    )
+    g.add_argument("--executor", choices=["local", "slurm", "debug"], help="local: here; slurm: one GPU job")
+    g.add_argument("--partition", help="Slurm partition (execution.slurm.partition)")
+    g.add_argument("--force", action="store_true", help="re-evaluate groups that are done")
+    g.add_argument("--dry-run", action="store_true", help="print the lm-eval calls (and the Slurm job) and exit")
+    p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("merge", help="merge a tokenized group's shards into RUN/tokens/GROUP.{bin,idx}")
     p.add_argument("--run", metavar="RUN", required=True)
@@ -513,6 +570,87 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         console.print(result)
     if cfg.execution.backend == "slurm":
         console.print(f"submitted; follow with: python -m ipt_hpc.launch status --run {args.run}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import evaluate
+    from .config import load_config
+
+    flags = _flag_values(
+        args,
+        {
+            "model": "eval.model",
+            "out": "eval.out",
+            "limit": "eval.limit",
+            "batch_size": "eval.batch_size",
+            "dtype": "eval.dtype",
+            "device": "eval.device",
+            "include_path": "eval.include_path",
+            "executor": "execution.backend",
+            "partition": "execution.slurm.partition",
+        },
+    )
+    if args.limit is not None and args.limit >= 1:
+        flags["eval.limit"] = int(args.limit)
+    groups = [g for g in args.groups.split(",") if g] if args.groups else None
+    if args.tasks:
+        tasks = [t for t in args.tasks.split(",") if t]
+        flags["eval.groups"] = {"tasks": {"tasks": tasks, "num_fewshot": args.num_fewshot}}
+    elif args.num_fewshot is not None:
+        raise IptError("eval: --num-fewshot goes with --tasks (a group's shots are set in eval.groups)")
+    cfg = load_config(args.config, args.overrides, flags)
+    console = _console()
+    if args.prefetch:
+        for ds in evaluate.prefetch(cfg.eval, groups):
+            console.print(f"cached: {ds.describe()} ({len(ds.tasks)} task(s))")
+        import datasets
+
+        console.print(f"datasets cache: {datasets.config.HF_DATASETS_CACHE}")
+        return 0
+    plans = evaluate.plan(cfg.eval, groups)
+    out = Path(cfg.eval.out) if cfg.eval.out else Path(args.run) / "eval" if args.run else None
+    if out is None:
+        if not Path(cfg.eval.model or "").is_dir():
+            raise IptError("eval: say where to write: --run RUN (results in RUN/eval) or --out DIR")
+        out = Path(cfg.eval.model).resolve().parent / "eval"
+    execution = cfg.execution
+    if execution.backend == "slurm" and execution.slurm.gpus_per_node is None:
+        execution = execution.model_copy(
+            update={"slurm": execution.slurm.model_copy(update={"gpus_per_node": 1})}
+        )  # an evaluation wants one GPU unless told otherwise
+    if args.dry_run:
+        console.print(f"eval {cfg.eval.model} -> {out} on {execution.backend}")
+        for p in plans:
+            console.print(f"group {p.name}: {', '.join(p.tasks)} (num_fewshot {p.num_fewshot})")
+            console.print(f"  {p.lm_eval_command(cfg.eval)}", soft_wrap=True)
+        if execution.backend == "slurm":
+            s = execution.slurm
+            console.print(
+                f"one Slurm job 'ipt-eval': partition {s.partition or '(default)'}, gpus_per_node {s.gpus_per_node},"
+                f" cpus_per_task {s.cpus_per_task or '(default)'}, mem {s.mem_gb or '(default)'} GB,"
+                f" time {s.time_min} min, logs in {out / '_state' / 'logs'}"
+            )
+            for line in s.setup:
+                console.print(f"  setup: {line}")
+        return 0
+    if execution.backend == "slurm":
+        from .execution.backends import submit_job
+
+        job = submit_job(
+            evaluate.run,
+            cfg.eval,
+            str(out),
+            groups,
+            args.force,
+            cfg=execution,
+            log_dir=out / "_state" / "logs",
+            job_name="ipt-eval",
+        )
+        console.print(f"submitted Slurm job {job}; results will be in {out / 'results.md'}")
+        return 0
+    result = evaluate.run(cfg.eval, out, groups, args.force, log_fn=console.print)
+    sys.stdout.write(Path(result["table"]).read_text(encoding="utf-8"))
     return 0
 
 

@@ -1,0 +1,575 @@
+"""The ``eval`` stage: lm-evaluation-harness on a Hugging Face model, run the way the InstructLM model card runs it.
+
+One ``lm_eval.simple_evaluate`` call per task group (model card: zero-shot piqa, hellaswag, winogrande;
+five-shot social_iqa, ai2_arc, openbookqa, boolq, mmlu) with ``add_bos_token=True``, greedy generation
+and batch size ``auto``. Every task's dataset is loaded before the model, so a dataset missing from an
+offline cache stops the run at once with the dataset's name and the command that downloads it.
+
+Output in ``RUN/eval/``: lm-eval's result JSON per group (``<group>.json``), ``manifest.json`` and
+``results.md``, our scores next to the paper's (``ipt_hpc/data/paper_results.json``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import shlex
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_write_bytes, read_json, write_json_atomic
+from .config import EvalConfig, config_hash
+from .errors import IptError
+
+GEN_KWARGS = {"do_sample": False}  # greedy, as the model card's --gen_kwargs do_sample=False
+PACKAGED_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "imagefolder", "audiofolder"}
+MANIFEST = "manifest.json"
+TABLE = "results.md"
+log = logging.getLogger("ipt_hpc.evaluate")
+
+
+class DatasetUnavailable(IptError):
+    """A task's dataset is neither cached nor downloadable (offline node, or local data files missing)."""
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One ``simple_evaluate`` call: the tasks of a group, their few-shot count and the model's arguments."""
+
+    name: str
+    tasks: tuple[str, ...]
+    num_fewshot: int | None
+    model_args: dict[str, Any] = field(hash=False)
+    batch_size: int | str = "auto"
+
+    def lm_eval_command(self, cfg: EvalConfig) -> str:
+        """The equivalent ``lm_eval`` command line (the model card's, plus our extra settings)."""
+        parts = [
+            "lm_eval --model hf",
+            f"--model_args {shlex.quote(render_args(self.model_args))}",
+            f"--gen_kwargs {render_args(GEN_KWARGS)}",
+            f"--tasks {shlex.quote(','.join(self.tasks))}",
+            f"--batch_size {self.batch_size}",
+        ]
+        if self.num_fewshot is not None:
+            parts.append(f"--num_fewshot {self.num_fewshot}")
+        if cfg.include_path:
+            parts.append("--include_path " + " ".join(shlex.quote(p) for p in cfg.include_path))
+        if cfg.device:
+            parts.append(f"--device {shlex.quote(cfg.device)}")
+        if cfg.limit is not None:
+            parts.append(f"--limit {cfg.limit}")
+        return " ".join(parts)
+
+
+def render_args(args: dict[str, Any]) -> str:
+    """``{"a": 1, "b": True}`` -> ``a=1,b=True`` (lm-eval's ``--model_args`` syntax)."""
+    return ",".join(f"{k}={v}" for k, v in args.items())
+
+
+def model_args(cfg: EvalConfig) -> dict[str, Any]:
+    """HFLM arguments in the model card's order: pretrained, add_bos_token, dtype, then any extras."""
+    if not cfg.model:
+        raise IptError("eval: which model? give --model RUN/hf (or set eval.model)")
+    for bad in (",", "="):
+        if bad in cfg.model:
+            raise IptError(f"eval: model path {cfg.model!r} contains {bad!r}, which lm-eval's model_args cannot carry")
+    args: dict[str, Any] = {"pretrained": cfg.model, "add_bos_token": cfg.add_bos_token, "dtype": cfg.dtype}
+    return args | dict(cfg.model_args)
+
+
+def _check_batch_size(value: int | str) -> int | str:
+    text = str(value)
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit()) or (text.isdigit() and int(text) > 0):
+        return int(text) if text.isdigit() else text
+    raise IptError(f"eval.batch_size: {value!r} is not a positive int, 'auto' or 'auto:N'")
+
+
+def plan(cfg: EvalConfig, groups: Sequence[str] | None = None) -> list[GroupPlan]:
+    """The ``simple_evaluate`` calls to make for ``groups`` (default: every group of ``cfg.groups``)."""
+    names = list(groups) if groups else list(cfg.groups)
+    unknown = [g for g in names if g not in cfg.groups]
+    if unknown:
+        raise IptError(f"eval: unknown group(s) {', '.join(unknown)}; configured: {', '.join(cfg.groups) or 'none'}")
+    args = model_args(cfg)
+    batch = _check_batch_size(cfg.batch_size)
+    return [
+        GroupPlan(g, tuple(cfg.groups[g].tasks), cfg.groups[g].num_fewshot, args, batch) for g in dict.fromkeys(names)
+    ]
+
+
+def resolve_device(device: str | None) -> str:
+    """``None`` -> ``cuda`` when a GPU is visible, else ``cpu`` (HFLM itself would ask for CUDA regardless)."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_bos(model: str, *, trust_remote_code: bool = False) -> int:
+    """Make sure the tokenizer, loaded as HFLM loads it with ``add_bos_token=True``, prepends BOS.
+
+    The InstructLM models were trained with BOS first; lm-eval only asks the tokenizer for special tokens,
+    so a tokenizer that ignores the request would silently score every request without BOS.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            model, add_bos_token=True, use_fast=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise IptError(f"eval: cannot load the tokenizer of {model} ({exc})") from exc
+    if tok.bos_token_id is None:
+        raise IptError(
+            f"eval: the tokenizer of {model} has no BOS token, but the model card evaluates with add_bos_token=True;"
+            " re-export the model with its tokenizer's bos_token set (or set eval.require_bos=false to run anyway)"
+        )
+    ids = tok("Question: is this evaluated with BOS?\nAnswer:")["input_ids"]
+    if not ids or ids[0] != tok.bos_token_id:
+        raise IptError(
+            f"eval: the tokenizer of {model} does not prepend BOS ({tok.bos_token!r}, id {tok.bos_token_id}) even with"
+            f" add_bos_token=True (first ids: {ids[:5]}); fix the exported tokenizer's post-processor"
+            " (or set eval.require_bos=false to run anyway)"
+        )
+    return int(tok.bos_token_id)
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+
+def task_manager(cfg: EvalConfig) -> Any:
+    """lm-eval's TaskManager over its built-in tasks plus ``cfg.include_path`` (custom YAML tasks)."""
+    from lm_eval.tasks import TaskManager
+
+    for folder in cfg.include_path:
+        if not Path(folder).is_dir():
+            raise IptError(f"eval.include_path: {folder} is not a folder of task YAML files")
+    include = [str(Path(p).resolve()) for p in cfg.include_path] or None
+    metadata = model_args(cfg) if cfg.model else {}
+    return TaskManager(include_path=include, metadata=metadata)
+
+
+@dataclass
+class TaskDataset:
+    """The Hugging Face dataset a leaf task reads (``dataset_path``, ``dataset_name``, ``dataset_kwargs``)."""
+
+    path: str | None
+    name: str | None
+    kwargs: dict[str, Any]
+    tasks: list[str] = field(default_factory=list)
+
+    @property
+    def local(self) -> bool:
+        return self.path in PACKAGED_BUILDERS
+
+    def describe(self) -> str:
+        if self.path is None:
+            return "(defined in Python; see the task's class)"
+        if self.local:
+            return f"local {self.path} files {self.kwargs.get('data_files')!r}"
+        return repr(self.path) + (f" config {self.name!r}" if self.name else "")
+
+    def load_line(self) -> str:
+        args = [repr(self.path)] + ([repr(self.name)] if self.name else [])
+        return f'python -c "import datasets; datasets.load_dataset({", ".join(args)})"'
+
+
+def _leaf_configs(tm: Any, spec: str | dict[str, Any], depth: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(task name, YAML config) of every leaf task under a task, group or tag name, read from lm-eval's index."""
+    if depth > 20:
+        return
+    if isinstance(spec, dict):
+        if "group" in spec:
+            for child in _as_list(spec.get("task")):
+                yield from _leaf_configs(tm, child, depth + 1)
+        elif "task" in spec:
+            base = tm.task_index.get(spec["task"])
+            yield spec["task"], {**((base.cfg or {}) if base is not None else {}), **spec}
+        return
+    entry = tm.task_index.get(spec)
+    if entry is None:
+        yield spec, {}
+        return
+    kind = entry.kind.name
+    if kind == "GROUP":
+        for child in _as_list((entry.cfg or {}).get("task")):
+            yield from _leaf_configs(tm, child, depth + 1)
+    elif kind == "TAG":
+        for name in sorted(entry.tags):
+            yield from _leaf_configs(tm, name, depth + 1)
+    else:
+        yield entry.name, dict(entry.cfg or {})
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def task_datasets(tm: Any, specs: Iterable[str]) -> list[TaskDataset]:
+    """The datasets behind ``specs`` (task, group or tag names), one entry per (path, name)."""
+    found: dict[tuple[Any, Any], TaskDataset] = {}
+    for spec in specs:
+        for task, cfg in _leaf_configs(tm, spec):
+            key = (cfg.get("dataset_path"), cfg.get("dataset_name"))
+            ds = found.setdefault(key, TaskDataset(key[0], key[1], dict(cfg.get("dataset_kwargs") or {})))
+            ds.tasks.append(task)
+    return list(found.values())
+
+
+def check_task_names(tm: Any, specs: Iterable[str]) -> None:
+    """Unknown task names are an error naming close matches (and where custom tasks come from)."""
+    for spec in specs:
+        if spec in tm.task_index or Path(spec).is_file():
+            continue
+        close = difflib.get_close_matches(spec, tm.all_tasks, n=4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise IptError(f"eval: {spec!r} is not an lm-eval task, group or tag{hint} (custom tasks: --include-path DIR)")
+
+
+def _top_level(loaded: dict[str, Any]) -> list[Any]:
+    """The Group and Task objects of one ``TaskManager.load`` result that no loaded group contains."""
+    children = {c for kids in (loaded.get("group_map") or {}).values() for c in kids}
+    groups = [g for name, g in (loaded.get("groups") or {}).items() if name not in children]
+    return groups + [t for name, t in loaded["tasks"].items() if name not in children]
+
+
+def load_tasks(tm: Any, specs: Sequence[str], *, cfg: EvalConfig | None = None) -> dict[str, list[Any]]:
+    """Build every task of ``specs`` (this reads its dataset: from the HF cache offline) before any model loads.
+
+    Returns spec -> the lm-eval Task/Group objects to hand to ``simple_evaluate``. Every spec whose dataset is
+    unavailable is collected into one :class:`DatasetUnavailable` naming the datasets and how to fetch them.
+    """
+    check_task_names(tm, specs)
+    built: dict[str, list[Any]] = {}
+    failed: list[tuple[str, OSError]] = []
+    for spec in dict.fromkeys(specs):
+        try:
+            built[spec] = _top_level(tm.load([spec]))
+        except OSError as exc:  # ConnectionError: offline or no network; FileNotFoundError: local files missing
+            failed.append((spec, exc))
+    if failed:
+        raise DatasetUnavailable(offline_message(tm, failed, cfg))
+    return built
+
+
+def offline_message(tm: Any, failed: list[tuple[str, OSError]], cfg: EvalConfig | None) -> str:
+    """What is missing and how to get it: the prefetch command and a ``datasets.load_dataset`` line per dataset."""
+    import datasets
+
+    cache = datasets.config.HF_DATASETS_CACHE
+    offline = datasets.config.HF_HUB_OFFLINE
+    network = any(isinstance(exc, ConnectionError) for _, exc in failed)
+    mode = "offline mode: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set" if offline else "no network?"
+    lines = [
+        f"eval: the data of {len(failed)} task(s) could not be loaded"
+        + (f" ({mode}; datasets cache: {cache})" if network else "")
+        + ":"
+    ]
+    hub: list[TaskDataset] = []
+    for spec, exc in failed:
+        refs = task_datasets(tm, [spec])
+        for ds in refs[:3]:
+            more = f" and {len(ds.tasks) - 1} more task(s)" if len(ds.tasks) > 1 else ""
+            lines.append(f"  {spec}: needs dataset {ds.describe()} (task {ds.tasks[0]}{more})")
+        if len(refs) > 3:
+            lines.append(f"  {spec}: ... and {len(refs) - 3} more dataset(s)")
+        lines.append(f"    error: {exc}")
+        hub += [ds for ds in refs if not ds.local and ds.path]
+    local = [spec for spec, exc in failed if not isinstance(exc, ConnectionError)]
+    if local:
+        lines.append(f"Check the data_files of the custom task(s) {', '.join(local)} (paths must exist on this node).")
+    if hub:
+        names = ",".join(spec for spec, _ in failed)
+        inc = "".join(f" --include-path {shlex.quote(p)}" for p in (cfg.include_path if cfg else []))
+        env = f"HF_HOME={shlex.quote(os.environ['HF_HOME'])} " if "HF_HOME" in os.environ else ""
+        lines.append(
+            "Download them on a node with network into the cache the evaluation reads (the same HF_HOME or"
+            " HF_DATASETS_CACHE, e.g. on a shared file system), then rerun with HF_DATASETS_OFFLINE=1:"
+        )
+        lines.append(f"  {env}python -m ipt_hpc.launch eval --prefetch --tasks {names}{inc}")
+        lines.append("or by hand, one line per dataset (lm-eval loads exactly these):")
+        shown = hub[:4]
+        lines += [f"  {env}{ds.load_line()}" for ds in shown]
+        if len(hub) > len(shown):
+            lines.append(f"  ... {len(hub) - len(shown)} more (--prefetch fetches them all)")
+    return "\n".join(lines)
+
+
+def prefetch(cfg: EvalConfig, groups: Sequence[str] | None = None) -> list[TaskDataset]:
+    """Download the datasets of the selected groups into the HF cache (run where there is network)."""
+    import datasets
+
+    if datasets.config.HF_HUB_OFFLINE:
+        raise IptError("eval --prefetch downloads datasets: unset HF_DATASETS_OFFLINE and HF_HUB_OFFLINE")
+    names = list(groups) if groups else list(cfg.groups)
+    specs = [t for g in names for t in _group(cfg, g).tasks]
+    tm = task_manager(cfg)
+    load_tasks(tm, specs, cfg=cfg)
+    return task_datasets(tm, specs)
+
+
+def _group(cfg: EvalConfig, name: str) -> Any:
+    if name not in cfg.groups:
+        raise IptError(f"eval: unknown group {name!r}; configured: {', '.join(cfg.groups)}")
+    return cfg.groups[name]
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def fingerprint(cfg: EvalConfig, p: GroupPlan) -> str:
+    """What decides a group's scores: the model's files, the plan and settings, lm-eval's version."""
+    model = Path(cfg.model or "")
+    files = (
+        sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model.iterdir() if f.is_file())
+        if model.is_dir()
+        else []
+    )
+    return config_hash(
+        {
+            "model": str(model.resolve()) if model.is_dir() else cfg.model,
+            "model_files": files,
+            "tasks": list(p.tasks),
+            "num_fewshot": p.num_fewshot,
+            "model_args": {k: str(v) for k, v in p.model_args.items()},
+            "limit": cfg.limit,
+            "seed": cfg.seed,
+            "include_path": [str(Path(x).resolve()) for x in cfg.include_path],
+            "lm_eval": _lm_eval_version(),
+        }
+    )
+
+
+def _dumps(obj: Any) -> bytes:
+    from lm_eval.utils import handle_non_serializable
+
+    return (json.dumps(obj, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n").encode()
+
+
+def run(
+    cfg: EvalConfig,
+    out_dir: str | os.PathLike[str],
+    groups: Sequence[str] | None = None,
+    force: bool = False,
+    *,
+    log_fn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate every selected group; write ``<group>.json``, ``manifest.json`` and ``results.md`` in ``out_dir``.
+
+    A group whose JSON exists with the same fingerprint is skipped unless ``force``. All datasets are
+    loaded (and the tokenizer's BOS checked) before the model, so an offline node fails in seconds.
+    """
+    say = log_fn or log.info
+    plans = plan(cfg, groups)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST
+    manifest = read_json(manifest_path) if manifest_path.exists() else {"groups": {}}
+    todo = []
+    for p in plans:
+        fp = fingerprint(cfg, p)
+        done = manifest["groups"].get(p.name, {})
+        if not force and done.get("fingerprint") == fp and (out / f"{p.name}.json").exists():
+            say(f"eval {p.name}: done already ({out / (p.name + '.json')}); --force redoes it")
+            continue
+        todo.append((p, fp))
+    if todo:
+        if cfg.require_bos and cfg.add_bos_token:
+            bos = check_bos(cfg.model or "", trust_remote_code=bool(cfg.model_args.get("trust_remote_code", False)))
+            say(f"eval: tokenizer prepends BOS (id {bos}) with add_bos_token=True")
+        tm = task_manager(cfg)
+        loaded = load_tasks(tm, [t for p, _ in todo for t in p.tasks], cfg=cfg)
+        handler = _file_log(out)
+        try:
+            for p, fp in todo:
+                _evaluate_group(cfg, p, fp, tm, loaded, out, manifest, say)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    table = write_table(out)
+    say(f"eval: {table}")
+    return {"out": str(out), "groups": [p.name for p in plans], "ran": [p.name for p, _ in todo], "table": str(table)}
+
+
+def _file_log(out: Path) -> logging.Handler:
+    """lm-eval's and our log lines also go to ``RUN/eval/_state/eval.log``."""
+    (out / "_state").mkdir(exist_ok=True)
+    handler = logging.FileHandler(out / "_state" / "eval.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def _evaluate_group(
+    cfg: EvalConfig,
+    p: GroupPlan,
+    fp: str,
+    tm: Any,
+    loaded: dict[str, list[Any]],
+    out: Path,
+    manifest: dict[str, Any],
+    say: Callable[[str], None],
+) -> None:
+    import lm_eval
+
+    say(f"eval {p.name}: {','.join(p.tasks)}, num_fewshot {p.num_fewshot}; as: {p.lm_eval_command(cfg)}")
+    started = time.time()
+    random_seed, numpy_seed, torch_seed, fewshot_seed = cfg.seed
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=dict(p.model_args),
+        tasks=[obj for spec in p.tasks for obj in loaded[spec]],
+        num_fewshot=p.num_fewshot,
+        batch_size=p.batch_size,
+        max_batch_size=cfg.max_batch_size,
+        device=resolve_device(cfg.device),
+        limit=cfg.limit,
+        log_samples=cfg.log_samples,
+        gen_kwargs=dict(GEN_KWARGS),
+        task_manager=tm,
+        random_seed=random_seed,
+        numpy_random_seed=numpy_seed,
+        torch_random_seed=torch_seed,
+        fewshot_random_seed=fewshot_seed,
+    )
+    if results is None:  # not rank 0 of a distributed run: rank 0 writes
+        return
+    samples = results.pop("samples", None)
+    seconds = time.time() - started
+    results["ipt_hpc"] = {
+        "group": p.name,
+        "tasks": list(p.tasks),
+        "num_fewshot": p.num_fewshot,
+        "lm_eval_command": p.lm_eval_command(cfg),
+        "fingerprint": fp,
+        "seconds": round(seconds, 1),
+    }
+    atomic_write_bytes(out / f"{p.name}.json", _dumps(results))
+    if samples is not None and cfg.log_samples:
+        atomic_write_bytes(out / f"{p.name}.samples.json", _dumps(samples))
+    manifest["groups"][p.name] = {
+        "file": f"{p.name}.json",
+        "fingerprint": fp,
+        "model": cfg.model,
+        "tasks": list(p.tasks),
+        "num_fewshot": p.num_fewshot,
+        "lm_eval": _lm_eval_version(),
+        "seconds": round(seconds, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    say(f"eval {p.name}: {out / (p.name + '.json')} ({seconds:.0f} s)")
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+
+def paper_results() -> dict[str, Any]:
+    """The paper's reported scores (``ipt_hpc/data/paper_results.json``; null where not yet filled in)."""
+    return json.loads(resources.files("ipt_hpc").joinpath("data/paper_results.json").read_text(encoding="utf-8"))
+
+
+def _score(metrics: dict[str, Any], metric: str | None) -> tuple[str, float, Any] | None:
+    for name in [metric] if metric else ["acc_norm", "acc"]:
+        value = metrics.get(f"{name},none")
+        if isinstance(value, (int, float)):
+            return name, float(value), metrics.get(f"{name}_stderr,none")
+    return None
+
+
+def _cell(score: tuple[str, float, Any] | None) -> str:
+    if score is None:
+        return "–"
+    _, value, stderr = score
+    err = f" ± {100 * stderr:.1f}" if isinstance(stderr, (int, float)) else ""
+    return f"{100 * value:.1f}{err}"
+
+
+def _paper_cell(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.1f}"
+
+
+def write_table(out_dir: str | os.PathLike[str]) -> Path:
+    """``results.md``: every group JSON in ``out_dir`` side by side with the paper's numbers."""
+    out = Path(out_dir)
+    manifest = read_json(out / MANIFEST) if (out / MANIFEST).exists() else {"groups": {}}
+    runs = {g: read_json(out / info["file"]) for g, info in manifest["groups"].items() if (out / info["file"]).exists()}
+    paper = paper_results()
+    models = paper["models"]
+    merged: dict[str, dict[str, Any]] = {}
+    nshot: dict[str, Any] = {}
+    requested: list[str] = []
+    for res in runs.values():
+        ours = res.get("ipt_hpc", {})
+        nshot.update({t: ours.get("num_fewshot") for t in ours.get("tasks", [])})  # groups (mmlu): the group's shots
+        nshot.update(res.get("n-shot", {}))
+        merged.update(res.get("results", {}))
+        requested += ours.get("tasks", [])
+    header = ["Benchmark", "lm-eval task", "n-shot", "metric", "ours", *models]
+    rows = []
+    listed = set()
+    for bench in paper["benchmarks"]:
+        task = bench["task"]
+        listed.add(task)
+        score = _score(merged[task], bench.get("metric")) if task in merged else None
+        shots = nshot.get(task, "") if score else ""
+        rows.append(
+            [bench["label"], task, str(shots), score[0] if score else (bench.get("metric") or ""), _cell(score)]
+            + [_paper_cell(bench["scores"].get(m)) for m in models]
+        )
+    for task in dict.fromkeys(requested):  # tasks we ran that the paper does not report (custom tasks)
+        if task in listed or task not in merged:
+            continue
+        score = _score(merged[task], None)
+        rows.append(
+            [task, task, str(nshot.get(task, "")), score[0] if score else "", _cell(score)] + ["–"] * len(models)
+        )
+    any_res = next(iter(runs.values()), {})
+    model = next((info.get("model") for info in manifest["groups"].values()), None)
+    lines = [
+        "# Evaluation results",
+        "",
+        f"Model: `{model}`" if runs else "No group has been evaluated yet.",
+        "",
+        f"lm-evaluation-harness {any_res.get('lm_eval_version', '')}, run as the InstructLM model card does:"
+        " `add_bos_token=True`, greedy (`do_sample=False`), batch size auto. Scores in %, ± standard error.",
+        "",
+    ]
+    limits = {g: r.get("config", {}).get("limit") for g, r in runs.items() if r.get("config", {}).get("limit")}
+    if limits:
+        lines += [f"**Not comparable with the paper**: run with `limit` {limits} (a subset of each task).", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    src = paper.get("source")
+    lines += [
+        "",
+        "Paper columns: "
+        + (src if src else "not yet filled in (`ipt_hpc/data/paper_results.json`; see docs/evaluation.md)")
+        + ". –: not run here / not reported.",
+        "Groups: "
+        + ", ".join(f"{g} ({r.get('ipt_hpc', {}).get('num_fewshot')}-shot: `{g}.json`)" for g, r in runs.items()),
+        "",
+    ]
+    path = out / TABLE
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
