@@ -484,6 +484,10 @@ def _evaluate_group(
 # ---------------------------------------------------------------------------------------------- table
 
 
+def _shots(n: int | None) -> str:
+    return "each task's default shots" if n is None else f"{n}-shot"
+
+
 def paper_results() -> dict[str, Any]:
     """The paper's reported scores (``ipt_hpc/data/paper_results.json``; null where not yet filled in)."""
     return json.loads(resources.files("ipt_hpc").joinpath("data/paper_results.json").read_text(encoding="utf-8"))
@@ -567,7 +571,7 @@ def write_table(out_dir: str | os.PathLike[str]) -> Path:
         + (src if src else "not yet filled in (`ipt_hpc/data/paper_results.json`; see docs/evaluation.md)")
         + ". –: not run here / not reported.",
         "Groups: "
-        + ", ".join(f"{g} ({r.get('ipt_hpc', {}).get('num_fewshot')}-shot: `{g}.json`)" for g, r in runs.items()),
+        + ", ".join(f"{g} ({_shots(r.get('ipt_hpc', {}).get('num_fewshot'))}: `{g}.json`)" for g, r in runs.items()),
         "",
     ]
     path = out / TABLE
