@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
+from .train.config import TrainConfig
 
 
 class _Section(BaseModel):
@@ -122,6 +123,7 @@ class Config(_Section):
     synth: SynthConfig = Field(default_factory=SynthConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:
