@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import signal
 import sys
@@ -31,6 +30,7 @@ from .metrics import MetricsLog
 from .model import build_model, flops_per_token, num_parameters, wrap_ddp
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: "saved a checkpoint, run me again" (the sbatch script requeues on it)
+STEP_SLEEP_ENV = "IPT_TRAIN_TEST_STEP_SLEEP"  # test hook: seconds to sleep after each step (signal tests)
 
 
 class StopFlag:
@@ -134,6 +134,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
     out = run_dir / "train"
     log = MetricsLog(out, enabled=rank == 0)
+    if rank == 0:
+        (out / "done.json").unlink(missing_ok=True)  # from an earlier, shorter run of this folder
 
     model = build_model(cfg, on_gpu=on_gpu, bf16=bf16)
     distributed_opt = cfg.distributed_optimizer == "on" or (cfg.distributed_optimizer == "auto" and on_gpu)
@@ -167,6 +169,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     device = torch.cuda.current_device() if on_gpu else "cpu"
     flag = torch.zeros(1, dtype=torch.int32, device=device)
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
+    step_sleep = float(os.environ.get(STEP_SLEEP_ENV, "0"))
     reason, interval_start, interval_steps = None, time.time(), 0
     while iteration < cfg.train_iters:
         ddp.zero_grad_buffer()
@@ -183,6 +186,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         iteration += 1
+        if step_sleep:
+            time.sleep(step_sleep)
         interval_steps += 1
 
         # the step's mean loss: last pipeline stage's micro-batch mean, averaged over all of its ranks
