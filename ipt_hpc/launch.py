@@ -430,7 +430,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             t = cfg.train
             print(f"train on {backend}: {' '.join(stage.torchrun_command(cfg, run))}")
             print(
-                f"  {t.model.num_layers} layers x {t.model.hidden_size}, TP {t.tensor_parallel} PP {t.pipeline_parallel},"
+                f"  {t.model.num_layers} layers x {t.model.hidden_size},"
+                f" TP {t.tensor_parallel} PP {t.pipeline_parallel},"
                 f" {t.train_iters} iterations of {t.global_batch_size} x {t.seq_length} tokens, groups {t.data.groups}"
             )
         return 0

@@ -203,7 +203,7 @@ def test_checkpoint_torn_by_sigkill_is_skipped_on_resume(tmp_path: Path, referen
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="tensor_parallel"):
         load_config(TINY, ["train.tensor_parallel=3"])
-    with pytest.raises(ConfigError, match="train.lr"):
+    with pytest.raises(ConfigError, match=r"train\.lr"):
         load_config(TINY, ["train.lr=fast"])
     from ipt_hpc.train.data import group_prefixes
 

@@ -92,6 +92,25 @@ def _state_dict(model: Any, optimizer: Any, scheduler: Any, iteration: int, on_g
     }
 
 
+def start_writer_helper(signal_names: list[str]) -> None:
+    """Start dist_checkpointing's helper process now, deaf to the stop signals.
+
+    Its file writer collects results through a ``multiprocessing`` manager, a child process started at the
+    first save. Slurm delivers the warning signal and SIGTERM to every process of a job step, and the
+    default action of both would kill that helper in the middle of the very save they ask for. Ignored
+    signals stay ignored across the helper's exec, so it is started here with them ignored.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    numbers = [getattr(signal, f"SIG{n.upper().removeprefix('SIG')}") for n in signal_names]
+    previous = [signal.signal(n, signal.SIG_IGN) for n in numbers]
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for n, handler in zip(numbers, previous, strict=True):
+            signal.signal(n, handler)
+
+
 def save(root: Path, model: Any, optimizer: Any, scheduler: Any, iteration: int, meta: dict, on_gpu: bool) -> Path:
     """Save a complete checkpoint of ``iteration`` (all ranks call this); returns its folder."""
     from megatron.core import dist_checkpointing

@@ -147,6 +147,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     config.grad_scale_func = optimizer.scale_loss
 
     ckpt_root = out / "checkpoints"
+    checkpoint.start_writer_helper([cfg.exit_signal, "TERM"])
     iteration = 0
     resume_from = checkpoint.latest(ckpt_root)
     if resume_from is not None:
