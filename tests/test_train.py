@@ -231,3 +231,23 @@ def test_slurm_dry_run_prints_a_quoted_multi_node_script(tmp_path: Path) -> None
     ).stdout.splitlines()
     assert listed[0] == str(run.resolve()) and listed[1] == "--config"
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.gpu
+def test_distributed_optimizer_checkpoint_resumes_exactly_on_gpu(tmp_path: Path) -> None:
+    """GPU only (not run here): bf16 + distributed optimizer; a resume from a saved checkpoint repeats the losses."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    n = min(2, torch.cuda.device_count())
+    ref = new_run(tmp_path, "gpu-ref")
+    assert finish(start(ref, n, "train.distributed_optimizer=on", "train.precision=bf16")) == 0, tail(ref)
+    run = new_run(tmp_path, "gpu")
+    proc = start(run, n, "train.distributed_optimizer=on", "train.precision=bf16", IPT_TRAIN_TEST_STEP_SLEEP="0.3")
+    wait_for_step(run, 6, proc)
+    for pid in ranks(proc).values():
+        os.kill(pid, signal.SIGUSR1)
+    finish(proc)
+    assert events(run)[-1]["event"] == "exit", tail(run)
+    assert finish(start(run, n, "train.distributed_optimizer=on", "train.precision=bf16")) == 0, tail(run)
+    assert losses(run) == losses(ref)
