@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .train.config import TrainConfig
 
 
 class _Section(BaseModel):
@@ -207,6 +208,7 @@ class Config(_Section):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:

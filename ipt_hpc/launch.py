@@ -229,6 +229,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_merge)
 
     p = sub.add_parser(
+        "train",
+        help="pre-train with Megatron-Core (TP/PP/DP) on the run's tokenized groups; resumes from checkpoints",
+        description="Train a Llama-style GPTModel with Megatron-Core on RUN/tokens/<group> blends (train.data.groups)."
+        " Writes RUN/train/: config.yaml, log.jsonl, loss.png, checkpoints/. Rerunning resumes from the latest"
+        " complete checkpoint. local: torchrun with train.ranks_per_node ranks here; slurm: one job of train.nodes"
+        " nodes (slurm/train.sbatch), requeued after the warning signal; debug: one rank in this process.",
+        epilog="examples:\n  python -m ipt_hpc.launch train --config configs/train/tiny.yaml --run runs/demo\n"
+        "  python -m ipt_hpc.launch train --config configs/train/tiny.yaml --run runs/demo"
+        " --set train.tensor_parallel=2 --set train.ranks_per_node=2\n"
+        "  python -m ipt_hpc.launch train --config configs/train/instructlm-500m.yaml --run /scratch/rw"
+        " --executor slurm --nodes 4 --ranks-per-node 8 --set execution.slurm.gpus_per_node=8 --dry-run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", metavar="RUN", required=True, help="run folder (reads RUN/tokens, writes RUN/train)")
+    p.add_argument("--nodes", type=int, metavar="N", help="train.nodes (Slurm)")
+    p.add_argument("--ranks-per-node", type=int, metavar="G", help="train.ranks_per_node (one per GPU)")
+    p.add_argument("--iters", type=int, metavar="N", help="train.train_iters")
+    p.add_argument("--signal", metavar="NAME", help="train.exit_signal: Slurm's warning signal (default USR1)")
+    p.add_argument("--exit-duration", type=float, metavar="MIN", help="train.exit_duration_min: save and exit after")
+    _common(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser(
         "pipeline",
         help="submit every available stage at once, chained with Slurm afterok dependencies",
         description="Submit (Slurm) or run (local) every stage this version provides, in order. On Slurm each"
@@ -551,6 +574,47 @@ def cmd_merge(args: argparse.Namespace) -> int:
     manifest = merge_group(load_stage_run(Path(args.run) / "tokens" / args.group))
     print(f"{manifest['dataset']}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import stage
+
+    flags = _flag_values(
+        args,
+        {
+            "nodes": "train.nodes",
+            "ranks_per_node": "train.ranks_per_node",
+            "iters": "train.train_iters",
+            "signal": "train.exit_signal",
+            "exit_duration": "train.exit_duration_min",
+            "executor": "execution.backend",
+            "partition": "execution.slurm.partition",
+        },
+    )
+    cfg = load_config(args.config, args.overrides, flags)
+    run = Path(args.run)
+    backend = cfg.execution.backend
+    if args.dry_run:
+        if backend == "slurm":
+            sys.stdout.write(stage.slurm_script(cfg, run))
+        else:
+            t = cfg.train
+            print(f"train on {backend}: {' '.join(stage.torchrun_command(cfg, run))}")
+            print(
+                f"  {t.model.num_layers} layers x {t.model.hidden_size},"
+                f" TP {t.tensor_parallel} PP {t.pipeline_parallel},"
+                f" {t.train_iters} iterations of {t.global_batch_size} x {t.seq_length} tokens, groups {t.data.groups}"
+            )
+        return 0
+    if backend == "slurm":
+        job = stage.submit_slurm(cfg, run)
+        print(f"submitted training job {job}; log: {run / 'train' / 'log.jsonl'}, {run / 'train' / 'logs'}")
+        return 0
+    rc = stage.run_debug(cfg, run) if backend == "debug" else stage.run_local(cfg, run)
+    if rc == 75:
+        print("train: stopped early with a complete checkpoint; rerun the same command to resume", file=sys.stderr)
+    return rc
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:

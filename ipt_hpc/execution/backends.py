@@ -155,6 +155,13 @@ def submit_job(
     return str(executor.submit(fn, *args).job_id)
 
 
+def submit_script(script: str, path: Path) -> str:
+    """Write an sbatch script to ``path`` (kept next to the run's logs) and submit it; returns the job id."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script, encoding="utf-8")
+    return _slurm("sbatch", "--parsable", str(path)).strip().split(";")[0]
+
+
 def queue_states(job_ids: Sequence[str]) -> dict[str, str]:
     """Live Slurm state of every task of the given (array) jobs: ``{"123_4": "RUNNING", ...}``.
 

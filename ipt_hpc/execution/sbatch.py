@@ -119,3 +119,60 @@ def run_shards(stage_dir: str | os.PathLike[str], task_index: int, per_task: int
             failed += 1
             print(f"run-shard: shard {k} failed: {exc}", file=sys.stderr)
     return 1 if failed else 0
+
+
+TRAIN_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
+
+
+def render_train(
+    run_dir: str | os.PathLike[str],
+    cfg: ExecutionConfig,
+    *,
+    nodes: int,
+    ranks_per_node: int,
+    signal_name: str,
+    signal_delay_s: int,
+    args: list[str],
+    python: str | None = None,
+) -> str:
+    """``slurm/train.sbatch`` with this run's ``#SBATCH`` options, setup lines and arguments baked in.
+
+    The template's own ``#SBATCH`` defaults are replaced; its body (rendezvous, NCCL settings, signal
+    forwarding, requeue on exit code 75) is kept as is. Every substituted value is quoted.
+    """
+    try:
+        template = TRAIN_TEMPLATE.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise IptError(f"{TRAIN_TEMPLATE}: cannot read the training job template ({exc.strerror})") from exc
+    last = max(i for i, line in enumerate(template) if line.startswith("#SBATCH"))
+    logs = Path(run_dir).resolve() / "train" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    s = cfg.slurm
+    options: dict[str, Any] = {
+        "job-name": "ipt-train",
+        "nodes": nodes,
+        "ntasks-per-node": ranks_per_node,
+        "requeue": True,
+        "signal": f"B:{signal_name}@{signal_delay_s}",
+        "open-mode": "append",
+        "output": str(logs / "slurm-%j.out"),
+        "time": s.time_min,
+        "partition": s.partition,
+        "account": s.account,
+        "qos": s.qos,
+        "cpus-per-task": s.cpus_per_task,
+        "gpus-per-node": s.gpus_per_node,
+        "mem": f"{int(s.mem_gb * 1024)}M" if s.mem_gb else None,
+        "constraint": s.constraint,
+        **{k.replace("_", "-"): v for k, v in s.extra_sbatch.items()},
+    }
+    lines = ["#!/bin/bash", f"# ipt_hpc train of {Path(run_dir).resolve()}: rendered from slurm/train.sbatch"]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        lines.append(f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={_value(key, value)}")
+    lines += list(s.setup)
+    lines.append(f"export IPT_PYTHON={shlex.quote(python or sys.executable)}")
+    lines.append(f"export IPT_TRAIN_SIGNAL={shlex.quote(signal_name)}")
+    lines.append("set -- " + " ".join(shlex.quote(a) for a in [str(Path(run_dir).resolve()), *args]))
+    return "\n".join(lines + template[last + 1 :]) + "\n"

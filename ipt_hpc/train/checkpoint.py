@@ -1,0 +1,165 @@
+"""Checkpoints: Megatron ``dist_checkpointing`` saves of model, optimizer, schedule, iteration and RNG.
+
+Layout under ``RUN/train/checkpoints/``::
+
+    iter_0000040/          a complete checkpoint (dist_checkpointing files + meta.json)
+    iter_0000060.tmp/      being written (or torn by a kill): never loaded, removed by the next save
+    latest.json            {"iteration": 40, "dir": "iter_0000040"}: written last, atomically
+
+A save writes into ``iter_N.tmp``, then rank 0 writes ``meta.json``, renames the folder to ``iter_N`` and
+only then replaces ``latest.json``. A save killed at any point leaves the previous checkpoint as the
+latest complete one. The data position is the iteration itself (see :mod:`.data`), and the sharded
+format lets a run resume with another data-parallel size.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atomic import fsync_dir, read_json, write_json_atomic
+
+COMPLETE = re.compile(r"^iter_(\d{7})$")
+TRACKER = "latest.json"
+KILL_DURING_SAVE_ENV = "IPT_TRAIN_TEST_KILL_DURING_SAVE"  # test hook: SIGKILL rank 0 mid-save at iteration N
+
+
+def iter_dir(root: Path, iteration: int) -> Path:
+    return root / f"iter_{iteration:07d}"
+
+
+def latest(root: Path) -> Path | None:
+    """The latest complete checkpoint: the tracker's, else the highest complete ``iter_N`` folder."""
+    tracker = root / TRACKER
+    if tracker.exists():
+        folder = root / read_json(tracker)["dir"]
+        if (folder / "meta.json").exists():
+            return folder
+    complete = sorted(p for p in root.glob("iter_*") if COMPLETE.match(p.name) and (p / "meta.json").exists())
+    return complete[-1] if complete else None
+
+
+def _rng_state(on_gpu: bool) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if on_gpu:
+        from megatron.core import tensor_parallel
+
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], on_gpu: bool) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if on_gpu and "cuda" in state:
+        from megatron.core import tensor_parallel
+
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _state_dict(model: Any, optimizer: Any, scheduler: Any, iteration: int, on_gpu: bool, *, loading: bool) -> dict:
+    """The sharded state dict of everything a resume needs (RNG: one object per model-parallel rank)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_sd = model.module.sharded_state_dict()
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}  # reloadable at another DP size
+    rng = ShardedObject(
+        "rng_state",
+        _rng_state(on_gpu),
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(),
+    )
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=metadata),
+        "scheduler": scheduler.state_dict(),
+        "iteration": iteration,
+        "rng_state": rng,
+    }
+
+
+def start_writer_helper(signal_names: list[str]) -> None:
+    """Start dist_checkpointing's helper process now, deaf to the stop signals.
+
+    Its file writer collects results through a ``multiprocessing`` manager, a child process started at the
+    first save. Slurm delivers the warning signal and SIGTERM to every process of a job step, and the
+    default action of both would kill that helper in the middle of the very save they ask for. Ignored
+    signals stay ignored across the helper's exec, so it is started here with them ignored.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    numbers = [getattr(signal, f"SIG{n.upper().removeprefix('SIG')}") for n in signal_names]
+    previous = [signal.signal(n, signal.SIG_IGN) for n in numbers]
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for n, handler in zip(numbers, previous, strict=True):
+            signal.signal(n, handler)
+
+
+def save(root: Path, model: Any, optimizer: Any, scheduler: Any, iteration: int, meta: dict, on_gpu: bool) -> Path:
+    """Save a complete checkpoint of ``iteration`` (all ranks call this); returns its folder."""
+    from megatron.core import dist_checkpointing
+
+    rank = torch.distributed.get_rank()
+    final, tmp = iter_dir(root, iteration), root / f"iter_{iteration:07d}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in [tmp, final]:  # a torn save of this iteration, or one redone after a crash before the tracker
+            if stale.exists():
+                shutil.rmtree(stale)
+        tmp.mkdir()
+    torch.distributed.barrier()
+    started = time.time()
+    dist_checkpointing.save(_state_dict(model, optimizer, scheduler, iteration, on_gpu, loading=False), str(tmp))
+    torch.distributed.barrier()
+    if rank == 0:
+        if os.environ.get(KILL_DURING_SAVE_ENV) == str(iteration):
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: the files are written, the checkpoint is not complete
+        write_json_atomic(
+            tmp / "meta.json", {**meta, "iteration": iteration, "save_s": round(time.time() - started, 3)}
+        )
+        os.replace(tmp, final)
+        fsync_dir(root)
+        write_json_atomic(root / TRACKER, {"iteration": iteration, "dir": final.name})
+    torch.distributed.barrier()
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints, and torn ``.tmp`` folders (rank 0)."""
+    if torch.distributed.get_rank() != 0:
+        return
+    complete = sorted(p for p in root.glob("iter_*") if COMPLETE.match(p.name))
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for torn in root.glob("iter_*.tmp"):
+        shutil.rmtree(torn, ignore_errors=True)
+
+
+def load(folder: Path, model: Any, optimizer: Any, scheduler: Any, on_gpu: bool) -> int:
+    """Load a complete checkpoint into the live objects; returns its iteration."""
+    from megatron.core import dist_checkpointing
+
+    iteration = read_json(folder / "meta.json")["iteration"]
+    template = _state_dict(model, optimizer, scheduler, iteration, on_gpu, loading=True)
+    state = dist_checkpointing.load(template, str(folder))
+    model.module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng_state"], on_gpu)
+    return int(state["iteration"])

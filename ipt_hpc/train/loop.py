@@ -1,0 +1,282 @@
+"""The training loop, top to bottom: one process per rank (torchrun locally, srun on Slurm).
+
+    setup -> model + DDP + optimizer + schedule -> resume -> for each step: forward/backward over the
+    micro-batches (pipelined when PP > 1), optimizer step, log; stop on a signal or the time budget.
+
+Preemption protocol: the warning signal (``train.exit_signal``, e.g. USR1 from ``sbatch --signal``) and
+SIGTERM only set a flag. After every step all ranks all-reduce the flag (MAX), so they agree on the step
+at which to stop; then they save a complete checkpoint and exit with :data:`EXIT_RESUME` (the Slurm
+script requeues the job on that code). A restarted job resumes from the latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import write_json_atomic
+from . import checkpoint, cpu_shims
+from .config import TrainConfig
+from .data import build_dataset, micro_batches
+from .metrics import MetricsLog
+from .model import build_model, flops_per_token, num_parameters, wrap_ddp
+
+EXIT_RESUME = 75  # EX_TEMPFAIL: "saved a checkpoint, run me again" (the sbatch script requeues on it)
+STEP_SLEEP_ENV = "IPT_TRAIN_TEST_STEP_SLEEP"  # test hook: seconds to sleep after each step (signal tests)
+
+
+class StopFlag:
+    """Set by the warning signal / SIGTERM; read only between steps, so a step is never cut in half."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.reason: str | None = None
+        for name in names:
+            signal.signal(getattr(signal, f"SIG{name.upper().removeprefix('SIG')}"), self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reason = signal.Signals(signum).name
+
+
+def _init_distributed(on_gpu: bool) -> None:
+    """Join the process group from torchrun's or srun's environment (srun: SLURM_PROCID, SLURM_NTASKS)."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = (
+            env["SLURM_PROCID"],
+            env["SLURM_NTASKS"],
+            env["SLURM_LOCALID"],
+        )
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29511")
+    if on_gpu:
+        torch.cuda.set_device(int(env["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean next-token cross-entropy over the unmasked positions of one micro-batch."""
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(output.view(-1).float() * mask) / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone()}  # clone: the schedule divides the loss in place
+
+
+def _forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(_loss_func, batch["loss_mask"])
+
+
+def _optimizer(cfg: TrainConfig, ddp: Any, *, bf16: bool, distributed: bool) -> tuple[Any, Any]:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed,
+    )
+    optimizer = get_megatron_optimizer(opt_cfg, [ddp])
+    decay = cfg.lr_decay_iters or cfg.train_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if cfg.lr_warmup_iters else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_iters,
+        lr_decay_steps=max(decay, cfg.lr_warmup_iters + 1),
+        lr_decay_style="cosine",
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=decay,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> int:
+    """Train (or resume) on this rank; returns the exit code (0 done, EXIT_RESUME saved for a requeue)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    started = time.time()
+    on_gpu = torch.cuda.is_available()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+    stop = StopFlag([cfg.exit_signal, "TERM"])  # before the (slow) setup: a signal during it is kept
+    _init_distributed(on_gpu)
+    cpu_shims.apply()  # no-op with CUDA
+    ps.initialize_model_parallel(cfg.tensor_parallel, cfg.pipeline_parallel)
+    rank, dp, dp_rank = torch.distributed.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        raise SystemExit(f"train: global_batch_size {cfg.global_batch_size} is not a multiple of micro x DP {dp}")
+    torch.manual_seed(cfg.seed)
+    if on_gpu:
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
+    out = run_dir / "train"
+    log = MetricsLog(out, enabled=rank == 0)
+    if rank == 0:
+        (out / "done.json").unlink(missing_ok=True)  # from an earlier, shorter run of this folder
+
+    model = build_model(cfg, on_gpu=on_gpu, bf16=bf16)
+    distributed_opt = cfg.distributed_optimizer == "on" or (cfg.distributed_optimizer == "auto" and on_gpu)
+    ddp = wrap_ddp(model, cfg, use_distributed_optimizer=distributed_opt)
+    optimizer, scheduler = _optimizer(cfg, ddp, bf16=bf16, distributed=distributed_opt)
+    config = model.config  # the pipeline schedules read these hooks
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+
+    ckpt_root = out / "checkpoints"
+    checkpoint.start_writer_helper([cfg.exit_signal, "TERM"])
+    iteration = 0
+    resume_from = checkpoint.latest(ckpt_root)
+    if resume_from is not None:
+        iteration = checkpoint.load(resume_from, ddp, optimizer, scheduler, on_gpu)
+    dataset = build_dataset(cfg, run_dir, out / "cache")
+    log.event(
+        "resume" if resume_from else "start",
+        iteration=iteration,
+        world_size=torch.distributed.get_world_size(),
+        tp=cfg.tensor_parallel,
+        pp=cfg.pipeline_parallel,
+        dp=dp,
+        parameters=num_parameters(cfg),
+        device="cuda" if on_gpu else "cpu",
+        setup_s=round(time.time() - started, 2),
+    )
+
+    forward_backward = get_forward_backward_func()
+    num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
+    device = torch.cuda.current_device() if on_gpu else "cpu"
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    tokens_per_step = cfg.global_batch_size * cfg.seq_length
+    step_sleep = float(os.environ.get(STEP_SLEEP_ENV, "0"))
+    reason, interval_start, interval_steps = None, time.time(), 0
+    while iteration < cfg.train_iters:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=micro_batches(dataset, cfg, iteration, dp_rank, dp, device),
+            model=[ddp],
+            num_microbatches=num_micro,
+            seq_length=cfg.seq_length,
+            micro_batch_size=cfg.micro_batch_size,
+            forward_only=False,
+        )
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        iteration += 1
+        if step_sleep:
+            time.sleep(step_sleep)
+        interval_steps += 1
+
+        # the step's mean loss: last pipeline stage's micro-batch mean, averaged over all of its ranks
+        loss = torch.zeros(1, dtype=torch.float64, device=device)
+        if ps.is_pipeline_last_stage():
+            loss += torch.stack([x["lm loss"].double() for x in losses]).mean()
+        # one all-reduce for the loss and one for the stop flag: every rank agrees on where to stop
+        torch.distributed.all_reduce(loss)
+        flag.fill_(1 if (stop.reason or _over_time(cfg, started)) else 0)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters or flag.item():
+            elapsed = time.time() - interval_start
+            tps = tokens_per_step * interval_steps / elapsed
+            log.step(
+                iteration=iteration,
+                loss=loss.item() / (cfg.tensor_parallel * dp),
+                lr=scheduler.get_lr(optimizer.param_groups[0]),
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                tokens_per_s=round(tps, 1),
+                mfu=round(flops_per_token(cfg) * tps / (cfg.peak_flops * torch.distributed.get_world_size()), 4)
+                if on_gpu
+                else None,
+                step_s=round(elapsed / interval_steps, 4),
+            )
+            interval_start, interval_steps = time.time(), 0
+        if flag.item():
+            reason = stop.reason or "exit-duration"
+            break
+        if cfg.save_interval and iteration % cfg.save_interval == 0 and iteration < cfg.train_iters:
+            _save(ckpt_root, ddp, optimizer, scheduler, iteration, cfg, on_gpu, log, dp)
+
+    _save(ckpt_root, ddp, optimizer, scheduler, iteration, cfg, on_gpu, log, dp)
+    done = iteration >= cfg.train_iters
+    log.event("done" if done else "exit", iteration=iteration, reason=reason)
+    if done and rank == 0:
+        write_json_atomic(
+            out / "done.json", {"iteration": iteration, "checkpoint": str(checkpoint.iter_dir(ckpt_root, iteration))}
+        )
+    log.close()
+    torch.distributed.barrier()
+    ps.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+    return 0 if done else EXIT_RESUME
+
+
+def _over_time(cfg: TrainConfig, started: float) -> bool:
+    return cfg.exit_duration_min is not None and time.time() - started > cfg.exit_duration_min * 60
+
+
+def _save(
+    root: Path,
+    ddp: Any,
+    optimizer: Any,
+    scheduler: Any,
+    iteration: int,
+    cfg: TrainConfig,
+    on_gpu: bool,
+    log: MetricsLog,
+    dp: int,
+) -> None:
+    if checkpoint.latest(root) == checkpoint.iter_dir(root, iteration):
+        return  # already saved (e.g. a resumed run stopped again before its first step)
+    t0 = time.time()
+    meta = {
+        "dp": dp,
+        "tp": cfg.tensor_parallel,
+        "pp": cfg.pipeline_parallel,
+        "tokens": iteration * cfg.global_batch_size * cfg.seq_length,
+    }
+    folder = checkpoint.save(root, ddp, optimizer, scheduler, iteration, meta, on_gpu)
+    checkpoint.prune(root, cfg.keep_checkpoints)
+    log.event("save", iteration=iteration, dir=folder.name, seconds=round(time.time() - t0, 3))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rank entry point: ``python -m ipt_hpc.train RUN [--config FILE] [--set KEY=VALUE ...]``."""
+    from ..config import load_config
+    from .stage import resolved_config_path
+
+    p = argparse.ArgumentParser(prog="python -m ipt_hpc.train", description="one training rank (use launch train)")
+    p.add_argument("run", help="run folder (reads RUN/tokens, writes RUN/train)")
+    p.add_argument("--config", help="config file (default: the run's resolved RUN/train/config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    run_dir = Path(args.run)
+    cfg = load_config(args.config or resolved_config_path(run_dir), args.overrides).train
+    return train(cfg, run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The model: Megatron-Core's ``GPTModel`` with a Llama/Mistral-style spec, built for this rank's
+tensor/pipeline slice, then wrapped in Megatron's ``DistributedDataParallel``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+
+
+def transformer_config(cfg: TrainConfig, *, on_gpu: bool, bf16: bool):
+    """Megatron's ``TransformerConfig`` for a Llama-style decoder (RMSNorm, SwiGLU, no biases, no dropout)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m = cfg.model
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU = silu(x W1) * (x W3)
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=cfg.tensor_parallel,
+        pipeline_model_parallel_size=cfg.pipeline_parallel,
+        sequence_parallel=cfg.tensor_parallel > 1 and on_gpu,
+        use_cpu_initialization=not on_gpu,  # identical full weights at any TP size on CPU (tests compare TP=1/2)
+        perform_initialization=True,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bias_activation_fusion=False,  # the fused kernels need the bias / apex
+        masked_softmax_fusion=on_gpu,
+        gradient_accumulation_fusion=False,  # needs apex's fused_weight_gradient_mlp_cuda
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity="full" if cfg.recompute_activations else None,
+        recompute_method="uniform" if cfg.recompute_activations else None,
+        recompute_num_layers=1 if cfg.recompute_activations else None,
+        batch_p2p_comm=on_gpu,
+        batch_p2p_sync=on_gpu,
+    )
+
+
+def _seeded_layer_class(seed: int, layers_per_stage: int):
+    """``TransformerLayer`` that seeds the RNG with its global layer number before creating its weights.
+
+    Megatron initialises weights in construction order, so a pipeline stage that starts at layer 5
+    would otherwise draw layer 5 from the RNG state of layer 1. Seeding per layer makes the initial
+    model the same for every pipeline (and, with CPU initialisation, tensor) split.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    class SeededTransformerLayer(TransformerLayer):
+        def __init__(self, config, submodules, layer_number: int = 1, **kwargs):
+            offset = parallel_state.get_pipeline_model_parallel_rank() * layers_per_stage
+            torch.manual_seed(seed + offset + layer_number)
+            super().__init__(config, submodules, layer_number=layer_number, **kwargs)
+
+    return SeededTransformerLayer
+
+
+def build_model(cfg: TrainConfig, *, on_gpu: bool, bf16: bool):
+    """This rank's ``GPTModel`` chunk (first stage has the embedding, last the output layer)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    tc = transformer_config(cfg, on_gpu=on_gpu, bf16=bf16)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.module = _seeded_layer_class(cfg.seed, cfg.model.num_layers // cfg.pipeline_parallel)
+    torch.manual_seed(cfg.seed)  # the embedding (first stage)
+    model = GPTModel(
+        config=tc,
+        transformer_layer_spec=spec,
+        vocab_size=cfg.model.vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=cfg.model.rotary_base,
+    )
+    if on_gpu:
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def wrap_ddp(model, cfg: TrainConfig, *, use_distributed_optimizer: bool):
+    """Megatron DDP: contiguous grad buffers, all-reduce (or reduce-scatter) over data-parallel ranks."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def flops_per_token(cfg: TrainConfig) -> float:
+    """Model FLOPs per trained token (forward + backward = 3x forward), attention included (no recompute)."""
+    m = cfg.model
+    h, f, s, L = m.hidden_size, m.ffn_hidden_size, cfg.seq_length, m.num_layers
+    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
+    per_layer = 2 * (h * h + 2 * h * kv + h * h) + 2 * 3 * h * f + 2 * 2 * s * h  # qkvo, swiglu, scores+values
+    return 3 * (L * per_layer + 2 * h * m.vocab_size)
+
+
+def num_parameters(cfg: TrainConfig) -> int:
+    """Parameters of the whole model (all ranks), for the log."""
+    m = cfg.model
+    h, f = m.hidden_size, m.ffn_hidden_size
+    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+    return m.num_layers * per_layer + 2 * m.vocab_size * h + h

@@ -1,0 +1,109 @@
+"""What ``python -m ipt_hpc.launch train`` does: freeze the resolved config into ``RUN/train/config.yaml``
+and start the ranks: ``torchrun`` on this machine (``local``), in-process (``debug``), or a Slurm job
+rendered from ``slurm/train.sbatch`` (``slurm``; submitted by the execution layer)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from ..config import Config
+from ..errors import IptError
+
+
+def resolved_config_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "train" / "config.yaml"
+
+
+def freeze_config(cfg: Config, run_dir: Path) -> Path:
+    """Write the whole resolved config where every rank (and every requeued attempt) reads it."""
+    path = resolved_config_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    from ..atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+def torchrun_command(cfg: Config, run_dir: Path, port: int | None = None) -> list[str]:
+    """``torchrun`` for one node: ``train.ranks_per_node`` rank processes of ``python -m ipt_hpc.train``."""
+    t = cfg.train
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={t.ranks_per_node}",
+        "--nnodes=1",
+        f"--master-port={port or 29500 + os.getpid() % 2000}",
+        "-m",
+        "ipt_hpc.train",
+        str(run_dir),
+    ]
+
+
+def run_local(cfg: Config, run_dir: Path) -> int:
+    """Run the ranks here with torchrun (blocking): 0 when training is done, 75 when it stopped early with
+    a checkpoint (signal, ``exit_duration_min``), else torchrun's code (torchrun turns any rank's non-zero
+    code into 1, so the outcome is read from ``RUN/train``)."""
+    freeze_config(cfg, run_dir)
+    rc = subprocess.call(torchrun_command(cfg, run_dir))
+    return outcome(run_dir, rc)
+
+
+def outcome(run_dir: Path, rc: int) -> int:
+    """0 if ``RUN/train/done.json`` says training finished, 75 if the last logged event is a clean early exit."""
+    from .loop import EXIT_RESUME
+
+    out = Path(run_dir) / "train"
+    if (out / "done.json").exists():
+        return 0
+    log = out / "log.jsonl"
+    if log.exists():
+        events = [line for line in log.read_text(encoding="utf-8").splitlines() if '"kind":"event"' in line]
+        if events and '"event":"exit"' in events[-1]:
+            return EXIT_RESUME
+    return rc or 1
+
+
+def run_debug(cfg: Config, run_dir: Path) -> int:
+    """One rank in this process (world size 1), for pdb."""
+    from .loop import train
+
+    if cfg.train.tensor_parallel * cfg.train.pipeline_parallel != 1:
+        raise IptError("train --executor debug runs one rank: set train.tensor_parallel=1 train.pipeline_parallel=1")
+    freeze_config(cfg, run_dir)
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+    return train(cfg.train, run_dir)
+
+
+def slurm_script(cfg: Config, run_dir: Path, python: str | None = None) -> str:
+    """The sbatch script of this run's training job (what ``--dry-run`` prints)."""
+    from ..execution.sbatch import render_train
+
+    t = cfg.train
+    return render_train(
+        run_dir,
+        cfg.execution,
+        nodes=t.nodes,
+        ranks_per_node=t.ranks_per_node,
+        signal_name=t.exit_signal.upper().removeprefix("SIG"),
+        signal_delay_s=t.signal_delay_s,
+        args=["--config", str(resolved_config_path(run_dir).resolve())],
+        python=python,
+    )
+
+
+def submit_slurm(cfg: Config, run_dir: Path) -> str:
+    """Freeze the config, render the job script and submit it; returns the Slurm job id."""
+    import time
+
+    from ..execution.backends import submit_script
+
+    freeze_config(cfg, run_dir)
+    script = slurm_script(cfg, run_dir)
+    return submit_script(script, Path(run_dir) / "train" / "slurm" / f"train-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
