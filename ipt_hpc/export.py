@@ -41,6 +41,7 @@ class ExportResult:
     checkpoint: str
     iteration: int
     saved_layout: dict[str, int]
+    checkpoint_dtype: str
     arch: str
     dtype: str
     vocab_size: int
@@ -133,7 +134,7 @@ def megatron_process() -> Iterator[None]:
 
 
 def check_shapes(checkpoint: Path, cfg: TrainConfig) -> Any:
-    """Compare the checkpoint's global tensor shapes with the config's model; returns the params' dtype."""
+    """Compare the checkpoint's global tensor shapes with the config's model; returns the weights' dtype."""
     from megatron.core import dist_checkpointing
 
     try:
@@ -167,14 +168,15 @@ def check_shapes(checkpoint: Path, cfg: TrainConfig) -> Any:
 def load_megatron(checkpoint: Path, cfg: TrainConfig) -> Any:
     """The whole model as one TP=1 PP=1 ``GPTModel`` with the checkpoint's weights (inside
     :func:`megatron_process`). dist_checkpointing assembles each tensor from however it was sharded."""
-    import torch
     from megatron.core import dist_checkpointing
 
     from .train.model import build_model
 
-    dtype = check_shapes(checkpoint, cfg)
+    check_shapes(checkpoint, cfg)
     single = cfg.model_copy(update={"tensor_parallel": 1, "pipeline_parallel": 1})
-    model = build_model(single, on_gpu=False, bf16=dtype == torch.bfloat16)
+    # float32 whatever the saved dtype: bf16 tensors (GPU runs) are cast exactly on load, and the check's
+    # Megatron forward then runs in float32 like the HF one
+    model = build_model(single, on_gpu=False, bf16=False)
     template = model.sharded_state_dict()
     # raise_unexpected: a tensor the model needs but the checkpoint lacks is an error, not a silent init
     state = dist_checkpointing.load(template, str(checkpoint), strict="raise_unexpected")
@@ -412,9 +414,10 @@ def export(
                 rows = len(tok)
         with megatron_process():
             log(f"export: loading {ckpt} at TP=1 PP=1")
+            saved_dtype = str(check_shapes(ckpt, cfg)).removeprefix("torch.")
             model = load_megatron(ckpt, cfg)
             target = torch.float32 if dtype == "float32" else torch.bfloat16
-            if target != torch.float32 or next(model.parameters()).dtype != torch.float32:
+            if target != torch.float32:
                 for p in model.parameters():  # the Megatron reference computes with the exported values
                     p.data = p.data.to(target).float()
             tensors = {k: v.to(target) for k, v in to_hf(model.state_dict(), cfg, rows).items()}
@@ -439,6 +442,7 @@ def export(
             checkpoint=str(ckpt.resolve()),
             iteration=int(meta["iteration"]),
             saved_layout={k: int(meta[k]) for k in ("tp", "pp", "dp") if k in meta},
+            checkpoint_dtype=saved_dtype,
             arch=arch,
             dtype=dtype,
             vocab_size=rows,

@@ -179,19 +179,63 @@ ex.export(sys.argv[1] + "/train/checkpoints", sys.argv[1] + "/torn")
 """
 
 
-def test_failed_or_killed_export_leaves_no_output_folder(runs: dict[str, Path]) -> None:
+def test_killed_or_failed_export_leaves_no_output_folder(runs: dict[str, Path]) -> None:
     run = runs["tp1"]
     out = run / "torn"
-    for how in ("raise", "kill"):
-        env = {**_env(), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**_env(), "CUDA_VISIBLE_DEVICES": ""}
+    for how in ("kill", "raise"):  # SIGKILL leaves OUT.partial; the next export clears it, then fails cleanly
         proc = subprocess.run([sys.executable, "-c", TORN, str(run), how], env=env, capture_output=True, text=True)
         assert proc.returncode != 0
         assert not out.exists()
-        assert out.with_name("torn.partial").exists() == (how == "kill")  # an error cleans up; SIGKILL cannot
-    proc = cli("export", "--checkpoint", str(run), "--out", str(out), "--no-check")  # a rerun replaces the debris
+        assert out.with_name("torn.partial").exists() == (how == "kill"), proc.stderr[-2000:]
+
+
+BF16_SAVE = """
+import shutil, sys, torch
+from pathlib import Path
+from ipt_hpc import export as ex
+
+def main(src, dst):
+    ckpt = ex.find_checkpoint(src)
+    target = dst / "train" / "checkpoints" / ckpt.name
+    target.mkdir(parents=True)
+    shutil.copytree(src / "tokens", dst / "tokens")
+    shutil.copy(src / "train" / "config.yaml", dst / "train" / "config.yaml")
+    with ex.megatron_process():
+        from megatron.core import dist_checkpointing
+        model = ex.load_megatron(ckpt, ex.train_config(ckpt)).to(torch.bfloat16)
+        dist_checkpointing.save(model.sharded_state_dict(), str(target))
+    shutil.copy(ckpt / "meta.json", target / "meta.json")
+
+if __name__ == "__main__":  # dist_checkpointing.save starts a spawn-mode helper
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def test_bf16_checkpoint_as_saved_on_gpu_exports_its_exact_values(runs: dict[str, Path], tmp_path: Path) -> None:
+    """GPU runs save bf16 weights: they load into the float32 TP=1 model exactly (no rounding, no garbage)."""
+    from safetensors.torch import load_file
+
+    src, dst = runs["tp1"], tmp_path / "bf16run"
+    script = tmp_path / "save_bf16.py"
+    script.write_text(BF16_SAVE)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(src), str(dst)],
+        env={**_env(), "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert out.exists() and not out.with_name("torn.partial").exists()
-    assert json.loads((out / "export.json").read_text())["max_abs_logit_diff"] is None
+    for run in (src, dst):
+        if not (run / "hf").exists():
+            assert cli("export", "--checkpoint", str(run), "--out", str(run / "hf")).returncode == 0
+    report = json.loads((dst / "hf" / "export.json").read_text())
+    assert report["checkpoint_dtype"] == "bfloat16" and report["max_abs_logit_diff"] < ATOL
+    full, half = load_file(src / "hf" / "model.safetensors"), load_file(dst / "hf" / "model.safetensors")
+    assert full.keys() == half.keys()
+    for name, tensor in full.items():
+        assert torch.equal(half[name], tensor.bfloat16().float()), name
 
 
 def test_cli_errors_say_what_to_do(runs: dict[str, Path], tmp_path: Path) -> None:
