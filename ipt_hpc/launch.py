@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-check", action="store_true", help="skip the HF-vs-Megatron logit check (saves memory)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--dry-run", action="store_true", help="print the checkpoint, config and tokenizer it would use")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser(
@@ -482,8 +483,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if "torch" not in sys.modules:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # export runs on the CPU, even on a GPU node
-    from .export import export
+    from .export import export, find_checkpoint, find_tokenizer, train_config
 
+    if args.dry_run:
+        ckpt = find_checkpoint(args.checkpoint)
+        cfg = train_config(ckpt, args.config)
+        m = cfg.model
+        print(f"export {ckpt} -> {args.out} ({args.arch}, {args.dtype}, vocab {args.vocab})")
+        print(
+            f"  {m.num_layers} layers x {m.hidden_size}, {m.num_attention_heads} heads /"
+            f" {m.num_query_groups or m.num_attention_heads} key-value heads, {m.vocab_size} embedding rows"
+        )
+        print(f"  tokenizer: {find_tokenizer(ckpt, cfg, args.tokenizer) or 'none found'}")
+        return 0
     result = export(
         args.checkpoint,
         args.out,

@@ -260,5 +260,8 @@ def test_cli_errors_say_what_to_do(runs: dict[str, Path], tmp_path: Path) -> Non
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
     (tmp_path / "o").mkdir()
     assert "--force" in error("--checkpoint", str(runs["tp1"]), "--out", str(tmp_path / "o"))
+    plan = cli("export", "--checkpoint", str(runs["tp1"]), "--out", str(tmp_path / "o2"), "--dry-run")
+    assert plan.returncode == 0 and "iter_0000003" in plan.stdout and "2 key-value heads" in plan.stdout
+    assert "tokens/augmented/tokenizer" in plan.stdout and not (tmp_path / "o2").exists()
     help_text = cli("export", "--help").stdout
     assert "examples:" in help_text and "--checkpoint" in help_text
