@@ -288,8 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pipeline",
         help="submit every available stage at once, chained with Slurm afterok dependencies",
-        description="Submit (Slurm) or run (local) every stage this version provides, in order. On Slurm each"
-        " stage waits for the previous one (afterok); a failed stage cancels the rest. Stages so far: shard.",
+        description="Submit (Slurm) or run (local) every stage the config asks for, in order: shard; synthesize and"
+        " templify (synth.model set); tokenize per record group and the mixture (tokenize.tokenizer set); train,"
+        " export and eval (the config has a train section); the report. On Slurm each stage waits for the"
+        " previous one (afterok); a failed stage cancels the rest.",
         epilog="examples:\n  python -m ipt_hpc.launch pipeline --config configs/demo.yaml --run runs/demo\n"
         "  python -m ipt_hpc.launch pipeline --config configs/refinedweb.yaml --run /scratch/rw"
         " --executor slurm --partition cpu\n  python -m ipt_hpc.launch status --run /scratch/rw",
@@ -692,22 +694,48 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .pipeline import Coordinator, available_steps, submit
+    from .pipeline import Coordinator, Job, ShardStage, available_steps, submit
 
     cfg = load_config(args.config, args.overrides, _flag_values(args, EXECUTION_FLAGS))
     steps = available_steps(cfg, args.run)
     console = _console()
     if args.dry_run:
         for i, step in enumerate(steps):
-            kind = "coordinator job" if isinstance(step, Coordinator) else "job arrays"
+            kind = "one job" if isinstance(step, (Coordinator, Job)) else "job arrays"
             after = f", after step {i}" if i and cfg.execution.backend == "slurm" else ""
             console.print(f"step {i + 1}: {step.name} ({kind} on {cfg.execution.backend}{after})")
         return 0
-    for result in submit(steps, cfg.execution, args.run):
-        console.print(result)
     if cfg.execution.backend == "slurm":
+        for result in submit(steps, cfg.execution, args.run):
+            console.print(result)
         console.print(f"submitted; follow with: python -m ipt_hpc.launch status --run {args.run}")
+        return 0
+    started = time.time()
+    for i, step in enumerate(steps):
+        console.rule(f"[bold]step {i + 1}/{len(steps)}: {step.name}")
+        t = time.time()
+        if isinstance(step, ShardStage):
+            prog, update = _progress_reporter(console)
+            with prog:
+                submit([step], cfg.execution, args.run, progress=update)
+        else:
+            submit([step], cfg.execution, args.run)
+        console.print(f"{step.name}: done in {time.time() - t:,.1f} s")
+    _print_outputs(console, args.run, time.time() - started)
     return 0
+
+
+def _print_outputs(console: Any, run: str, seconds: float) -> None:
+    from rich.table import Table
+
+    from .pipeline import outputs
+
+    table = Table(title=f"pipeline finished in {seconds / 60:,.1f} min: where everything lies")
+    table.add_column("what")
+    table.add_column("path")
+    for what, path in outputs(run):
+        table.add_row(what, str(path))
+    console.print(table)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

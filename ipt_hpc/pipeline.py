@@ -16,7 +16,8 @@ from typing import Any
 
 from .atomic import write_json_atomic
 from .config import Config, ExecutionConfig
-from .execution import StageRun, launch
+from .errors import IptError
+from .execution import StageRun, StageState, launch
 from .execution.backends import submit_job
 
 
@@ -41,11 +42,29 @@ class ShardStage:
         return self.run.stage
 
 
-Step = Coordinator | ShardStage
+@dataclass(frozen=True)
+class Job:
+    """A step that is one job of its own (training): ``run_here()`` blocks locally and returns its exit
+    code; ``submit(dependency)`` submits it on Slurm and returns the job id."""
+
+    name: str
+    run_here: Callable[[], int]
+    submit: Callable[[str | None], str]
 
 
-def submit(steps: Sequence[Step], cfg: ExecutionConfig, run_dir: str | Path) -> list[dict[str, Any]]:
-    """Submit (Slurm) or run (local/debug) ``steps`` in order; returns one summary per step."""
+Step = Coordinator | ShardStage | Job
+
+
+def submit(
+    steps: Sequence[Step],
+    cfg: ExecutionConfig,
+    run_dir: str | Path,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Submit (Slurm) or run (local/debug) ``steps`` in order; returns one summary per step.
+
+    ``progress(step, shards_done, shards)`` is called as the shards of a local per-shard step finish.
+    """
     run_dir = Path(run_dir)
     log_dir = run_dir / "_state" / "logs" / "pipeline"
     results: list[dict[str, Any]] = []
@@ -55,14 +74,25 @@ def submit(steps: Sequence[Step], cfg: ExecutionConfig, run_dir: str | Path) -> 
             if isinstance(step, Coordinator):
                 step.fn(*step.args)
                 results.append({"step": step.name, "ran": True})
+            elif isinstance(step, Job):
+                rc = step.run_here()
+                if rc != 0:
+                    raise IptError(f"pipeline: step {step.name} exited with code {rc}; rerun the pipeline to resume")
+                results.append({"step": step.name, "ran": True})
             else:
-                results.append({"step": step.name, **launch(step.run, step.spec, cfg)})
+                state = StageState(step.run.out_dir)
+                n = step.run.num_shards
+                cb = (lambda s=step, st=state, n=n: progress(s.name, len(st.names("done")), n)) if progress else None
+                results.append({"step": step.name, **launch(step.run, step.spec, cfg, on_progress=cb)})
             continue
         if isinstance(step, Coordinator):
             job = submit_job(
                 step.fn, *step.args, cfg=cfg, log_dir=log_dir, job_name=f"ipt-{step.name}", dependency=dependency
             )
             ids = [job]
+            results.append({"step": step.name, "job_ids": ids, "dependency": dependency})
+        elif isinstance(step, Job):
+            ids = [step.submit(dependency)]
             results.append({"step": step.name, "job_ids": ids, "dependency": dependency})
         else:
             info = launch(step.run, step.spec, cfg, dependency=dependency)
@@ -80,10 +110,12 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
 
     shard always; synthesize and templify when ``synth.model`` is set; tokenize (per record group of
     templify's output, or of the raw shards without synthesis) and the mixture report when
-    ``tokenize.tokenizer`` is set. Shard counts come from ``shard.num_shards`` (the shard stage writes
-    exactly that many), so every step can be submitted at once behind its predecessor.
+    ``tokenize.tokenizer`` is set; train (blending the groups by the mixture report), export and eval
+    when the config has a ``train`` section; the report last. Shard counts come from ``shard.num_shards``
+    (the shard stage writes exactly that many), so every step can be submitted at once behind its
+    predecessor.
     """
-    from . import mixture, shard, synthesize, templify, tokenize
+    from . import mixture, report, shard, synthesize, templify, tokenize
 
     run_dir = Path(run_dir)
     n = cfg.shard.num_shards
@@ -105,4 +137,46 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
         if groups:
             args = (str(run_dir), groups, cfg.mixture.train_tokens)
             steps.append(Coordinator("mixture", mixture.write_report, args))
+            if "train" in cfg.model_fields_set:
+                steps += training_steps(cfg, run_dir)
+    steps.append(Coordinator("report", report.build, (str(run_dir),)))
     return steps
+
+
+def outputs(run_dir: str | Path) -> list[tuple[str, Path]]:
+    """Where a run's results lie (those that exist), for the summary after a pipeline."""
+    run = Path(run_dir)
+    wanted = [
+        ("raw shards", run / "raw"),
+        ("synthesized pairs", run / "synth"),
+        ("instruction-augmented texts", run / "augmented"),
+        *[(f"token group {p.name}", p.with_suffix(".bin")) for p in sorted((run / "tokens").glob("*")) if p.is_dir()],
+        ("mixture (blend weights)", run / "mixture.json"),
+        ("training log", run / "train" / "log.jsonl"),
+        ("loss curve", run / "train" / "loss.png"),
+        ("checkpoints", run / "train" / "checkpoints"),
+        ("Hugging Face model", run / "hf"),
+        ("evaluation", run / "eval" / "results.md"),
+        ("report", run / "report" / "report.html"),
+    ]
+    return [(what, path) for what, path in wanted if path.exists()]
+
+
+def training_steps(cfg: Config, run_dir: Path) -> list[Step]:
+    """train (groups and weights from the mixture report), export to RUN/hf, eval of RUN/hf."""
+    from functools import partial
+
+    from . import evaluate, export
+    from .train import stage as train_stage
+
+    tcfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"data": cfg.train.data.model_copy(update={"mixture": True})})}
+    )
+    hf = run_dir / "hf"
+    ecfg = cfg.eval.model_copy(update={"model": str(hf)})
+    return [
+        Job("train", partial(train_stage.run_local, tcfg, run_dir), partial(train_stage.submit_slurm, tcfg, run_dir)),
+        # the latest complete checkpoint; the tokenizer is the one the token groups were made with
+        Coordinator("export", partial(export.export, force=True), (str(run_dir / "train" / "checkpoints"), str(hf))),
+        Coordinator("eval", evaluate.run, (ecfg, str(run_dir / "eval"))),
+    ]

@@ -155,11 +155,15 @@ def submit_job(
     return str(executor.submit(fn, *args).job_id)
 
 
-def submit_script(script: str, path: Path) -> str:
-    """Write an sbatch script to ``path`` (kept next to the run's logs) and submit it; returns the job id."""
+def submit_script(script: str, path: Path, dependency: str | None = None) -> str:
+    """Write an sbatch script to ``path`` (kept next to the run's logs) and submit it; returns the job id.
+
+    ``dependency`` (e.g. ``afterok:12:13``) holds the job until those finish; a failed one cancels it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script, encoding="utf-8")
-    return _slurm("sbatch", "--parsable", str(path)).strip().split(";")[0]
+    deps = [f"--dependency={dependency}", "--kill-on-invalid-dep=yes"] if dependency else []
+    return _slurm("sbatch", "--parsable", *deps, str(path)).strip().split(";")[0]
 
 
 def queue_states(job_ids: Sequence[str]) -> dict[str, str]:

@@ -31,6 +31,9 @@ class DataConfig(_Section):
     groups: dict[str, float] = Field(
         default_factory=lambda: {"augmented": 1.0}, description="group name -> blend weight (normalised)"
     )
+    mixture: bool = Field(
+        False, description="take groups and weights from RUN/mixture.json (the mixture report) instead of groups"
+    )
     eod_id: int | None = Field(None, description="end-of-document id (default: from the group's manifest)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
 

@@ -33,7 +33,13 @@ class _Tokenizer:
 def group_prefixes(cfg: TrainConfig, run_dir: Path) -> tuple[list[str], list[float], int]:
     """Dataset prefixes, normalised weights and the EOD id of the configured groups; clear errors if missing."""
     prefixes, weights, eods = [], [], set()
-    for group, weight in cfg.data.groups.items():
+    groups = cfg.data.groups
+    if cfg.data.mixture:
+        report = run_dir / "mixture.json"
+        if not report.exists():
+            raise IptError(f"train: train.data.mixture is set but {report} is missing; run: mixture --run {run_dir}")
+        groups = {g: row["weight"] for g, row in read_json(report)["groups"].items()}
+    for group, weight in groups.items():
         prefix = run_dir / "tokens" / group
         if not Path(f"{prefix}.idx").exists():
             raise IptError(

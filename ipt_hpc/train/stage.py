@@ -98,12 +98,13 @@ def slurm_script(cfg: Config, run_dir: Path, python: str | None = None) -> str:
     )
 
 
-def submit_slurm(cfg: Config, run_dir: Path) -> str:
-    """Freeze the config, render the job script and submit it; returns the Slurm job id."""
+def submit_slurm(cfg: Config, run_dir: Path, dependency: str | None = None) -> str:
+    """Freeze the config, render the job script and submit it (after ``dependency``); returns the job id."""
     import time
 
     from ..execution.backends import submit_script
 
     freeze_config(cfg, run_dir)
     script = slurm_script(cfg, run_dir)
-    return submit_script(script, Path(run_dir) / "train" / "slurm" / f"train-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
+    path = Path(run_dir) / "train" / "slurm" / f"train-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    return submit_script(script, path, dependency)
