@@ -631,6 +631,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, flags)
     run = Path(args.run)
     backend = cfg.execution.backend
+    if cfg.train.init_from_hf and stage.needs_import(cfg, run):  # fail here, not in the job, on a misfit
+        from .train.hf_init import check_hf_config
+
+        check_hf_config(cfg.train, cfg.train.init_from_hf)
     if args.dry_run:
         if backend == "slurm":
             sys.stdout.write(stage.slurm_script(cfg, run))

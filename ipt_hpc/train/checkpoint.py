@@ -151,6 +151,20 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(torn, ignore_errors=True)
 
 
+def is_model_only(folder: Path) -> bool:
+    """A checkpoint with the model's weights only: ``iter_0000000`` imported from Hugging Face (:mod:`.hf_init`)."""
+    return bool(read_json(folder / "meta.json").get("model_only"))
+
+
+def load_model(folder: Path, model: Any) -> None:
+    """Load only the weights of ``folder`` into this rank's (unwrapped) model; dist_checkpointing reshards."""
+    from megatron.core import dist_checkpointing
+
+    template = model.sharded_state_dict()
+    state = dist_checkpointing.load(template, str(folder), strict="raise_unexpected")
+    model.load_state_dict({k: state[k] for k in template}, strict=True)
+
+
 def load(folder: Path, model: Any, optimizer: Any, scheduler: Any, on_gpu: bool) -> int:
     """Load a complete checkpoint into the live objects; returns its iteration."""
     from megatron.core import dist_checkpointing

@@ -72,6 +72,11 @@ class TrainConfig(_Section):
     signal_delay_s: int = Field(120, ge=1, description="warning signal this long before the time limit")
     nodes: int = Field(1, ge=1, description="Slurm nodes")
     ranks_per_node: int = Field(1, ge=1, description="rank processes per node (one per GPU)")
+    init_from_hf: str | None = Field(
+        None,
+        description="Hugging Face Llama/Mistral folder to start from (continual pre-training): imported as the run's"
+        " first checkpoint iter_0000000 (model only) when the run has none; later resumes use the run's checkpoints",
+    )
     peak_flops: float = Field(989e12, gt=0, description="per-device peak for MFU (H100 SXM dense bf16: 989 TFLOP/s)")
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..atomic import write_json_atomic
-from . import checkpoint, cpu_shims
+from . import checkpoint, cpu_shims, hf_init
 from .config import TrainConfig
 from .data import build_dataset, micro_batches
 from .metrics import MetricsLog
@@ -123,6 +123,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     on_gpu = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
     stop = StopFlag([cfg.exit_signal, "TERM"])  # before the (slow) setup: a signal during it is kept
+    hf_init.ensure_imported(cfg, run_dir)  # train.init_from_hf: iter_0000000 from a Hugging Face folder, once
     _init_distributed(on_gpu)
     cpu_shims.apply()  # no-op with CUDA
     ps.initialize_model_parallel(cfg.tensor_parallel, cfg.pipeline_parallel)
@@ -137,7 +138,13 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     if rank == 0:
         (out / "done.json").unlink(missing_ok=True)  # from an earlier, shorter run of this folder
 
+    ckpt_root = out / "checkpoints"
+    resume_from = checkpoint.latest(ckpt_root)
+    init_from = None
     model = build_model(cfg, on_gpu=on_gpu, bf16=bf16)
+    if resume_from is not None and checkpoint.is_model_only(resume_from):  # imported weights: fresh optimizer
+        checkpoint.load_model(resume_from, model)
+        init_from, resume_from = str(resume_from), None
     distributed_opt = cfg.distributed_optimizer == "on" or (cfg.distributed_optimizer == "auto" and on_gpu)
     ddp = wrap_ddp(model, cfg, use_distributed_optimizer=distributed_opt)
     optimizer, scheduler = _optimizer(cfg, ddp, bf16=bf16, distributed=distributed_opt)
@@ -146,16 +153,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
 
-    ckpt_root = out / "checkpoints"
     checkpoint.start_writer_helper([cfg.exit_signal, "TERM"])
     iteration = 0
-    resume_from = checkpoint.latest(ckpt_root)
     if resume_from is not None:
         iteration = checkpoint.load(resume_from, ddp, optimizer, scheduler, on_gpu)
     dataset = build_dataset(cfg, run_dir, out / "cache")
     log.event(
         "resume" if resume_from else "start",
         iteration=iteration,
+        init_from=init_from,
         world_size=torch.distributed.get_world_size(),
         tp=cfg.tensor_parallel,
         pp=cfg.pipeline_parallel,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .config import TrainConfig
 
 
-def transformer_config(cfg: TrainConfig, *, on_gpu: bool, bf16: bool):
+def transformer_config(cfg: TrainConfig, *, on_gpu: bool, bf16: bool, initialize: bool = True):
     """Megatron's ``TransformerConfig`` for a Llama-style decoder (RMSNorm, SwiGLU, no biases, no dropout)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -33,7 +33,7 @@ def transformer_config(cfg: TrainConfig, *, on_gpu: bool, bf16: bool):
         pipeline_model_parallel_size=cfg.pipeline_parallel,
         sequence_parallel=cfg.tensor_parallel > 1 and on_gpu,
         use_cpu_initialization=not on_gpu,  # identical full weights at any TP size on CPU (tests compare TP=1/2)
-        perform_initialization=True,
+        perform_initialization=initialize,  # False: weights are loaded next (a Hugging Face import)
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -70,13 +70,13 @@ def _seeded_layer_class(seed: int, layers_per_stage: int):
     return SeededTransformerLayer
 
 
-def build_model(cfg: TrainConfig, *, on_gpu: bool, bf16: bool):
+def build_model(cfg: TrainConfig, *, on_gpu: bool, bf16: bool, initialize: bool = True):
     """This rank's ``GPTModel`` chunk (first stage has the embedding, last the output layer)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    tc = transformer_config(cfg, on_gpu=on_gpu, bf16=bf16)
+    tc = transformer_config(cfg, on_gpu=on_gpu, bf16=bf16, initialize=initialize)
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.module = _seeded_layer_class(cfg.seed, cfg.model.num_layers // cfg.pipeline_parallel)
     torch.manual_seed(cfg.seed)  # the embedding (first stage)

@@ -19,6 +19,13 @@ def resolved_config_path(run_dir: Path) -> Path:
     return Path(run_dir) / "train" / "config.yaml"
 
 
+def needs_import(cfg: Config, run_dir: Path) -> bool:
+    """True if the run will import ``train.init_from_hf`` (it is set and the run has no checkpoint yet)."""
+    from .checkpoint import latest
+
+    return bool(cfg.train.init_from_hf) and latest(Path(run_dir) / "train" / "checkpoints") is None
+
+
 def freeze_config(cfg: Config, run_dir: Path) -> Path:
     """Write the whole resolved config where every rank (and every requeued attempt) reads it."""
     path = resolved_config_path(run_dir)
