@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw shards -> instruction-response pairs per document (the paper's multi-round synthesis)",
         description="Run the instruction synthesizer over RUN/raw with the paper's M-round few-shot procedure;"
         " writes RUN/synth/shard-NNNNN.jsonl.zst, resumable at record granularity.",
-        epilog="examples:\n  python -m ipt_hpc.launch synthesize --run runs/demo --model models/tiny-synth\n"
+        epilog="examples:\n  python -m ipt_hpc.launch synthesize --run runs/demo --model models/tiny-synthesizer\n"
         "  python -m ipt_hpc.launch synthesize --run /scratch/rw --model instruction-pretrain/instruction-synthesizer"
         " --backend vllm --executor slurm --shards-per-task 16 --parallelism 64 --set execution.slurm.gpus_per_node=1\n"
         "  python -m ipt_hpc.launch synthesize --run /scratch/rw --shards failed --executor slurm",
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         " (command, data checksum, seed, losses, parse rate on held-out contexts). From scratch without --base.",
         epilog="examples:\n  # the shipped tiny synthesizer (models/tiny-synthesizer/README.md has the exact command)\n"
         "  python -m ipt_hpc.launch finetune-synthesizer --data data/synth-ft/train.jsonl"
-        " --heldout data/synth-ft/heldout.jsonl --out models/tiny-synthesizer --steps 1200 --seed 0\n"
+        " --heldout data/synth-ft/heldout.jsonl --out models/tiny-synthesizer --steps 700 --seed 0 --threads 2\n"
         "  # a brief run with a time budget and a smaller model\n"
         "  python -m ipt_hpc.launch finetune-synthesizer --data train.jsonl --out /tmp/synth --max-minutes 2"
         " --set finetune_synth.hidden_size=64\n"

@@ -84,8 +84,9 @@ def test_cli_brief_training_learns_and_saves_a_loadable_synthesizer(tmp_path: Pa
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     info = read_json(out / "finetune.json")
-    assert info["final_loss"] < 0.6 * info["first_loss"], info["loss_curve"]
-    assert info["stopped_by"] == "time budget" and info["steps"] > 20
+    curve = [p["loss"] for p in info["loss_curve"]]
+    assert info["stopped_by"] == "time budget" and info["steps"] >= 30, info
+    assert curve[-1] < curve[0] - 2.0 and info["final_loss"] < info["first_loss"], curve  # ln(1024) = 6.9 at first
     assert info["seed"] == 1 and info["data"]["checksum"].startswith("sha256:")
     assert "finetune-synthesizer" in info["command"] and "--max-minutes" in info["command"]
     assert info["eval"]["contexts"] == 8 and 0 <= info["eval"]["parse_rate"] <= 1
