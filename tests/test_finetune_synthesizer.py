@@ -142,3 +142,16 @@ def test_shipped_tiny_synthesizer_writes_parsable_pairs_through_the_synthesize_s
     assert with_pairs >= 0.3 * len(recs), f"{with_pairs}/{len(recs)} documents with pairs"
     assert any(r["round"] == 1 and r["chain"] and r["pairs"] for r in recs)  # few-shot chains were used
     assert all(r["error"] is None for r in recs)
+
+
+def test_same_seed_and_steps_give_the_same_model(tmp_path: Path) -> None:
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join((DATA / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:200]))
+    blobs = []
+    for name in ("a", "b"):
+        args = ["--data", str(data), "--out", str(tmp_path / name), "--steps", "12", "--seed", "3", "--threads", "1"]
+        proc = run_cli("finetune-synthesizer", *args, *TINY)
+        assert proc.returncode == 0, proc.stderr
+        blobs.append((tmp_path / name / "model.safetensors").read_bytes())
+        assert (tmp_path / name / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+    assert blobs[0] == blobs[1]
