@@ -265,6 +265,12 @@ def train(
     seconds = time.perf_counter() - t0
     if not losses:
         raise IptError("finetune-synthesizer: no training step ran (budget too small?)")
+    if curve[-1]["step"] != step:  # the last step, when it was not a logged one
+        recent = losses[-10:]
+        curve.append(
+            {"step": step, "loss": round(sum(recent) / len(recent), 4), "lr": lr, "seconds": round(seconds, 1)}
+        )
+        log(curve[-1])
     k = min(20, len(losses))
     return {
         "steps": step,
