@@ -121,8 +121,11 @@ def load_base(base: str) -> tuple[Any, Any]:
     """A model to fine-tune and its tokenizer; the tags are added as ordinary tokens when missing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+    try:
+        tok = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+    except (OSError, ValueError) as exc:
+        raise IptError(f"--base {base}: not a loadable causal LM with a fast tokenizer ({exc})") from exc
     if tok.bos_token_id is None or tok.eos_token_id is None:
         raise IptError(f"{base}: the tokenizer lacks a BOS or EOS token; the synthesizer protocol needs both")
     if tok.add_tokens([t for t in TAGS if t not in tok.get_vocab()]):
