@@ -67,6 +67,8 @@ class SynthConfig(_Section):
         1.0, gt=0, le=1, description="share of raw documents sent to synthesis, chosen by id (paper: see recipe)"
     )
     select_seed: int = Field(0, description="seed of the by-id choice of documents to convert")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="transformers: ban repeating n-grams of the answer; 0: off")
+    repetition_penalty: float = Field(1.0, gt=0, description="transformers and vllm; 1.0: off (the paper's greedy)")
 
 
 class TemplifyConfig(_Section):
@@ -197,6 +199,39 @@ class EvalConfig(_Section):
     log_samples: bool = Field(False, description="keep per-document outputs (RUN/eval/<group>.samples.json)")
 
 
+class FinetuneSynthConfig(_Section):
+    """The ``finetune-synthesizer`` stage: a causal LM fine-tuned on context -> pairs examples."""
+
+    data: str | None = Field(None, description="JSON Lines of {id, context, pairs: [{Q, A}]} to train on")
+    heldout: str | None = Field(None, description="same format; contexts for the parse rate after training")
+    base: str | None = Field(None, description="model folder to fine-tune; none: a small Llama from scratch")
+    out: str | None = Field(None, description="output folder (written as OUT.partial, then renamed)")
+    seed: int = 0
+    steps: int | None = Field(None, ge=1, description="optimizer steps (the LR schedule spans them)")
+    max_minutes: float | None = Field(
+        None, gt=0, description="stop cleanly after this long (schedule by time if no steps)"
+    )
+    vocab_size: int = Field(3072, ge=300, description="from scratch: byte-level BPE trained on the data")
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(384, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(4, ge=1)
+    max_positions: int = Field(1024, ge=64, description="from scratch: the model's positions (synth.max_model_len)")
+    seq_len: int = Field(1024, ge=32, description="tokens per training sequence (examples packed, few-shot style)")
+    pack: int = Field(2, ge=1, description="at most this many examples per sequence (BOS ctx pairs EOS, chained)")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    eval_contexts: int = Field(100, ge=0, description="held-out contexts generated after training (0: none)")
+    eval_max_new_tokens: int = Field(128, ge=1)
+    eval_batch_size: int = Field(8, ge=1)
+
+
 class Config(_Section):
     """The whole configuration of a run."""
 
@@ -209,6 +244,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune_synth: FinetuneSynthConfig = Field(default_factory=FinetuneSynthConfig)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw shards -> instruction-response pairs per document (the paper's multi-round synthesis)",
         description="Run the instruction synthesizer over RUN/raw with the paper's M-round few-shot procedure;"
         " writes RUN/synth/shard-NNNNN.jsonl.zst, resumable at record granularity.",
-        epilog="examples:\n  python -m ipt_hpc.launch synthesize --run runs/demo --model models/tiny-synth\n"
+        epilog="examples:\n  python -m ipt_hpc.launch synthesize --run runs/demo --model models/tiny-synthesizer\n"
         "  python -m ipt_hpc.launch synthesize --run /scratch/rw --model instruction-pretrain/instruction-synthesizer"
         " --backend vllm --executor slurm --shards-per-task 16 --parallelism 64 --set execution.slurm.gpus_per_node=1\n"
         "  python -m ipt_hpc.launch synthesize --run /scratch/rw --shards failed --executor slurm",
@@ -116,6 +116,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="with --executor slurm: wait for the arrays")
     _common(p)
     p.set_defaults(handler=cmd_synthesize)
+
+    p = sub.add_parser(
+        "finetune-synthesizer",
+        help="fine-tune (or train from scratch) a small instruction synthesizer on context -> pairs examples",
+        description="Train a causal LM on examples in the synthesizer format (BOS <CON> context </CON>, then"
+        " <QUE> q <ANS> a </END> pairs and EOS; loss on the pairs), save it with its tokenizer and finetune.json"
+        " (command, data checksum, seed, losses, parse rate on held-out contexts). From scratch without --base.",
+        epilog="examples:\n  # the shipped tiny synthesizer (models/tiny-synthesizer/README.md has the exact command)\n"
+        "  python -m ipt_hpc.launch finetune-synthesizer --data data/synth-ft/train.jsonl"
+        " --heldout data/synth-ft/heldout.jsonl --out models/tiny-synthesizer --steps 700 --seed 0 --threads 2\n"
+        "  # a brief run with a time budget and a smaller model\n"
+        "  python -m ipt_hpc.launch finetune-synthesizer --data train.jsonl --out /tmp/synth --max-minutes 2"
+        " --set finetune_synth.hidden_size=64\n"
+        "  # fine-tune an existing model folder on your domain's examples\n"
+        "  python -m ipt_hpc.launch finetune-synthesizer --data mydomain.jsonl --base models/my-lm"
+        " --out models/my-synth --steps 2000 --set finetune_synth.lr=1e-4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", metavar="FILE.jsonl", help='examples {"id", "context", "pairs": [{"Q", "A"}]}')
+    p.add_argument("--heldout", metavar="FILE.jsonl", help="held-out examples whose contexts measure the parse rate")
+    p.add_argument("--out", metavar="DIR", help="model folder to write (DIR.partial until complete)")
+    p.add_argument("--base", metavar="MODEL_DIR", help="model to fine-tune (default: a small Llama from scratch)")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (deterministic for a seed)")
+    p.add_argument("--max-minutes", type=float, metavar="M", help="stop cleanly after M minutes")
+    p.add_argument("--seed", type=int, metavar="S")
+    p.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: all cores)")
+    p.add_argument("--config", metavar="FILE", help="YAML config (finetune_synth and synth sections)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[])
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--dry-run", action="store_true", help="print what would be trained and exit")
+    p.set_defaults(handler=cmd_finetune_synthesizer)
 
     p = sub.add_parser(
         "templify",
@@ -542,6 +573,49 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = build(args.run)
     _console().print(f"report ({', '.join(out['sections'])}):\n  {out['markdown']}\n  {out['html']}")
+    return 0
+
+
+def cmd_finetune_synthesizer(args: argparse.Namespace) -> int:
+    import shlex
+
+    from . import finetune_synthesizer
+    from .config import load_config
+
+    flags = _flag_values(
+        args,
+        {
+            "data": "finetune_synth.data",
+            "heldout": "finetune_synth.heldout",
+            "out": "finetune_synth.out",
+            "base": "finetune_synth.base",
+            "steps": "finetune_synth.steps",
+            "max_minutes": "finetune_synth.max_minutes",
+            "seed": "finetune_synth.seed",
+            "threads": "finetune_synth.threads",
+        },
+    )
+    cfg = load_config(args.config, args.overrides, flags)
+    fc, console = cfg.finetune_synth, _console()
+    if args.dry_run:
+        model = (
+            f"fine-tune {fc.base}"
+            if fc.base
+            else f"a {fc.num_layers}-layer Llama (hidden {fc.hidden_size}) from scratch"
+        )
+        stop = " and ".join(
+            s for s in (fc.steps and f"{fc.steps} steps", fc.max_minutes and f"{fc.max_minutes} min") if s
+        )
+        console.print(f"finetune-synthesizer: {model} on {fc.data} for {stop or '?'}, seed {fc.seed} -> {fc.out}")
+        return 0
+    command = shlex.join(["python", "-m", "ipt_hpc.launch", *sys.argv[1:]])
+    summary = finetune_synthesizer.run(cfg, command, force=args.force, log=console.print)
+    ev = summary["eval"]
+    rate = f", parse rate {ev['parse_rate']:.0%} of {ev['contexts']} held-out contexts" if ev else ""
+    console.print(
+        f"{fc.out}: {summary['steps']} steps in {summary['seconds']:.0f} s ({summary['stopped_by']}), loss"
+        f" {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}{rate}; details in {fc.out}/finetune.json"
+    )
     return 0
 
 

@@ -23,10 +23,41 @@ class Engine(Protocol):
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]: ...
 
 
+class AnswerNoRepeatNGram:
+    """Ban a token that would repeat an n-gram of the generated answer (the prompt is not looked at).
+
+    Unlike ``generate(no_repeat_ngram_size=...)``, which also bans n-grams of the prompt and so forbids
+    copying from the context, this only stops an answer from repeating itself until the token limit.
+    """
+
+    def __init__(self, n: int, start: int) -> None:
+        self.n, self.start = n, start
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        n = self.n
+        for row, seq in enumerate(input_ids[:, self.start :].tolist()):
+            if len(seq) < n:
+                continue
+            prefix = seq[len(seq) - n + 1 :]
+            banned = {seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i : i + n - 1] == prefix}
+            if banned:
+                scores[row, list(banned)] = float("-inf")
+        return scores
+
+
 class TransformersEngine:
     """Batched greedy ``generate`` with left padding (small models, tests, CPU)."""
 
-    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 8,
+        no_repeat_ngram_size: int = 0,
+        repetition_penalty: float = 1.0,
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,6 +73,8 @@ class TransformersEngine:
         if self.pad is None:
             self.pad = self.tokenizer.eos_token_id
         self.eos = self.tokenizer.eos_token_id
+        self.no_repeat_ngram_size = no_repeat_ngram_size
+        self.repetition_penalty = repetition_penalty
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
         out: list[Generation | None] = [None] * len(prompts)
@@ -77,6 +110,13 @@ class TransformersEngine:
         for row, p in enumerate(prompts):
             ids[row, width - len(p) :] = torch.tensor(p)
             mask[row, width - len(p) :] = 1
+        guard: dict[str, Any] = {}
+        if self.no_repeat_ngram_size:
+            from transformers import LogitsProcessorList
+
+            guard["logits_processor"] = LogitsProcessorList([AnswerNoRepeatNGram(self.no_repeat_ngram_size, width)])
+        if self.repetition_penalty != 1.0:
+            guard["repetition_penalty"] = self.repetition_penalty
         with torch.no_grad():
             gen = self.model.generate(
                 input_ids=ids.to(self.device),
@@ -85,6 +125,7 @@ class TransformersEngine:
                 do_sample=False,
                 pad_token_id=self.pad,
                 eos_token_id=self.eos,
+                **guard,
             )
         results = []
         for row in gen[:, width:].tolist():
@@ -98,7 +139,13 @@ class VllmEngine:
     """vLLM offline inference: token-id prompts, greedy, prefix caching, tensor parallel."""
 
     def __init__(
-        self, model: str, *, max_model_len: int, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9
+        self,
+        model: str,
+        *,
+        max_model_len: int,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        repetition_penalty: float = 1.0,
     ) -> None:
         try:
             from vllm import LLM
@@ -107,6 +154,7 @@ class VllmEngine:
 
             raise IptError("synth.backend=vllm needs vLLM on a GPU node: pip install 'ipt_hpc[vllm]'") from exc
         self.max_model_len = max_model_len
+        self.repetition_penalty = repetition_penalty
         self.llm = LLM(
             model=model,
             max_model_len=max_model_len,
@@ -120,7 +168,7 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, repetition_penalty=self.repetition_penalty)
         out: list[Generation | None] = [None] * len(prompts)
         ok = []
         for i, p in enumerate(prompts):

@@ -50,6 +50,8 @@ class SynthJob(BaseModel):
     gpu_memory_utilization: float
     convert_share: float
     select_seed: int
+    no_repeat_ngram_size: int
+    repetition_penalty: float
 
 
 def _engine(job: SynthJob) -> Any:
@@ -60,8 +62,17 @@ def _engine(job: SynthJob) -> Any:
             max_model_len=job.max_model_len,
             tensor_parallel_size=job.tensor_parallel_size,
             gpu_memory_utilization=job.gpu_memory_utilization,
+            repetition_penalty=job.repetition_penalty,
         )
-    return get_engine("transformers", job.model, device=job.device, dtype=job.dtype, batch_size=job.batch_size)
+    return get_engine(
+        "transformers",
+        job.model,
+        device=job.device,
+        dtype=job.dtype,
+        batch_size=job.batch_size,
+        no_repeat_ngram_size=job.no_repeat_ngram_size,
+        repetition_penalty=job.repetition_penalty,
+    )
 
 
 def context_ids(tokenizer: Any, texts: list[str], job: SynthJob) -> tuple[list[list[int] | None], int]:
@@ -274,6 +285,10 @@ def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -
             raise IptError(f"synthesize: {run_dir / 'raw'} holds no shards; run the shard stage first")
         num_shards = info["num_shards"]
     job = SynthJob(**s.model_dump())  # the same fields, model now known to be set
+    if job.backend == "vllm" and job.no_repeat_ngram_size:
+        raise IptError(
+            "synth.no_repeat_ngram_size is a transformers-backend option; with vllm use synth.repetition_penalty"
+        )
     return StageRun(STAGE, str(run_dir), "synth", "raw", num_shards, synthesize_shard, job)
 
 

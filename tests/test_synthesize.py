@@ -180,3 +180,29 @@ def test_background_context_ids_equal_one_eager_call(model_dir: Path) -> None:
         assert lazy.over_budget() == cut > 0
     finally:
         lazy.close()
+
+
+def test_repetition_guard_bans_only_repeats_of_the_answer() -> None:
+    import torch
+
+    from ipt_hpc.synth_engines import AnswerNoRepeatNGram
+
+    # prompt 7 8 9 7 8 (not looked at), answer 1 2 3 1 2: with n=3, token 3 would repeat "1 2 3"
+    ids = torch.tensor([[7, 8, 9, 7, 8, 1, 2, 3, 1, 2]])
+    scores = torch.zeros(1, 10)
+    out = AnswerNoRepeatNGram(3, start=5)(ids, scores.clone())
+    assert out[0, 3] == float("-inf") and torch.isfinite(out[0, [0, 1, 2, 4, 9]]).all()
+    # the same ids seen as all prompt: nothing banned (copying from the context stays allowed)
+    assert torch.isfinite(AnswerNoRepeatNGram(3, start=10)(ids, scores.clone())).all()
+
+
+def test_repetition_guard_reaches_generate(tmp_path: Path, model_dir: Path) -> None:
+    from ipt_hpc.errors import IptError
+
+    run = make_raw(tmp_path / "run", 1, docs=4)
+    with pytest.raises(IptError, match="no_repeat_ngram_size"):  # not a vLLM option
+        synthesize.stage_run(cfg_for(model_dir, backend="vllm", no_repeat_ngram_size=4), run)
+    synthesize.run(cfg_for(model_dir, max_new_tokens=24, no_repeat_ngram_size=2, keep_raw=True), run)
+    for rec in read_records(run / "synth" / shard_name(0, 1)):
+        grams = list(zip(rec["gen_ids"], rec["gen_ids"][1:], strict=False))
+        assert len(grams) == len(set(grams))  # no bigram of the answer repeats
