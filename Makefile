@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# the whole chain on the bundled corpus: shard -> synthesize -> templify -> tokenize -> mixture ->
+# train -> export -> eval -> report (local executor; add EXECUTOR=slurm with tools/local-slurm up)
+EXECUTOR ?= local
 demo: venv
-	$(PY) -m ipt_hpc.launch shard --config configs/demo.yaml --out $(DEMO_RUN)/raw
+	$(PY) -m ipt_hpc.launch pipeline --config configs/demo.yaml --run $(DEMO_RUN) --executor $(EXECUTOR)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
