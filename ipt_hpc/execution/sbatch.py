@@ -41,6 +41,30 @@ def _value(key: str, value: object) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def cluster_options(s: Any) -> dict[str, Any]:
+    """The ``#SBATCH`` options every job of a run shares, from the ``execution.slurm`` section."""
+    return {
+        "time": s.time_min,
+        "partition": s.partition,
+        "account": s.account,
+        "qos": s.qos,
+        "cpus-per-task": s.cpus_per_task,
+        "gpus-per-node": s.gpus_per_node,
+        "mem": f"{int(s.mem_gb * 1024)}M" if s.mem_gb else None,
+        "constraint": s.constraint,
+        **{k.replace("_", "-"): v for k, v in s.extra_sbatch.items()},
+    }
+
+
+def sbatch_lines(options: dict[str, Any]) -> list[str]:
+    """``#SBATCH --key=value`` lines (values quoted the way sbatch parses them); None/False are left out."""
+    return [
+        f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={_value(key, value)}"
+        for key, value in options.items()
+        if value is not None and value is not False
+    ]
+
+
 def render(stage_dir: str | os.PathLike[str], cfg: ExecutionConfig, *, array: str, python: str | None = None) -> str:
     """A complete sbatch script running ``run-shard`` for each array task of ``array``."""
     run = load_stage_run(stage_dir)
@@ -54,21 +78,10 @@ def render(stage_dir: str | os.PathLike[str], cfg: ExecutionConfig, *, array: st
         "signal": SIGNAL_SPEC.format(delay=s.signal_delay_s),
         "open-mode": "append",
         "output": str(logs / "sbatch-%A_%a.out"),
-        "time": s.time_min,
-        "partition": s.partition,
-        "account": s.account,
-        "qos": s.qos,
-        "cpus-per-task": s.cpus_per_task,
-        "gpus-per-node": s.gpus_per_node,
-        "mem": f"{int(s.mem_gb * 1024)}M" if s.mem_gb else None,
-        "constraint": s.constraint,
-        **{k.replace("_", "-"): v for k, v in s.extra_sbatch.items()},
+        **cluster_options(s),
     }
     lines = ["#!/bin/bash", f"# ipt_hpc {run.stage}: {run.num_shards} shards of {run.out_dir}"]
-    for key, value in options.items():
-        if value is None or value is False:
-            continue
-        lines.append(f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={_value(key, value)}")
+    lines += sbatch_lines(options)
     lines += ["", "set -euo pipefail"]
     lines += list(s.setup)
     command = [
@@ -156,21 +169,10 @@ def render_train(
         "signal": f"B:{signal_name}@{signal_delay_s}",
         "open-mode": "append",
         "output": str(logs / "slurm-%j.out"),
-        "time": s.time_min,
-        "partition": s.partition,
-        "account": s.account,
-        "qos": s.qos,
-        "cpus-per-task": s.cpus_per_task,
-        "gpus-per-node": s.gpus_per_node,
-        "mem": f"{int(s.mem_gb * 1024)}M" if s.mem_gb else None,
-        "constraint": s.constraint,
-        **{k.replace("_", "-"): v for k, v in s.extra_sbatch.items()},
+        **cluster_options(s),
     }
     lines = ["#!/bin/bash", f"# ipt_hpc train of {Path(run_dir).resolve()}: rendered from slurm/train.sbatch"]
-    for key, value in options.items():
-        if value is None or value is False:
-            continue
-        lines.append(f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={_value(key, value)}")
+    lines += sbatch_lines(options)
     lines += list(s.setup)
     lines.append(f"export IPT_PYTHON={shlex.quote(python or sys.executable)}")
     lines.append(f"export IPT_TRAIN_SIGNAL={shlex.quote(signal_name)}")
