@@ -119,7 +119,9 @@ class TokenizeConfig(_Section):
     dtype: Literal["auto", "uint16", "int32"] = "auto"
     empty_text: Literal["error", "skip", "keep"] = "error"
     workers: int | None = Field(None, ge=1, description="tokenizer processes per task (default: cpus_per_task)")
-    batch_docs: int = Field(256, ge=1, description="documents per batch sent to a tokenizer process")
+    batch_docs: int = Field(
+        256, ge=1, description="documents per batch sent to a tokenizer process (when the main process reads a shard)"
+    )
     record_group: str | None = Field(
         None, description="only records whose 'group' field is this (templify writes augmented and raw)"
     )

@@ -364,6 +364,15 @@ def check_zstd_complete(path: str | os.PathLike[str]) -> None:
     Decoders stop silently at a truncated end; walking the frame and block headers (a few bytes
     per 128 KiB block, nothing decompressed) tells a complete file from a cut one.
     """
+    zstd_frames(path)
+
+
+def zstd_frames(path: str | os.PathLike[str]) -> list[tuple[int, int, int | None]]:
+    """``(start, end, content size or None)`` of every frame of a complete zstd file, from its headers.
+
+    Raises like :func:`check_zstd_complete` on a truncated or damaged file; skippable frames have size 0.
+    """
+    frames: list[tuple[int, int, int | None]] = []
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         pos = 0
@@ -374,12 +383,15 @@ def check_zstd_complete(path: str | os.PathLike[str]) -> None:
                 raise RecordError(path, None, f"truncated zstd frame at byte {pos}")
             magic = int.from_bytes(head[:4], "little")
             if magic in _SKIPPABLE:
-                pos += 8 + int.from_bytes(head[4:8], "little")
+                end = pos + 8 + int.from_bytes(head[4:8], "little")
+                frames.append((pos, end, 0))
+                pos = end
                 continue
             if magic != _ZSTD_MAGIC:
                 raise RecordError(path, None, f"not zstd data at byte {pos}")
             try:
                 p = pos + zstandard.frame_header_size(head)
+                content = zstandard.get_frame_parameters(head).content_size
             except zstandard.ZstdError as exc:
                 raise RecordError(path, None, f"bad zstd frame header at byte {pos} ({exc})") from exc
             while True:
@@ -397,7 +409,9 @@ def check_zstd_complete(path: str | os.PathLike[str]) -> None:
             p += 4 if head[4] & 0x04 else 0  # content checksum
             if p > size:
                 raise RecordError(path, None, f"truncated zstd frame at byte {pos}")
+            frames.append((pos, p, None if content == zstandard.CONTENTSIZE_UNKNOWN else content))
             pos = p
+    return frames
 
 
 def iter_chunks(path: str | os.PathLike[str], chunk: int = READ_CHUNK) -> Iterator[bytes]:

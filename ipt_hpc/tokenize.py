@@ -1,10 +1,14 @@
 """The ``tokenize`` stage: zstd JSONL shards -> Megatron indexed datasets, one document per record.
 
-Per shard: the main process streams records (decompress + parse, cheap) and hands batches of texts to
-``workers`` single-threaded tokenizer processes (``encode_batch_fast``, the ``tokenizers`` Rust core);
-ids come back in order and are appended to ``tokens/<group>/shard-NNNNN.bin``; the ``.idx`` is written
-last. A shard is redone whole if interrupted (never half-appended). ``merge`` then concatenates the
-shards of a group into ``tokens/<group>.{bin,idx}`` without re-tokenizing.
+Per shard, ``workers`` single-threaded tokenizer processes (``encode_batch_fast``, the ``tokenizers``
+Rust core) each take a byte range of whole zstd frames of the shard (the main process only walks the
+frame headers), decompress, parse, apply the record policies and tokenize it themselves: no text
+crosses a process boundary and reading runs in parallel. Ids come back in order and are appended to
+``tokens/<group>/shard-NNNNN.bin``; the ``.idx`` is written last. A file whose frames do not end at
+record boundaries (not written by :class:`~ipt_hpc.records.RecordWriter`) or are too large is read by
+the main process instead, which hands batches of texts to the same workers: the same bytes either way.
+A shard is redone whole if interrupted (never half-appended). ``merge`` then concatenates the shards of
+a group into ``tokens/<group>.{bin,idx}`` without re-tokenizing.
 
 Special tokens are added here, not by the tokenizer (``add_special_tokens=False``): BOS before each
 document when the model family's tokenizer adds one itself (``prepend_bos: auto``; Llama/Mistral do)
@@ -31,8 +35,14 @@ from .config import Config
 from .errors import IptError, RecordError
 from .execution import ShardContext, StageRun, StageState, launch, shard_name
 from .indexed import IndexedWriter, dtype_for_vocab, merge
-from .records import RecordWriter, iter_lines
-from .tokenize_worker import _encode, _init_worker  # a light module: spawned workers import only numpy
+from .records import PARTIAL_SUFFIX, RecordWriter, iter_lines, zstd_frames
+from .tokenize_worker import (  # a light module: spawned workers import little
+    LineProblem,
+    _encode,
+    _encode_range,
+    _init_worker,
+    select_texts,
+)
 
 STAGE = "tokenize"
 SHARD_SUFFIX = ".jsonl.zst"
@@ -102,79 +112,172 @@ def _close_pools() -> None:
     _POOLS.clear()
 
 
-def _pool(job: TokenizeJob) -> Any:
-    """A worker pool per tokenizer, kept for the next shards of the same task."""
-    key = (job.tokenizer_sha256, job.workers, job.bos_id, job.eod_id, job.dtype)
-    if key not in _POOLS:
+def _pool(workers: int) -> Any:
+    """``workers`` tokenizer processes, kept for the next shards of the same task (they load a tokenizer
+    on their first task: :func:`~ipt_hpc.tokenize_worker._setup`)."""
+    if workers not in _POOLS:
         _close_pools()
-        ctx = multiprocessing.get_context("spawn")
-        tok_json = str(Path(job.tokenizer_dir) / "tokenizer.json")
-        args = (tok_json, job.bos_id, job.eod_id, job.dtype)
-        _POOLS[key] = ctx.Pool(job.workers, initializer=_init_worker, initargs=args)
-    return _POOLS[key]
+        _POOLS[workers] = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+    return _POOLS[workers]
+
+
+def _spec(job: TokenizeJob) -> tuple[str, str, int | None, int | None, str]:
+    return (str(Path(job.tokenizer_dir) / "tokenizer.json"), job.tokenizer_sha256, job.bos_id, job.eod_id, job.dtype)
 
 
 # -- one shard ----------------------------------------------------------------------------------
-def _batches(job: TokenizeJob, path: Path, stats: dict[str, int], quarantine: list[dict]) -> Iterator[list[str]]:
-    """Texts of a shard in batches, applying the empty-text and bad-record policies."""
-    import orjson
+TASK_BYTES = 1 << 20  # decompressed bytes of whole frames per fast-path task (RecordWriter frames are 1 MiB)
+MAX_TASK_BYTES = 16 << 20  # a frame larger than this (or of unknown size) is read by the general path
+# The last ranges of a shard are cut into parts (each worker decompresses the range and takes its part of
+# the lines), so that no worker idles long while the others finish the shard.
+TAIL_RANGES_PER_WORKER = 2
+TAIL_PARTS_PER_WORKER = 2
 
+
+def _policy(job: TokenizeJob) -> tuple[str, str | None, str, str]:
+    return (job.text_field, job.record_group, job.empty_text, job.on_bad_record)
+
+
+def _batches(job: TokenizeJob, path: Path, stats: dict[str, int], quarantine: list[dict]) -> Iterator[list[str]]:
+    """Texts of a shard read here, in batches, applying the empty-text and bad-record policies."""
     batch: list[str] = []
-    field = job.text_field
-    for lineno, line in iter_lines(path):
-        problem = None
-        try:
-            rec = orjson.loads(line)
-            text = rec.get(field) if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                problem = f"text field {field!r} is missing or not a string"
-        except orjson.JSONDecodeError as exc:
-            problem, text = f"invalid JSON ({exc})", None
-        if problem is not None:
-            if job.on_bad_record == "error":
-                raise RecordError(path, lineno, problem)
-            quarantine.append({"file": path.name, "line": lineno, "reason": problem})
-            stats["bad"] += 1
-            continue
-        if job.record_group is not None and rec.get("group") != job.record_group:
-            stats["other_group"] += 1
-            continue
-        if not text:
-            if job.empty_text == "error":
-                raise RecordError(path, lineno, "empty text (set tokenize.empty_text to skip or keep)")
-            if job.empty_text == "skip":
-                stats["skipped_empty"] += 1
-                continue
-        batch.append(text)  # type: ignore[arg-type]
-        if len(batch) >= job.batch_docs:
-            yield batch
-            batch = []
+    found: list[tuple[int, str]] = []
+    try:
+        for text in select_texts(iter_lines(path), _policy(job), stats, found):
+            if found:
+                quarantine.extend({"file": path.name, "line": line, "reason": why} for line, why in found)
+                found.clear()
+            batch.append(text)
+            if len(batch) >= job.batch_docs:
+                yield batch
+                batch = []
+    except LineProblem as exc:
+        raise RecordError(path, exc.line, exc.reason) from None
+    quarantine.extend({"file": path.name, "line": line, "reason": why} for line, why in found)
     if batch:
         yield batch
+
+
+def _range_tasks(job: TokenizeJob, path: Path) -> list[tuple[int, int, int, int, bool]] | None:
+    """Fast-path tasks ``(start, end, part, parts, last)`` of whole frames, or None for the general path."""
+    if path.name.endswith(PARTIAL_SUFFIX):
+        return None  # the general path says why it refuses
+    try:
+        frames = zstd_frames(path)
+    except RecordError as exc:
+        raise RecordError(path, None, f"corrupt or truncated zstd data ({exc.reason})") from exc
+    except FileNotFoundError as exc:
+        raise IptError(f"{path}: no such record file") from exc
+    if any(size is None or size > MAX_TASK_BYTES for _, _, size in frames):
+        return None
+    ranges: list[tuple[int, int]] = []
+    start = size_sum = 0
+    for k, (_, end, size) in enumerate(frames):
+        size_sum += size or 0
+        if size_sum >= TASK_BYTES or k == len(frames) - 1:
+            ranges.append((start, end))
+            start, size_sum = end, 0
+    tail = TAIL_RANGES_PER_WORKER * job.workers if job.workers > 1 else 0
+    tasks: list[tuple[int, int, int, int, bool]] = []
+    for k, (a, b) in enumerate(ranges):
+        last = k == len(ranges) - 1
+        parts = TAIL_PARTS_PER_WORKER * job.workers if k >= len(ranges) - tail else 1
+        tasks.extend((a, b, part, parts, last) for part in range(parts))
+    return tasks
+
+
+def _tokenize_ranges(
+    job: TokenizeJob, ctx: ShardContext, writer: IndexedWriter, stats: dict[str, int], quarantine: list[dict]
+) -> bool:
+    """The fast path: workers read their own frames; ids come back in order. False if the file does not
+    fit it (frames not ending at record boundaries, huge frames): nothing useful was written then."""
+    path = ctx.input_path
+    tasks = _range_tasks(job, path)
+    if tasks is None:
+        return False
+    pool = _pool(job.workers)
+    policy, spec = _policy(job), _spec(job)
+    pending = iter(tasks)
+    in_flight: deque[Any] = deque()
+    base = 0  # lines before the oldest task in flight
+    try:
+        for task in pending:
+            in_flight.append(pool.apply_async(_encode_range, (spec, str(path), *task, policy)))
+            if len(in_flight) < 2 * job.workers:
+                continue
+            while len(in_flight) >= 2 * job.workers or (in_flight and in_flight[0].ready()):
+                base = _write_result(in_flight.popleft().get(), base, job, ctx, writer, stats, quarantine)
+        while in_flight:
+            base = _write_result(in_flight.popleft().get(), base, job, ctx, writer, stats, quarantine)
+    except _NotAligned:
+        for res in in_flight:
+            res.wait()  # let the workers finish what they hold before the general path sends more
+        return False
+    return True
+
+
+class _NotAligned(Exception):
+    pass
+
+
+def _write_result(
+    out: dict[str, Any],
+    base: int,
+    job: TokenizeJob,
+    ctx: ShardContext,
+    writer: IndexedWriter,
+    stats: dict[str, int],
+    quarantine: list[dict],
+) -> int:
+    if not out["aligned"]:
+        raise _NotAligned
+    if out["error"] is not None:
+        line, reason = out["error"]
+        raise RecordError(ctx.input_path, base + line, reason)
+    for key, n in out["stats"].items():
+        stats[key] += n
+    name = ctx.input_path.name
+    quarantine.extend({"file": name, "line": base + line, "reason": why} for line, why in out["quarantine"])
+    if out["lengths"]:
+        writer.add(np.frombuffer(out["ids"], dtype=job.dtype), np.frombuffer(out["lengths"], dtype=np.int32))
+        ctx.report(writer.documents, tokens=writer.tokens)
+    return base + out["lines"]
+
+
+def _tokenize_read_here(
+    job: TokenizeJob, ctx: ShardContext, writer: IndexedWriter, stats: dict[str, int], quarantine: list[dict]
+) -> None:
+    """The general path: this process reads and parses, workers tokenize batches of texts."""
+    pool, spec = _pool(job.workers), _spec(job)
+    in_flight: deque[Any] = deque()  # at most 2 batches per worker: bounded memory, workers never idle
+
+    def write_oldest() -> None:
+        ids, lengths = in_flight.popleft().get()
+        writer.add(np.frombuffer(ids, dtype=job.dtype), np.frombuffer(lengths, dtype=np.int32))
+        ctx.report(writer.documents, tokens=writer.tokens)
+
+    for batch in _batches(job, ctx.input_path, stats, quarantine):
+        in_flight.append(pool.apply_async(_encode, (spec, batch)))
+        if len(in_flight) >= 2 * job.workers:
+            write_oldest()
+    while in_flight:
+        write_oldest()
 
 
 def tokenize_shard(job: TokenizeJob, ctx: ShardContext) -> dict[str, Any]:
     """Tokenize one shard into ``ctx.output_path`` (a task of the execution layer)."""
     prefix = ctx.output_path.parent / ctx.output_path.name.removesuffix(".idx")
     writer = IndexedWriter(prefix, np.dtype(job.dtype))
-    stats = {"bad": 0, "skipped_empty": 0, "other_group": 0}
-    quarantine: list[dict] = []
     started = time.time()
     try:
-        pool = _pool(job)
-        in_flight: deque[Any] = deque()  # at most 2 batches per worker: bounded memory, workers never idle
-
-        def write_oldest() -> None:
-            ids, lengths = in_flight.popleft().get()
-            writer.add(np.frombuffer(ids, dtype=job.dtype), np.frombuffer(lengths, dtype=np.int32))
-            ctx.report(writer.documents, tokens=writer.tokens)
-
-        for batch in _batches(job, ctx.input_path, stats, quarantine):
-            in_flight.append(pool.apply_async(_encode, (batch,)))
-            if len(in_flight) >= 2 * job.workers:
-                write_oldest()
-        while in_flight:
-            write_oldest()
+        stats = {"bad": 0, "skipped_empty": 0, "other_group": 0}
+        quarantine: list[dict] = []
+        if not _tokenize_ranges(job, ctx, writer, stats, quarantine):
+            writer.discard()
+            writer = IndexedWriter(prefix, np.dtype(job.dtype))
+            stats = {"bad": 0, "skipped_empty": 0, "other_group": 0}
+            quarantine = []
+            _tokenize_read_here(job, ctx, writer, stats, quarantine)
         if quarantine:
             qpath = ctx.output_path.parent / "quarantine" / f"{prefix.name}.jsonl.zst"
             qpath.unlink(missing_ok=True)
@@ -196,6 +299,10 @@ def tokenize_shard(job: TokenizeJob, ctx: ShardContext) -> dict[str, Any]:
 
 
 # -- coordinator ----------------------------------------------------------------------------------
+def _workers(cfg: Config) -> int:
+    return cfg.tokenize.workers or cfg.execution.slurm.cpus_per_task or os.cpu_count() or 1
+
+
 def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -> tuple[StageRun, Path]:
     """The StageRun of ``tokenize`` for this config (loads the tokenizer, keeps a copy in the run).
 
@@ -228,7 +335,7 @@ def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -
         dtype=dtype,  # type: ignore[arg-type]
         empty_text=t.empty_text,
         on_bad_record=cfg.records.on_bad_record,
-        workers=t.workers or cfg.execution.slurm.cpus_per_task or os.cpu_count() or 1,
+        workers=_workers(cfg),
         batch_docs=t.batch_docs,
         record_group=t.record_group,
     )
@@ -285,6 +392,8 @@ def run(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Tokenize the selected shards; on the blocking backends also merge when the group is complete."""
+    if cfg.execution.backend == "debug":  # shards run in this process: start the workers while the tokenizer loads
+        _pool(_workers(cfg))
     stage, group_dir = stage_run(cfg, run_dir)
     state = StageState(group_dir)
     on_progress = progress and (lambda: progress(STAGE, len(state.names("done")), stage.num_shards))

@@ -54,13 +54,13 @@ def docs_of(prefix: Path) -> list[list[int]]:
     return [ds[i].tolist() for i in range(len(ds))]
 
 
-def fake_stage(run: Path, folder: str, shards: list[list[dict]]) -> None:
+def fake_stage(run: Path, folder: str, shards: list[list[dict]], frame_bytes: int = 1 << 20) -> None:
     """A finished stage folder holding the given records (for inputs the shard stage would reject)."""
     state = StageState(run / folder)
     state.write_stage({"stage": folder, "num_shards": len(shards), "config_hash": "test"})
     for k, recs in enumerate(shards):
         name = shard_name(k, len(shards))
-        with RecordWriter(run / folder / name) as w:
+        with RecordWriter(run / folder / name, frame_bytes=frame_bytes) as w:
             w.write_many(recs)
         state.mark_done(name, {"records": len(recs)})
 
@@ -134,6 +134,65 @@ def test_bad_records_follow_the_policy(tmp_path: Path, tok_dir: Path) -> None:
     assert res["merged"]["bad"] == 2 and res["merged"]["documents"] == 2
     q = list(read_records(run / "tokens" / "aug" / "quarantine" / "shard-00000.jsonl.zst"))
     assert [r["line"] for r in q] == [2, 3]
+
+
+def _mixed_records(n: int) -> list[dict]:
+    recs: list[dict] = []
+    for i in range(n):
+        if i % 37 == 5:
+            recs.append({"body": "no text"})
+        elif i % 41 == 7:
+            recs.append({"text": ""})
+        else:
+            recs.append({"text": f"record {i} " + "word " * (i % 13), "group": "b" if i % 5 == 0 else "a"})
+    return recs
+
+
+@pytest.mark.parametrize("sets", [{}, {"record_group": "a", "empty_text": "keep", "group": "aug"}])
+def test_workers_reading_frames_equal_reading_here(tmp_path: Path, tok_dir: Path, monkeypatch, sets) -> None:
+    """Many small frames (workers read frame ranges, tail ranges cut into parts) give the same dataset,
+    counts and quarantine lines as the main process reading the shard; errors name the same line."""
+    run = tmp_path / "run"
+    fake_stage(run, "aug", [_mixed_records(700), _mixed_records(90)], frame_bytes=300)
+    cfg = cfg_for(tok_dir, input_stage="aug", **{"empty_text": "skip", "records.on_bad_record": "quarantine", **sets})
+
+    def not_here(*args):
+        raise AssertionError("the general path ran")
+
+    monkeypatch.setattr(tokenize, "_tokenize_read_here", not_here)
+    monkeypatch.setattr(tokenize, "TASK_BYTES", 2000)  # several ranges of a few frames each
+    fast = tokenize.run(cfg, run)["merged"]
+    monkeypatch.undo()
+    outputs = [paths(run / "tokens" / "aug")[e].read_bytes() for e in (0, 1)]
+    quarantined = list(read_records(run / "tokens" / "aug" / "quarantine" / "shard-00000.jsonl.zst"))
+    monkeypatch.setattr(tokenize, "MAX_TASK_BYTES", 0)  # every frame too large: the general path
+    here = tokenize.run(cfg, run, force=True)["merged"]
+    assert [paths(run / "tokens" / "aug")[e].read_bytes() for e in (0, 1)] == outputs
+    assert list(read_records(run / "tokens" / "aug" / "quarantine" / "shard-00000.jsonl.zst")) == quarantined
+    assert [r["line"] for r in quarantined] == [i + 1 for i in range(700) if i % 37 == 5]
+    for key in ("documents", "tokens", "bad", "skipped_empty", "other_group"):
+        assert fast[key] == here[key], key
+    monkeypatch.undo()
+    with pytest.raises(TaskFailures, match=r"shard-00000\.jsonl\.zst:6: text field"):
+        tokenize.run(cfg_for(tok_dir, input_stage="aug", empty_text="skip"), run, force=True)
+    with pytest.raises(TaskFailures, match=r"shard-00000\.jsonl\.zst:8: empty text"):
+        tokenize.run(cfg_for(tok_dir, input_stage="aug", **{"records.on_bad_record": "quarantine"}), run, force=True)
+
+
+def test_frames_cut_inside_a_record_are_read_here(tmp_path: Path, tok_dir: Path) -> None:
+    """zstd frames that do not end at record boundaries (another writer's file) still tokenize exactly."""
+    import zstandard
+
+    texts = [f"document number {i} " * (1 + i % 7) for i in range(50)]
+    data = b"".join(b'{"text": "%s"}\n' % t.encode() for t in texts)
+    run = tmp_path / "run"
+    fake_stage(run, "aug", [[]])
+    c = zstandard.ZstdCompressor(write_content_size=True)
+    (run / "aug" / shard_name(0, 1)).write_bytes(
+        b"".join(c.compress(data[k : k + 333]) for k in range(0, len(data), 333))
+    )
+    tokenize.run(cfg_for(tok_dir, input_stage="aug"), run)
+    assert docs_of(run / "tokens" / "aug" / "shard-00000") == [expected_ids(tok_dir, t) for t in texts]
 
 
 def test_killed_task_leaves_no_complete_dataset_and_rerun_completes(tmp_path: Path, tok_dir: Path) -> None:
