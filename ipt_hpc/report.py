@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from . import __version__
 from .atomic import atomic_write_bytes, read_json
+from .charts import pyplot, save
 from .status import find_stages
 
 Block = tuple[Any, ...]  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", file, alt)
@@ -57,20 +56,15 @@ def stage_rows(run: Path) -> list[list[str]]:
 
 
 def _bar_chart(path: Path, labels: list[str], values: list[float], title: str, xlabel: str, ylabel: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)
     ax.bar(labels, values, color="#4C72B0")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+    save(fig, path)
     return True
 
 
@@ -158,16 +152,14 @@ def mixture_blocks(run: Path, out: Path) -> list[Block]:
 
 
 def training_blocks(run: Path, out: Path) -> list[Block]:
-    logs = sorted((run / "train").glob("**/log.jsonl")) if (run / "train").is_dir() else []
-    if not logs:
+    """Last and first loss, throughput and the loss curve, from the train stage's own log and plot."""
+    from .train.metrics import plot_loss, read_steps
+
+    log = run / "train" / "log.jsonl"
+    by_iteration = read_steps(log) if log.exists() else {}  # a step redone after a resume counts once
+    if not by_iteration:
         return []
-    steps = []
-    for line in logs[0].read_bytes().splitlines():
-        rec = orjson.loads(line)
-        if rec.get("kind") == "step":
-            steps.append(rec)
-    if not steps:
-        return []
+    steps = [by_iteration[i] for i in sorted(by_iteration)]
     last = steps[-1]
     rows = [
         ["iterations", f"{last['iteration']:,}"],
@@ -177,21 +169,8 @@ def training_blocks(run: Path, out: Path) -> list[Block]:
         ["MFU (last interval)", f"{last['mfu']:.1%}" if last.get("mfu") is not None else "-"],
     ]
     blocks: list[Block] = [("h2", "Training"), ("table", ["", "value"], rows)]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return blocks
-    fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)
-    ax.plot([s["iteration"] for s in steps], [s["loss"] for s in steps], color="#C44E52")
-    ax.set_title("training loss")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    fig.savefig(out / "loss.png", format="png", dpi=100)
-    plt.close(fig)
-    blocks.append(("img", "loss.png", "training loss curve"))
+    if plot_loss(log, out / "loss.png"):
+        blocks.append(("img", "loss.png", "training loss curve"))
     return blocks
 
 

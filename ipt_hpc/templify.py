@@ -11,7 +11,6 @@ one token group of each.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .atomic import fsync_dir, write_json_atomic
+from .atomic import write_json_atomic
+from .charts import pyplot, save
 from .config import Config
 from .errors import IptError, RecordError
 from .execution import ShardContext, StageRun, StageState, launch, shard_name
@@ -194,12 +194,8 @@ def finalize_stage(run: StageRun) -> dict[str, Any]:
 
 def write_charts(out_dir: Path, totals: dict[str, Any]) -> list[str]:
     """``formats.png`` (texts per intro and QA style) and ``pairs_per_text.png``; [] without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
@@ -208,28 +204,15 @@ def write_charts(out_dir: Path, totals: dict[str, Any]) -> list[str]:
         ax.barh([k for k, _ in items], [v for _, v in items], color="#4C72B0")
         ax.set_title(f"augmented texts by {title}")
         ax.set_xlabel("texts")
-    written.append(_save(fig, out_dir / "formats.png"))
-    plt.close(fig)
+    written.append(save(fig, out_dir / "formats.png"))
     hist = sorted(totals["pairs_per_text"].items(), key=lambda kv: int(kv[0].rstrip("+")))
     fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
     ax.bar([k for k, _ in hist], [v for _, v in hist], color="#55A868")
     ax.set_title("instruction-response pairs per augmented text")
     ax.set_xlabel("pairs")
     ax.set_ylabel("texts")
-    written.append(_save(fig, out_dir / "pairs_per_text.png"))
-    plt.close(fig)
+    written.append(save(fig, out_dir / "pairs_per_text.png"))
     return written
-
-
-def _save(fig: Any, path: Path) -> str:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
-    return path.name
 
 
 # -- coordinator ------------------------------------------------------------------------------------

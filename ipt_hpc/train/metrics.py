@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from ..charts import pyplot, save
+
 
 class MetricsLog:
     """Append-only JSON Lines log: ``{"kind": "step", "iteration", "loss", "lr", ...}`` or ``"event"``."""
@@ -73,12 +75,8 @@ def read_steps(path: Path) -> dict[int, dict[str, Any]]:
 
 def plot_loss(log_path: Path, png: Path) -> bool:
     """Draw the loss curve (needs matplotlib; returns False without it)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     steps = read_steps(log_path)
     xs = sorted(steps)
@@ -88,6 +86,5 @@ def plot_loss(log_path: Path, png: Path) -> bool:
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    save(fig, png)
     return True
