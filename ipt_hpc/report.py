@@ -72,16 +72,9 @@ def synthesis_blocks(run: Path, out: Path) -> list[Block]:
     manifest = run / "synth" / "manifest.json"
     if not manifest.exists():
         return []
-    m = read_json(manifest)
-    shards = m["shards"]
-    t = m["totals"]
-    hist: dict[str, int] = {}
-    dropped: dict[str, int] = {}
-    for s in shards:
-        for k, v in s.get("pairs_per_doc", {}).items():
-            hist[k] = hist.get(k, 0) + v
-        for k, v in s.get("dropped", {}).items():
-            dropped[k] = dropped.get(k, 0) + v
+    t = read_json(manifest)["totals"]
+    hist: dict[str, int] = t.get("pairs_per_doc", {})
+    dropped: dict[str, int] = t.get("dropped", {})
     docs = t.get("docs", 0)
     engine_s = t.get("engine_s", 0.0)
     rows = [

@@ -22,7 +22,8 @@ from .atomic import write_json_atomic
 from .charts import pyplot, save
 from .config import Config
 from .errors import IptError, RecordError
-from .execution import ShardContext, StageRun, StageState, launch, shard_name
+from .execution import ShardContext, StageRun, StageState, launch
+from .execution.shards import manifest_of
 from .records import read_records
 from .synth_format import stats_histogram
 from .templify_formats import ENTRY_SEPARATOR, draw_format, render_entry, rng_for
@@ -160,34 +161,15 @@ def templify_shard(job: TemplifyJob, ctx: ShardContext) -> dict[str, Any]:
 
 
 # -- finalize: stage manifest with totals and charts ------------------------------------------------
-def _add(total: dict[str, int], part: dict[str, int]) -> None:
-    for k, v in part.items():
-        total[k] = total.get(k, 0) + v
-
-
 def finalize_stage(run: StageRun) -> dict[str, Any]:
-    """Manifest with the stage's totals (texts, pairs, formats, pairs per text) and two PNG charts."""
-    state = StageState(run.out_dir)
-    shards = [state.read("done", shard_name(k, run.num_shards)) or {} for k in range(run.num_shards)]
-    totals: dict[str, Any] = {}
-    for key in ("records", "synth_docs", "augmented_texts", "raw_texts", "pairs_in", "pairs", "texts_without_pairs"):
-        totals[key] = sum(s.get(key, 0) for s in shards)
-    for key in ("formats", "intro", "qa", "pair_kinds", "pairs_per_text"):
-        acc: dict[str, int] = {}
-        for s in shards:
-            _add(acc, s.get(key, {}))
-        totals[key] = dict(sorted(acc.items(), key=lambda kv: -kv[1])) if key != "pairs_per_text" else acc
+    """The stage manifest (texts, pairs, formats, pairs per text summed over shards) and two PNG charts."""
+    manifest = manifest_of(run)
+    totals = manifest["totals"]
+    for key in ("formats", "intro", "qa", "pair_kinds"):  # most used first
+        totals[key] = dict(sorted(totals.get(key, {}).items(), key=lambda kv: -kv[1]))
+    totals.setdefault("pairs_per_text", {})
     totals["distinct_formats"] = len([f for f in totals["formats"] if f not in ("plain", "raw")])
-    charts = write_charts(run.out_dir, totals)
-    manifest = {
-        "stage": run.stage,
-        "config_hash": run.config_hash(),
-        "config": run.config_data(),
-        "num_shards": run.num_shards,
-        "totals": totals,
-        "charts": charts,
-        "shards": shards,
-    }
+    manifest["charts"] = write_charts(run.out_dir, totals)
     write_json_atomic(run.out_dir / "manifest.json", manifest)
     return manifest
 

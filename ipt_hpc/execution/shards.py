@@ -240,16 +240,28 @@ def _summable(key: str) -> bool:
     return key not in ("attempt", "finished") and not key.endswith(("_per_s", "_share"))
 
 
-def stage_manifest(run: StageRun) -> dict[str, Any]:
-    """The default stage manifest: config, every shard's completion stats, and their numeric totals."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def manifest_of(run: StageRun) -> dict[str, Any]:
+    """A stage's manifest: config, every shard's completion stats, and their totals.
+
+    Numbers add up over shards (rates, shares and timestamps excepted), and so do counters: a dict of
+    numbers per shard (e.g. pairs per document, drops by reason) totals key by key.
+    """
     state = StageState(run.out_dir)
     shards = [state.read("done", shard_name(k, run.num_shards)) or {} for k in range(run.num_shards)]
-    totals: dict[str, float] = {}
+    totals: dict[str, Any] = {}
     for stats in shards:
         for key, value in stats.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and _summable(key):
+            if _is_number(value) and _summable(key):
                 totals[key] = totals.get(key, 0) + value
-    manifest = {
+            elif isinstance(value, dict) and all(_is_number(v) for v in value.values()):
+                counter = totals.setdefault(key, {})
+                for k, v in value.items():
+                    counter[k] = counter.get(k, 0) + v
+    return {
         "stage": run.stage,
         "config_hash": run.config_hash(),
         "config": run.config_data(),
@@ -257,6 +269,11 @@ def stage_manifest(run: StageRun) -> dict[str, Any]:
         "totals": totals,
         "shards": shards,
     }
+
+
+def stage_manifest(run: StageRun) -> dict[str, Any]:
+    """The default finalize step: write :func:`manifest_of` as the stage's ``manifest.json``."""
+    manifest = manifest_of(run)
     write_json_atomic(run.out_dir / "manifest.json", manifest)
     return manifest
 
