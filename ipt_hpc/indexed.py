@@ -15,6 +15,7 @@ import shutil
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -126,6 +127,25 @@ def read_index(path: str | os.PathLike[str]) -> tuple[np.dtype, np.ndarray, np.n
     return CODE_DTYPES[code], lengths, pointers, docs
 
 
+def _copy(src: BinaryIO, dst: BinaryIO, size: int) -> None:
+    """Append ``size`` bytes of ``src`` to ``dst``: in the kernel where it can (``copy_file_range``:
+    no copy through this process, a reflink on file systems that share extents), else by reading."""
+    dst.flush()
+    left = size
+    try:
+        while left > 0:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), left)
+            if n == 0:
+                break
+            left -= n
+    except OSError:  # not supported here (old kernel, some network file systems): copy what is left
+        pass
+    if left:
+        src.seek(size - left)
+        dst.seek(0, os.SEEK_END)
+        shutil.copyfileobj(src, dst, 16 << 20)
+
+
 def merge(prefixes: Sequence[str | os.PathLike[str]], out_prefix: str | os.PathLike[str]) -> dict[str, int]:
     """Concatenate indexed datasets into one (streaming copy of ``.bin``; no re-tokenization)."""
     if not prefixes:
@@ -151,7 +171,7 @@ def merge(prefixes: Sequence[str | os.PathLike[str]], out_prefix: str | os.PathL
             if size != expected:
                 raise IptError(f"merge: {p_bin} has {size} bytes, its index says {expected}")
             with open(p_bin, "rb") as src:
-                shutil.copyfileobj(src, dst, 16 << 20)
+                _copy(src, dst, size)
             all_lengths.append(np.array(lengths))
         dst.flush()
         os.fsync(dst.fileno())

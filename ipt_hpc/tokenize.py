@@ -107,17 +107,20 @@ _POOLS: dict[tuple[Any, ...], Any] = {}
 
 @atexit.register
 def _close_pools() -> None:
+    _AHEAD.clear()
     for pool in _POOLS.values():
         pool.terminate()
     _POOLS.clear()
 
 
-def _pool(workers: int) -> Any:
-    """``workers`` tokenizer processes, kept for the next shards of the same task (they load a tokenizer
-    on their first task: :func:`~ipt_hpc.tokenize_worker._setup`)."""
+def _pool(workers: int, preload: str | None = None) -> Any:
+    """``workers`` tokenizer processes, kept for the next shards of the same task. They load the job's
+    tokenizer on their first task (:func:`~ipt_hpc.tokenize_worker._setup`), or at start the
+    ``tokenizer.json`` given as ``preload`` if it turns out to be the same file."""
     if workers not in _POOLS:
         _close_pools()
-        _POOLS[workers] = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+        ctx = multiprocessing.get_context("spawn")
+        _POOLS[workers] = ctx.Pool(workers, initializer=_init_worker, initargs=(preload,))
     return _POOLS[workers]
 
 
@@ -126,7 +129,7 @@ def _spec(job: TokenizeJob) -> tuple[str, str, int | None, int | None, str]:
 
 
 # -- one shard ----------------------------------------------------------------------------------
-TASK_BYTES = 1 << 20  # decompressed bytes of whole frames per fast-path task (RecordWriter frames are 1 MiB)
+TASK_BYTES = 2 << 20  # decompressed bytes of whole frames per fast-path task (RecordWriter frames are 1 MiB)
 MAX_TASK_BYTES = 16 << 20  # a frame larger than this (or of unknown size) is read by the general path
 # The last ranges of a shard are cut into parts (each worker decompresses the range and takes its part of
 # the lines), so that no worker idles long while the others finish the shard.
@@ -158,8 +161,11 @@ def _batches(job: TokenizeJob, path: Path, stats: dict[str, int], quarantine: li
         yield batch
 
 
-def _range_tasks(job: TokenizeJob, path: Path) -> list[tuple[int, int, int, int, bool]] | None:
-    """Fast-path tasks ``(start, end, part, parts, last)`` of whole frames, or None for the general path."""
+def _range_tasks(job: TokenizeJob, path: Path, split_tail: bool) -> list[tuple[int, int, int, int, bool]] | None:
+    """Fast-path tasks ``(start, end, part, parts, last)`` of whole frames, or None for the general path.
+
+    ``split_tail``: cut the last ranges into parts (for the last shard of a task: no next shard's work
+    then fills the workers while the slowest finishes)."""
     if path.name.endswith(PARTIAL_SUFFIX):
         return None  # the general path says why it refuses
     try:
@@ -177,7 +183,7 @@ def _range_tasks(job: TokenizeJob, path: Path) -> list[tuple[int, int, int, int,
         if size_sum >= TASK_BYTES or k == len(frames) - 1:
             ranges.append((start, end))
             start, size_sum = end, 0
-    tail = TAIL_RANGES_PER_WORKER * job.workers if job.workers > 1 else 0
+    tail = TAIL_RANGES_PER_WORKER * job.workers if job.workers > 1 and split_tail else 0
     tasks: list[tuple[int, int, int, int, bool]] = []
     for k, (a, b) in enumerate(ranges):
         last = k == len(ranges) - 1
@@ -186,32 +192,92 @@ def _range_tasks(job: TokenizeJob, path: Path) -> list[tuple[int, int, int, int,
     return tasks
 
 
+class _Feed:
+    """The fast-path tasks of one shard, sent to the pool in order; results are taken in the same order."""
+
+    def __init__(self, job: TokenizeJob, path: Path, tasks: list[tuple[int, int, int, int, bool]], pool: Any) -> None:
+        self.path, self.pool = path, pool
+        self.key = (_spec(job), _policy(job), _file_id(path))
+        self.pending = deque(tasks)
+        self.in_flight: deque[Any] = deque()
+
+    def send(self) -> bool:
+        """Send the next task to the pool; False when all are sent."""
+        if not self.pending:
+            return False
+        spec, policy, _ = self.key
+        task = self.pending.popleft()
+        self.in_flight.append(self.pool.apply_async(_encode_range, (spec, str(self.path), *task, policy)))
+        return True
+
+    def wait(self) -> None:
+        for res in self.in_flight:
+            res.wait()
+
+
+def _file_id(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# The next shard's feed, started while this shard's last tasks run, so that the workers do not wait at
+# shard boundaries (the drain, closing and marking the shard done). At most one; a hint only: the next
+# shard's call takes it if it is for the same file, tokenizer and policies, else it is dropped.
+_AHEAD: dict[str, _Feed] = {}
+
+
+def _take_ahead(job: TokenizeJob, path: Path, pool: Any) -> _Feed | None:
+    feed = _AHEAD.pop(str(path), None)
+    _AHEAD.clear()
+    try:
+        same = feed is not None and feed.pool is pool and feed.key == (_spec(job), _policy(job), _file_id(path))
+    except OSError:
+        same = False
+    return feed if same else None
+
+
+def _start_ahead(job: TokenizeJob, ctx: ShardContext, pool: Any) -> _Feed | None:
+    for path in ctx.next_inputs[:1]:
+        try:
+            tasks = _range_tasks(job, path, split_tail=len(ctx.next_inputs) < 2)
+        except (IptError, OSError):
+            return None  # that shard's own call reports it
+        if tasks is not None:
+            _AHEAD.clear()
+            _AHEAD[str(path)] = feed = _Feed(job, path, tasks, pool)
+            return feed
+    return None
+
+
 def _tokenize_ranges(
     job: TokenizeJob, ctx: ShardContext, writer: IndexedWriter, stats: dict[str, int], quarantine: list[dict]
 ) -> bool:
     """The fast path: workers read their own frames; ids come back in order. False if the file does not
-    fit it (frames not ending at record boundaries, huge frames): nothing useful was written then."""
-    path = ctx.input_path
-    tasks = _range_tasks(job, path)
-    if tasks is None:
-        return False
+    fit it (frames not ending at record boundaries, huge frames): nothing useful was written then.
+
+    Once all of this shard's tasks are sent, the next shard of the task (if any) is started in their
+    place, so that ``2 * workers`` tasks stay in flight across the boundary."""
     pool = _pool(job.workers)
-    policy, spec = _policy(job), _spec(job)
-    pending = iter(tasks)
-    in_flight: deque[Any] = deque()
+    feed = _take_ahead(job, ctx.input_path, pool)
+    if feed is None:
+        tasks = _range_tasks(job, ctx.input_path, split_tail=not ctx.next_inputs)
+        if tasks is None:
+            return False
+        feed = _Feed(job, ctx.input_path, tasks, pool)
+    depth = 2 * job.workers
+    ahead: _Feed | None = None
     base = 0  # lines before the oldest task in flight
     try:
-        for task in pending:
-            in_flight.append(pool.apply_async(_encode_range, (spec, str(path), *task, policy)))
-            if len(in_flight) < 2 * job.workers:
-                continue
-            while len(in_flight) >= 2 * job.workers or (in_flight and in_flight[0].ready()):
-                base = _write_result(in_flight.popleft().get(), base, job, ctx, writer, stats, quarantine)
-        while in_flight:
-            base = _write_result(in_flight.popleft().get(), base, job, ctx, writer, stats, quarantine)
+        while feed.pending or feed.in_flight:
+            while len(feed.in_flight) < depth and feed.send():
+                pass
+            if not feed.pending:
+                ahead = ahead or _start_ahead(job, ctx, pool)
+                while ahead and len(feed.in_flight) + len(ahead.in_flight) < depth and ahead.send():
+                    pass
+            base = _write_result(feed.in_flight.popleft().get(), base, job, ctx, writer, stats, quarantine)
     except _NotAligned:
-        for res in in_flight:
-            res.wait()  # let the workers finish what they hold before the general path sends more
+        feed.wait()  # let the workers finish what they hold before the general path sends more
         return False
     return True
 
@@ -393,7 +459,8 @@ def run(
 ) -> dict[str, Any]:
     """Tokenize the selected shards; on the blocking backends also merge when the group is complete."""
     if cfg.execution.backend == "debug":  # shards run in this process: start the workers while the tokenizer loads
-        _pool(_workers(cfg))
+        source = Path(cfg.tokenize.tokenizer or "") / "tokenizer.json"
+        _pool(_workers(cfg), str(source) if source.is_file() else None)
     stage, group_dir = stage_run(cfg, run_dir)
     state = StageState(group_dir)
     on_progress = progress and (lambda: progress(STAGE, len(state.names("done")), stage.num_shards))

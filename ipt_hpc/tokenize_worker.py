@@ -9,6 +9,7 @@ boundary and reading runs in parallel with tokenizing. Both apply the same recor
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -67,10 +68,20 @@ def select_texts(
         yield text  # type: ignore[misc]
 
 
-def _init_worker() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+def _init_worker(preload: str | None = None) -> None:
+    """Worker start: one core per process; ``preload`` (a ``tokenizer.json``) is loaded now, while the
+    main process still prepares the job, and used if the job's tokenizer has the same bytes."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
-    import tokenizers  # noqa: F401 - imported while the main process prepares the tokenizer
+    from tokenizers import Tokenizer
+
+    if preload:
+        try:
+            with open(preload, "rb") as fh:
+                data = fh.read()
+            _WORKER["preloaded"] = (hashlib.sha256(data).hexdigest(), Tokenizer.from_str(data.decode()))
+        except Exception:  # noqa: BLE001 - only a hint: the job's own file is loaded then
+            _WORKER.pop("preloaded", None)
 
 
 def _setup(spec: tuple[str, str, int | None, int | None, str]) -> dict[str, Any]:
@@ -78,9 +89,12 @@ def _setup(spec: tuple[str, str, int | None, int | None, str]) -> dict[str, Any]
     if _WORKER.get("spec") != spec:
         from tokenizers import Tokenizer
 
-        tok_json, _, bos, eod, dtype = spec
+        tok_json, sha, bos, eod, dtype = spec
+        sha_pre, tok = _WORKER.pop("preloaded", (None, None))
+        if sha_pre != sha:
+            tok = Tokenizer.from_file(tok_json)
         _WORKER.clear()
-        _WORKER.update(spec=spec, tok=Tokenizer.from_file(tok_json), bos=bos, eod=eod, dtype=np.dtype(dtype))
+        _WORKER.update(spec=spec, tok=tok, bos=bos, eod=eod, dtype=np.dtype(dtype))
     return _WORKER
 
 

@@ -31,4 +31,4 @@ def slow_upper(cfg: dict[str, Any], ctx: ShardContext) -> dict[str, Any]:
         if (i + 1) % flush_every == 0:
             writer.flush()
             ctx.report(i + 1)
-    return writer.close().to_json()
+    return {**writer.close().to_json(), "next_inputs": [p.name for p in ctx.next_inputs]}

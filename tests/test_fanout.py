@@ -117,6 +117,22 @@ def test_every_shard_done_exactly_once(tmp_path: Path, backend: str) -> None:
     assert launch(stage(run, 6), "all", execution(backend=backend))["submitted"] == 0
 
 
+@pytest.mark.parametrize("backend", ["debug", "local"])
+def test_a_shard_learns_which_inputs_its_task_runs_next(tmp_path: Path, backend: str) -> None:
+    """``ShardContext.next_inputs``: the next (at most two) shards of the same pack not done yet."""
+    run = make_raw(tmp_path / "run", 6)
+    launch(stage(run, 6), "3", execution(backend="debug"))  # done before: never announced as next
+    launch(stage(run, 6), "all", execution(backend=backend, workers=2))
+    state = StageState(run / "upper")
+    seen = {k: state.read("done", shard_name(k, 6))["next_inputs"] for k in range(6)}
+    todo = [0, 1, 2, 4, 5]
+    packs = [todo] if backend == "debug" else [todo[0::2], todo[1::2]]  # local: 2 strided packs
+    for items in packs:
+        for i, k in enumerate(items):
+            assert seen[k] == [shard_name(j, 6) for j in items[i + 1 : i + 3]], (k, seen)
+    assert seen[3] == []  # it ran alone
+
+
 def test_selection_runs_only_chosen_shards(tmp_path: Path) -> None:
     run = make_raw(tmp_path / "run", 8)
     launch(stage(run, 8), "1,5-6", execution(backend="debug"))

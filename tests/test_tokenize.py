@@ -96,6 +96,21 @@ def test_merge_equals_tokenizing_the_concatenation(tmp_path: Path, tok_dir: Path
     parts = [many / "tokens" / "raw" / f"shard-0000{k}" for k in (2, 0)]
     merge(parts, tmp_path / "custom")
     assert docs_of(tmp_path / "custom") == docs_of(parts[0]) + docs_of(parts[1])
+    # where the kernel copy stops part way (unsupported file system), the rest is copied by reading
+    real_copy, calls = os.copy_file_range, []
+
+    def flaky_copy(src: int, dst: int, count: int) -> int:
+        calls.append(count)
+        if len(calls) > 1:
+            raise OSError(18, "Invalid cross-device link")
+        return real_copy(src, dst, min(count, 7))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "copy_file_range", flaky_copy)
+        merge(parts, tmp_path / "copied")
+    assert len(calls) == 3  # first shard: 7 bytes, then refused; second shard: refused at once
+    for ext in (0, 1):
+        assert paths(tmp_path / "copied")[ext].read_bytes() == paths(tmp_path / "custom")[ext].read_bytes()
 
 
 def test_unicode_and_policies(tmp_path: Path, tok_dir: Path) -> None:
@@ -177,6 +192,81 @@ def test_workers_reading_frames_equal_reading_here(tmp_path: Path, tok_dir: Path
         tokenize.run(cfg_for(tok_dir, input_stage="aug", empty_text="skip"), run, force=True)
     with pytest.raises(TaskFailures, match=r"shard-00000\.jsonl\.zst:8: empty text"):
         tokenize.run(cfg_for(tok_dir, input_stage="aug", **{"records.on_bad_record": "quarantine"}), run, force=True)
+
+
+def test_next_shard_starts_early_and_gives_the_same_bytes(tmp_path: Path, tok_dir: Path, monkeypatch) -> None:
+    """The workers start the task's next shard while this one finishes: the same bytes as one shard per
+    call; a bad record in a shard started early fails that shard only, with its own file and line; a
+    next shard whose file changed meanwhile is read again."""
+    shards = [[{"text": f"shard {k} doc {i} " + "word " * (i % 11)} for i in range(150 + 40 * k)] for k in range(4)]
+    shards[2][50] = {"text": ""}
+    for name in ("run", "ref"):
+        fake_stage(tmp_path / name, "aug", shards, frame_bytes=300)
+    monkeypatch.setattr(tokenize, "TASK_BYTES", 2000)
+    taken: list[tuple[str, bool]] = []
+    real_take = tokenize._take_ahead
+
+    def spy(job, path, pool):
+        feed = real_take(job, path, pool)
+        taken.append((path.name, feed is not None))
+        return feed
+
+    monkeypatch.setattr(tokenize, "_take_ahead", spy)
+    cfg = cfg_for(tok_dir, input_stage="aug")
+    with pytest.raises(TaskFailures, match=r"shard-00002\.jsonl\.zst:51: empty text") as failed:
+        tokenize.run(cfg, tmp_path / "run")
+    assert "shard-00001" not in str(failed.value) and "shard-00003" not in str(failed.value)
+    # shard 2 failed before its last task was sent, so shard 3 was not started early
+    assert taken == [(shard_name(k, 4), k in (1, 2)) for k in range(4)]
+    taken.clear()
+    for k in (0, 1, 3):  # one shard per call: nothing runs next, nothing is started early
+        tokenize.run(cfg, tmp_path / "ref", str(k))
+    assert taken == [(shard_name(k, 4), False) for k in (0, 1, 3)]
+    for k in (0, 1, 3):
+        for ext in (".bin", ".idx"):
+            name = f"shard-{k:05d}{ext}"
+            assert (tmp_path / "run/tokens/aug" / name).read_bytes() == (
+                tmp_path / "ref/tokens/aug" / name
+            ).read_bytes()
+    assert not (tmp_path / "run/tokens/aug/shard-00002.idx").exists()
+
+    job = tokenize.stage_run(cfg, tmp_path / "ref")[0].stage_config
+    path = tmp_path / "ref" / "aug" / shard_name(2, 4)
+    pool = tokenize._pool(job.workers)
+    tokenize._AHEAD[str(path)] = feed = tokenize._Feed(job, path, tokenize._range_tasks(job, path, True), pool)
+    assert feed.send()
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert real_take(job, path, pool) is None and not tokenize._AHEAD
+
+
+def test_worker_takes_a_preloaded_tokenizer_only_if_it_is_the_jobs(tmp_path: Path, tok_dir: Path, monkeypatch) -> None:
+    """Workers load the source tokenizer while the job is prepared; a job whose file differs loads its own."""
+    import hashlib
+    import json
+
+    from ipt_hpc import tokenize_worker as tw
+
+    monkeypatch.setattr(tw, "_WORKER", {})
+    for var in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS"):  # _init_worker sets them; restored after
+        monkeypatch.setenv(var, os.environ.get(var, ""))
+    src = tok_dir / "tokenizer.json"
+    other = tmp_path / "tokenizer.json"
+    other.write_text(json.dumps(json.loads(src.read_text()), indent=1))  # same tokenizer, other bytes
+
+    def spec(path: Path) -> tuple:
+        return (str(path), hashlib.sha256(path.read_bytes()).hexdigest(), None, None, "uint16")
+
+    tw._init_worker(str(src))
+    preloaded = tw._WORKER["preloaded"][1]
+    assert tw._setup(spec(src))["tok"] is preloaded
+    tw._init_worker(str(src))
+    second = tw._WORKER["preloaded"][1]
+    mine = tw._setup(spec(other))["tok"]
+    assert mine is not second and "preloaded" not in tw._WORKER
+    assert mine.encode("same ids").ids == preloaded.encode("same ids").ids
+    tw._init_worker(str(tmp_path / "missing.json"))  # only a hint: no error, nothing preloaded
+    assert "preloaded" not in tw._WORKER
 
 
 def test_frames_cut_inside_a_record_are_read_here(tmp_path: Path, tok_dir: Path) -> None:

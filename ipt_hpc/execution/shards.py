@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import fcntl
 import importlib
+import itertools
 import os
 import socket
 import time
@@ -133,6 +134,7 @@ class ShardContext:
         self._info = info  # the running marker's fields (job, host, pid, attempt, started)
         self._writers: list[RecordWriter] = []
         self._last_report = 0.0
+        self.next_inputs: list[Path] = []  # inputs of the shards this task runs next (set by the runner)
 
     def open_output(self, path: Path | None = None) -> RecordWriter:
         """A writer for this shard's output that resumes after the last durable record."""
@@ -167,9 +169,14 @@ class ShardRunner:
     def __init__(self, run: StageRun) -> None:
         self.run = run
         self._ctx: ShardContext | None = None
+        self._upcoming: list[int] = []
 
     def __getstate__(self) -> dict[str, Any]:
         return {"run": self.run, "_ctx": None}
+
+    def set_upcoming(self, shard_ids: list[int]) -> None:
+        """The shards this task runs after the next call (see :attr:`ShardContext.next_inputs`)."""
+        self._upcoming = shard_ids
 
     def on_preempt(self) -> None:
         ctx = self._ctx
@@ -211,6 +218,8 @@ class ShardRunner:
         state.log_event(name, "start", **info)
         state.mark_running(name, info)
         ctx = ShardContext(run, shard_id, state, info)
+        names = (shard_name(k, run.num_shards) for k in getattr(self, "_upcoming", ()))
+        ctx.next_inputs = [run.in_dir / n for n in itertools.islice((n for n in names if not state.is_done(n)), 2)]
         self._ctx = ctx
         started = time.time()
         try:

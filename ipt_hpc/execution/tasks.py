@@ -70,16 +70,25 @@ class PackRunner(submitit.helpers.Checkpointable):
 
     def __call__(self, items: Sequence[Any], labels: Sequence[str]) -> list[Outcome]:
         self._install_sigterm()
-        outcomes = []
-        for item, label in zip(items, labels, strict=True):
-            try:
-                outcomes.append(Outcome(label, True, self.fn(item)))
-            except Exception as exc:  # noqa: BLE001 - reported per item, by name, to the coordinator
-                outcomes.append(Outcome(label, False, describe(exc)))
+        outcomes = [
+            self.run_item(item, label, items[k + 1 :])
+            for k, (item, label) in enumerate(zip(items, labels, strict=True))
+        ]
         failed = [o for o in outcomes if not o.ok]
         if self.strict and failed:
             raise TaskFailures("pack", [(o.label, str(o.value)) for o in failed], len(outcomes))
         return outcomes
+
+    def run_item(self, item: Any, label: str, upcoming: Sequence[Any] = ()) -> Outcome:
+        """``fn(item)`` as an outcome. A task function with ``set_upcoming`` learns first which items
+        this pack runs after this one (a hint, e.g. to start reading the next input early)."""
+        set_upcoming = getattr(self.fn, "set_upcoming", None)
+        if set_upcoming is not None:
+            set_upcoming(list(upcoming))
+        try:
+            return Outcome(label, True, self.fn(item))
+        except Exception as exc:  # noqa: BLE001 - reported per item, by name, to the coordinator
+            return Outcome(label, False, describe(exc))
 
     def _preempted(self) -> None:
         hook = getattr(self.fn, "on_preempt", None)
@@ -122,8 +131,9 @@ def run_tasks(
         return []
     if cfg.backend == "debug":
         outcomes = []
-        for item, label in zip(items, labels, strict=True):
-            outcomes.extend(PackRunner(fn)([item], [label]))
+        runner = PackRunner(fn)
+        for k, (item, label) in enumerate(zip(items, labels, strict=True)):
+            outcomes.append(runner.run_item(item, label, items[k + 1 :]))
             if on_progress:
                 on_progress()
     elif cfg.backend == "local":
