@@ -9,14 +9,16 @@ boundary and reading runs in parallel with tokenizing. Both apply the same recor
 
 from __future__ import annotations
 
+import array
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import numpy as np
-
 _WORKER: dict[str, Any] = {}
+# The dataset dtypes as array typecodes: no numpy here, whose import would slow each worker's start.
+_ARRAY_CODES = {"uint16": "H", "int32": "i"}
+assert array.array("H").itemsize == 2 and array.array("i").itemsize == 4
 
 
 class LineProblem(Exception):
@@ -94,7 +96,7 @@ def _setup(spec: tuple[str, str, int | None, int | None, str]) -> dict[str, Any]
         if sha_pre != sha:
             tok = Tokenizer.from_file(tok_json)
         _WORKER.clear()
-        _WORKER.update(spec=spec, tok=tok, bos=bos, eod=eod, dtype=np.dtype(dtype))
+        _WORKER.update(spec=spec, tok=tok, bos=bos, eod=eod, code=_ARRAY_CODES[dtype])
     return _WORKER
 
 
@@ -103,20 +105,16 @@ def _encode(spec: tuple[str, str, int | None, int | None, str], texts: list[str]
     w = _setup(spec)
     encodings = w["tok"].encode_batch_fast(texts, add_special_tokens=False)
     bos, eod = w["bos"], w["eod"]
-    head = bos is not None
-    lengths = np.fromiter(map(len, encodings), dtype=np.int32, count=len(encodings))
-    lengths += head + (eod is not None)
-    ends = np.cumsum(lengths, dtype=np.int64)
-    starts = ends - lengths
-    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=w["dtype"])
-    for pos, enc in zip((starts + head).tolist(), encodings, strict=True):  # numpy copies each id list in C
-        ids = enc.ids
-        flat[pos : pos + len(ids)] = ids
-    if head:
-        flat[starts] = bos
-    if eod is not None:
-        flat[ends - 1] = eod
-    return flat.tobytes(), lengths.tobytes()
+    extra = (bos is not None) + (eod is not None)
+    ids, lengths = array.array(w["code"]), array.array("i")
+    for enc in encodings:  # array copies each id list in C (and refuses an id the dtype cannot hold)
+        if bos is not None:
+            ids.append(bos)
+        ids.fromlist(enc.ids)
+        if eod is not None:
+            ids.append(eod)
+        lengths.append(len(enc) + extra)
+    return ids.tobytes(), lengths.tobytes()
 
 
 def _encode_range(
