@@ -216,8 +216,8 @@ def test_next_shard_starts_early_and_gives_the_same_bytes(tmp_path: Path, tok_di
     with pytest.raises(TaskFailures, match=r"shard-00002\.jsonl\.zst:51: empty text") as failed:
         tokenize.run(cfg, tmp_path / "run")
     assert "shard-00001" not in str(failed.value) and "shard-00003" not in str(failed.value)
-    # shard 2 failed before its last task was sent, so shard 3 was not started early
-    assert taken == [(shard_name(k, 4), k in (1, 2)) for k in range(4)]
+    # shard 3 may or may not have been started early: that depends on when shard 2's error came back
+    assert taken[:3] == [(shard_name(k, 4), k > 0) for k in range(3)] and taken[3][0] == shard_name(3, 4)
     taken.clear()
     for k in (0, 1, 3):  # one shard per call: nothing runs next, nothing is started early
         tokenize.run(cfg, tmp_path / "ref", str(k))
