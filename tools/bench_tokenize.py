@@ -365,8 +365,7 @@ def _limit_share(tok_json: str, texts: list[str], barrier: Any, conn: Any) -> No
     barrier.wait()
     tokens = 0
     for i in range(0, len(texts), batch):
-        encodings = tok.encode_batch_fast(texts[i : i + batch], add_special_tokens=False)
-        tokens += sum(len(e) for e in encodings)
+        tokens += sum(len(e) for e in tok.encode_batch_fast(texts[i : i + batch], add_special_tokens=False))
     conn.send(tokens)
     conn.close()
 
@@ -556,16 +555,25 @@ def report(vs: list[Variant], ctx: Ctx, args: argparse.Namespace) -> None:
     for note in ctx.notes:
         print("note:", note)
     ours = vs[0].best.seconds
-    checks = [("ipt_hpc >= 0.90x the limit", limit / ours, TARGET_LIMIT, "")]
+
+    def paired(v: Variant) -> str:
+        """The ratio within each repeat (the variants of one repeat ran one after the other), which the
+        machine's drift between repeats moves less than best against best."""
+        ratios = sorted(r.seconds / o.seconds for r, o in zip(v.results, vs[0].results, strict=True))
+        each = " ".join(f"{x:.2f}" for x in ratios)
+        return f"; per repeat {each}, median {ratios[len(ratios) // 2]:.2f}x" if len(ratios) > 1 else ""
+
+    checks = [("ipt_hpc >= 0.90x the limit", limit / ours, TARGET_LIMIT, paired(vs[1]))]
     for v in vs:
         if v.name.startswith("datatrove"):
-            checks.append(("ipt_hpc >= 1.05x datatrove", v.best.seconds / ours, TARGET_DATATROVE, ""))
+            checks.append(("ipt_hpc >= 1.05x datatrove", v.best.seconds / ours, TARGET_DATATROVE, paired(v)))
         if v.name.startswith("preprocess_data"):
             startup = args.megatron_startup
             with_startup = f"; {(v.best.seconds + startup) / ours:.2f}x counting its {startup:.1f} s start-up"
-            checks.append(("ipt_hpc >= 2x preprocess_data", v.best.seconds / ours, TARGET_MEGATRON, with_startup))
+            more = paired(v) + with_startup
+            checks.append(("ipt_hpc >= 2x preprocess_data", v.best.seconds / ours, TARGET_MEGATRON, more))
     for label, ratio, target, more in checks:
-        print(f"target {label}: {'MET' if ratio >= target else 'MISSED'} ({ratio:.2f}x{more})")
+        print(f"target {label}: {'MET' if ratio >= target else 'MISSED'} (best of each {ratio:.2f}x{more})")
 
 
 # -- main ------------------------------------------------------------------------------------
