@@ -364,7 +364,7 @@ def _limit_share(tok_json: str, texts: list[str], barrier: Any, conn: Any) -> No
     batch = 1024
     barrier.wait()
     tokens = 0
-    for i in range(0, len(texts), batch):
+    for i in range(0, len(texts), batch):  # one batch's encodings alive at a time (two: ~8% slower)
         tokens += sum(len(e) for e in tok.encode_batch_fast(texts[i : i + batch], add_special_tokens=False))
     conn.send(tokens)
     conn.close()
