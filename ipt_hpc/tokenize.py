@@ -41,6 +41,7 @@ from .tokenize_worker import (  # a light module: spawned workers import little
     _encode,
     _encode_range,
     _init_worker,
+    new_stats,
     select_texts,
 )
 
@@ -148,7 +149,7 @@ def _batches(job: TokenizeJob, path: Path, stats: dict[str, int], quarantine: li
     try:
         for text in select_texts(iter_lines(path), _policy(job), stats, found):
             if found:
-                quarantine.extend({"file": path.name, "line": line, "reason": why} for line, why in found)
+                quarantine.extend(_quarantined(path, found))
                 found.clear()
             batch.append(text)
             if len(batch) >= job.batch_docs:
@@ -156,9 +157,20 @@ def _batches(job: TokenizeJob, path: Path, stats: dict[str, int], quarantine: li
                 batch = []
     except LineProblem as exc:
         raise RecordError(path, exc.line, exc.reason) from None
-    quarantine.extend({"file": path.name, "line": line, "reason": why} for line, why in found)
+    quarantine.extend(_quarantined(path, found))
     if batch:
         yield batch
+
+
+def _quarantined(path: Path, found: list[tuple[int, str]], base: int = 0) -> Iterator[dict[str, Any]]:
+    """Quarantine entries of ``(line, reason)`` pairs whose lines count from line ``base + 1`` of ``path``."""
+    return ({"file": path.name, "line": base + line, "reason": why} for line, why in found)
+
+
+def _append(job: TokenizeJob, ctx: ShardContext, writer: IndexedWriter, ids: bytes, lengths: bytes) -> None:
+    """Append a worker's answer (concatenated ids, document lengths) to the shard's dataset."""
+    writer.add(np.frombuffer(ids, dtype=job.dtype), np.frombuffer(lengths, dtype=np.int32))
+    ctx.report(writer.documents, tokens=writer.tokens)
 
 
 def _range_tasks(job: TokenizeJob, path: Path, split_tail: bool) -> list[tuple[int, int, int, int, bool]] | None:
@@ -302,11 +314,9 @@ def _write_result(
         raise RecordError(ctx.input_path, base + line, reason)
     for key, n in out["stats"].items():
         stats[key] += n
-    name = ctx.input_path.name
-    quarantine.extend({"file": name, "line": base + line, "reason": why} for line, why in out["quarantine"])
+    quarantine.extend(_quarantined(ctx.input_path, out["quarantine"], base))
     if out["lengths"]:
-        writer.add(np.frombuffer(out["ids"], dtype=job.dtype), np.frombuffer(out["lengths"], dtype=np.int32))
-        ctx.report(writer.documents, tokens=writer.tokens)
+        _append(job, ctx, writer, out["ids"], out["lengths"])
     return base + out["lines"]
 
 
@@ -317,17 +327,12 @@ def _tokenize_read_here(
     pool, spec = _pool(job.workers), _spec(job)
     in_flight: deque[Any] = deque()  # at most 2 batches per worker: bounded memory, workers never idle
 
-    def write_oldest() -> None:
-        ids, lengths = in_flight.popleft().get()
-        writer.add(np.frombuffer(ids, dtype=job.dtype), np.frombuffer(lengths, dtype=np.int32))
-        ctx.report(writer.documents, tokens=writer.tokens)
-
     for batch in _batches(job, ctx.input_path, stats, quarantine):
         in_flight.append(pool.apply_async(_encode, (spec, batch)))
         if len(in_flight) >= 2 * job.workers:
-            write_oldest()
+            _append(job, ctx, writer, *in_flight.popleft().get())
     while in_flight:
-        write_oldest()
+        _append(job, ctx, writer, *in_flight.popleft().get())
 
 
 def tokenize_shard(job: TokenizeJob, ctx: ShardContext) -> dict[str, Any]:
@@ -336,12 +341,12 @@ def tokenize_shard(job: TokenizeJob, ctx: ShardContext) -> dict[str, Any]:
     writer = IndexedWriter(prefix, np.dtype(job.dtype))
     started = time.time()
     try:
-        stats = {"bad": 0, "skipped_empty": 0, "other_group": 0}
+        stats = new_stats()
         quarantine: list[dict] = []
         if not _tokenize_ranges(job, ctx, writer, stats, quarantine):
             writer.discard()
             writer = IndexedWriter(prefix, np.dtype(job.dtype))
-            stats = {"bad": 0, "skipped_empty": 0, "other_group": 0}
+            stats = new_stats()
             quarantine = []
             _tokenize_read_here(job, ctx, writer, stats, quarantine)
         if quarantine:

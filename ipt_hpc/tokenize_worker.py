@@ -29,6 +29,11 @@ class LineProblem(Exception):
         self.line, self.reason = line, reason
 
 
+def new_stats() -> dict[str, int]:
+    """The policy counts :func:`select_texts` keeps, all zero."""
+    return {"bad": 0, "skipped_empty": 0, "other_group": 0}
+
+
 def select_texts(
     lines: Iterable[tuple[int, bytes]],
     policy: tuple[str, str | None, str, str],
@@ -154,7 +159,7 @@ def _encode_range(
     n = len(lines)
     if parts > 1:
         lines = lines[part * n // parts : (part + 1) * n // parts]
-    stats = {"bad": 0, "skipped_empty": 0, "other_group": 0}
+    stats = new_stats()
     quarantine: list[tuple[int, str]] = []
     out: dict[str, Any] = {"aligned": True, "lines": len(lines), "stats": stats, "quarantine": quarantine}
     try:

@@ -172,7 +172,7 @@ class ShardRunner:
         self._upcoming: list[int] = []
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"run": self.run, "_ctx": None}
+        return {"run": self.run, "_ctx": None, "_upcoming": []}
 
     def set_upcoming(self, shard_ids: list[int]) -> None:
         """The shards this task runs after the next call (see :attr:`ShardContext.next_inputs`)."""
@@ -218,7 +218,7 @@ class ShardRunner:
         state.log_event(name, "start", **info)
         state.mark_running(name, info)
         ctx = ShardContext(run, shard_id, state, info)
-        names = (shard_name(k, run.num_shards) for k in getattr(self, "_upcoming", ()))
+        names = (shard_name(k, run.num_shards) for k in self._upcoming)
         ctx.next_inputs = [run.in_dir / n for n in itertools.islice((n for n in names if not state.is_done(n)), 2)]
         self._ctx = ctx
         started = time.time()
