@@ -162,7 +162,7 @@ def training_blocks(run: Path, out: Path) -> list[Block]:
         ["MFU (last interval)", f"{last['mfu']:.1%}" if last.get("mfu") is not None else "-"],
     ]
     blocks: list[Block] = [("h2", "Training"), ("table", ["", "value"], rows)]
-    if plot_loss(log, out / "loss.png"):
+    if plot_loss(by_iteration, out / "loss.png"):
         blocks.append(("img", "loss.png", "training loss curve"))
     return blocks
 

@@ -60,7 +60,7 @@ class MetricsLog:
         self.fh.close()
         if self.tb is not None:
             self.tb.close()
-        plot_loss(self.out / "log.jsonl", self.out / "loss.png")
+        plot_loss(read_steps(self.out / "log.jsonl"), self.out / "loss.png")
 
 
 def read_steps(path: Path) -> dict[int, dict[str, Any]]:
@@ -73,12 +73,11 @@ def read_steps(path: Path) -> dict[int, dict[str, Any]]:
     return steps
 
 
-def plot_loss(log_path: Path, png: Path) -> bool:
-    """Draw the loss curve (needs matplotlib; returns False without it)."""
+def plot_loss(steps: dict[int, dict[str, Any]], png: Path) -> bool:
+    """Draw the loss curve of :func:`read_steps`' records (needs matplotlib; returns False without it)."""
     plt = pyplot()
     if plt is None:
         return False
-    steps = read_steps(log_path)
     xs = sorted(steps)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(xs, [steps[x]["loss"] for x in xs], lw=1.2)
