@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_RUN ?= runs/demo
 
-.PHONY: venv demo test lint format slurm-up slurm-down clean bench
+.PHONY: venv vllm-venv demo test test-main test-vllm lint format slurm-up slurm-down clean bench
 
 venv: $(STAMP)
 
@@ -22,8 +22,18 @@ EXECUTOR ?= local
 demo: venv
 	$(PY) -m ipt_hpc.launch pipeline --config configs/demo.yaml --run $(DEMO_RUN) --executor $(EXECUTOR)
 
-test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+# the whole suite: the main venv, then the vLLM tests in their own venv (vLLM's CPU build pins its own
+# torch and transformers; tools/make-vllm-venv builds it on first use, ~3 minutes and ~4 GB)
+test: test-main test-vllm
+
+test-main: venv
+	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS)
+
+vllm-venv:
+	tools/make-vllm-venv
+
+test-vllm: vllm-venv
+	.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm.py $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -43,4 +53,4 @@ bench: venv
 	$(PY) tools/bench_records.py --mb 100
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-vllm runs .pytest_cache .ruff_cache *.egg-info

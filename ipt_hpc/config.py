@@ -62,7 +62,12 @@ class SynthConfig(_Section):
     device: str = Field("auto", description="transformers backend: auto, cpu, cuda")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm backend: share of GPU memory it reserves (CPU build: share of RAM)"
+    )
+    vllm_args: dict[str, bool | int | float | str] = Field(
+        default_factory=dict, description="more vllm.LLM arguments, e.g. {max_num_seqs: 512, enforce_eager: true}"
+    )
     convert_share: float = Field(
         1.0, gt=0, le=1, description="share of raw documents sent to synthesis, chosen by id (paper: see recipe)"
     )

@@ -171,12 +171,19 @@ def load_megatron(checkpoint: Path, cfg: TrainConfig) -> Any:
     from megatron.core import dist_checkpointing
 
     from .train.model import build_model
+    from .train.profile import cpu_profile
 
+    meta = Path(checkpoint) / "meta.json"
+    if meta.exists() and read_json(meta).get("layer_spec") == "transformer_engine":
+        raise IptError(
+            f"export: {checkpoint} was trained with train.layer_spec=transformer_engine, whose tensor names"
+            " (fused norms) this export does not map yet; train with train.layer_spec=local to export"
+        )
     check_shapes(checkpoint, cfg)
     single = cfg.model_copy(update={"tensor_parallel": 1, "pipeline_parallel": 1})
     # float32 whatever the saved dtype: bf16 tensors (GPU runs) are cast exactly on load, and the check's
     # Megatron forward then runs in float32 like the HF one
-    model = build_model(single, on_gpu=False, bf16=False)
+    model = build_model(single, cpu_profile(single, bf16=False))
     template = model.sharded_state_dict()
     # raise_unexpected: a tensor the model needs but the checkpoint lacks is an error, not a silent init
     state = dist_checkpointing.load(template, str(checkpoint), strict="raise_unexpected")

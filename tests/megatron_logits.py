@@ -22,6 +22,7 @@ def main(run: str, ckpt: str, tokens_path: str, out_path: str, tp: int, pp: int)
     from ipt_hpc.config import load_config
     from ipt_hpc.train import cpu_shims
     from ipt_hpc.train.model import build_model
+    from ipt_hpc.train.profile import cpu_profile
     from ipt_hpc.train.stage import resolved_config_path
 
     cfg = load_config(resolved_config_path(Path(run))).train
@@ -32,7 +33,7 @@ def main(run: str, ckpt: str, tokens_path: str, out_path: str, tp: int, pp: int)
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tp, pp)
-    model = build_model(cfg, on_gpu=False, bf16=False)
+    model = build_model(cfg, cpu_profile(cfg, bf16=False))
     template = model.sharded_state_dict()
     state = dist_checkpointing.load(template, ckpt, strict="raise_unexpected")
     model.load_state_dict({k: state[k] for k in template}, strict=True)

@@ -107,7 +107,8 @@ def ranks(proc: subprocess.Popen[str]) -> dict[int, int]:
     found = {}
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
-            if "ipt_hpc.train" in " ".join(child.cmdline()):
+            # torchrun's own children, not a rank's helpers (dist_checkpointing's writer: same command line and RANK)
+            if child.ppid() == proc.pid and "ipt_hpc.train" in " ".join(child.cmdline()):
                 found[int(child.environ()["RANK"])] = child.pid
         except (psutil.Error, KeyError):
             continue

@@ -59,9 +59,22 @@ class TrainConfig(_Section):
     seed: int = 1234
     tensor_parallel: int = Field(1, ge=1)
     pipeline_parallel: int = Field(1, ge=1)
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    device: Literal["cuda", "cpu"] = Field(
+        "cuda", description="cuda: every rank needs a GPU (training refuses to start without one); cpu: gloo, tests"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on cuda, fp32 on cpu")
     distributed_optimizer: Literal["auto", "on", "off"] = Field(
-        "auto", description="shard optimizer state over data-parallel ranks (auto: on GPU only)"
+        "auto", description="shard optimizer state over data-parallel ranks (auto: on with device cuda)"
+    )
+    optim_checkpoint: Literal["dp_reshardable", "fully_reshardable"] = Field(
+        "dp_reshardable",
+        description="distributed optimizer's checkpoint format: dp_reshardable (each DP rank writes its shard;"
+        " resumable at another DP size) or fully_reshardable (gathered on DP rank 0; also another TP/PP, slow)",
+    )
+    layer_spec: Literal["local", "transformer_engine", "auto"] = Field(
+        "local",
+        description="Megatron-Core layer spec: local (plain PyTorch), transformer_engine (fused kernels, needs TE"
+        " and CUDA), auto (TE when importable)",
     )
     recompute_activations: bool = Field(False, description="full activation recomputation (saves memory)")
     log_interval: int = Field(1, ge=1, description="iterations per log line (loss, lr, grad norm, tokens/s, MFU)")

@@ -1,4 +1,4 @@
-"""Make Megatron-Core run on CPU (gloo) for CI: five narrow shims, applied only when CUDA is absent.
+"""Make Megatron-Core run on CPU (gloo) for CI: six narrow shims, applied only when CUDA is absent.
 
 Megatron-Core is GPU-first: a few of its modules create tensors with ``device="cuda"``, ask
 ``torch.cuda.current_device()``, call ``torch.cuda.synchronize()`` or compare ``tensor.type()`` with a
@@ -10,7 +10,9 @@ Megatron-Core is GPU-first: a few of its modules create tensors with ``device="c
   (optimizer, grad clipping, multi-tensor L2 norm, pipeline schedules);
 * S4 ``Tensor.type()`` (no argument) answers with the ``torch.cuda.*`` name for CPU tensors
   (grad clipping's assert, the optimizers' parameter checks);
-* S5 ``torch.cuda.synchronize()`` is a no-op (p2p communication, dist_checkpointing's async writer).
+* S5 ``torch.cuda.synchronize()`` is a no-op (p2p communication, dist_checkpointing's async writer);
+* S6 ``ShardedTensor.init_data("cuda")`` allocates on the CPU (the fully parallel load's exchange of
+  the distributed optimizer's shards; its ``init_fn=torch.empty`` default is bound at import, out of S3's reach).
 
 S1, S3 (factories) and S5 are narrow: the named Megatron modules see a ``torch`` whose ``cuda``
 namespace and factory functions are CPU-friendly; the real ``torch`` module is untouched. S3's
@@ -40,6 +42,8 @@ MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",  # the distributed optimizer's parallel load
+    "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.tensor_parallel.layers",
     "megatron.core.transformer.utils",  # the default causal mask (no mask passed)
 )
@@ -125,5 +129,10 @@ def apply() -> bool:
     from megatron.core.tensor_parallel import random as mp_random
 
     mp_random.CudaRNGStatesTracker.fork = lambda self, name="model-parallel-rng": contextlib.nullcontext()  # S2
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    init_data = ShardedTensor.init_data
+    ShardedTensor.init_data = lambda self, device, *a, **kw: init_data(self, _cpu_device(device), *a, **kw)  # S6
     _applied = True
     return True

@@ -223,6 +223,7 @@ def import_checkpoint(cfg: TrainConfig, root: Path, log: Any = print) -> Path:
 
     from ..export import megatron_process
     from .model import build_model
+    from .profile import cpu_profile
 
     started = time.time()
     folder = Path(cfg.init_from_hf or "")
@@ -235,7 +236,7 @@ def import_checkpoint(cfg: TrainConfig, root: Path, log: Any = print) -> Path:
     final, tmp = checkpoint.iter_dir(root, 0), root / "iter_0000000.tmp"
     with megatron_process():
         single = cfg.model_copy(update={"tensor_parallel": 1, "pipeline_parallel": 1})
-        model = build_model(single, on_gpu=False, bf16=bf16, initialize=False)
+        model = build_model(single, cpu_profile(single, bf16=bf16), initialize=False)
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:  # a mapping bug, not a user error

@@ -23,11 +23,13 @@ from typing import Any
 import torch
 
 from ..atomic import write_json_atomic
+from ..errors import IptError
 from . import checkpoint, cpu_shims, hf_init
 from .config import TrainConfig
 from .data import build_dataset, micro_batches
 from .metrics import MetricsLog
 from .model import build_model, flops_per_token, num_parameters, wrap_ddp
+from .profile import Profile, placement, rank_seed, resolve
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: "saved a checkpoint, run me again" (the sbatch script requeues on it)
 STEP_SLEEP_ENV = "IPT_TRAIN_TEST_STEP_SLEEP"  # test hook: seconds to sleep after each step (signal tests)
@@ -120,19 +122,21 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     started = time.time()
-    on_gpu = torch.cuda.is_available()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+    profile = resolve(cfg)  # what Megatron-Core is handed: a function of the config (see profile.py)
+    on_gpu = placement(profile) == "cuda"  # refuses train.device=cuda on a node without CUDA
+    bf16 = profile.bf16
     stop = StopFlag([cfg.exit_signal, "TERM"])  # before the (slow) setup: a signal during it is kept
     hf_init.ensure_imported(cfg, run_dir)  # train.init_from_hf: iter_0000000 from a Hugging Face folder, once
     _init_distributed(on_gpu)
-    cpu_shims.apply()  # no-op with CUDA
+    if not on_gpu:
+        cpu_shims.apply()  # no-op with CUDA
     ps.initialize_model_parallel(cfg.tensor_parallel, cfg.pipeline_parallel)
     rank, dp, dp_rank = torch.distributed.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     if cfg.global_batch_size % (cfg.micro_batch_size * dp):
         raise SystemExit(f"train: global_batch_size {cfg.global_batch_size} is not a multiple of micro x DP {dp}")
     torch.manual_seed(cfg.seed)
-    if on_gpu:
-        tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
+    if on_gpu:  # each pipeline stage its own stream (Megatron-LM's offset); TP ranks are offset inside
+        tensor_parallel.model_parallel_cuda_manual_seed(rank_seed(cfg.seed, ps.get_pipeline_model_parallel_rank()))
     out = run_dir / "train"
     log = MetricsLog(out, enabled=rank == 0)
     if rank == 0:
@@ -141,11 +145,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     ckpt_root = out / "checkpoints"
     resume_from = checkpoint.latest(ckpt_root)
     init_from = None
-    model = build_model(cfg, on_gpu=on_gpu, bf16=bf16)
+    model = build_model(cfg, profile, device="cuda" if on_gpu else "cpu")
     if resume_from is not None and checkpoint.is_model_only(resume_from):  # imported weights: fresh optimizer
         checkpoint.load_model(resume_from, model)
         init_from, resume_from = str(resume_from), None
-    distributed_opt = cfg.distributed_optimizer == "on" or (cfg.distributed_optimizer == "auto" and on_gpu)
+    distributed_opt = profile.distributed_optimizer
     ddp = wrap_ddp(model, cfg, use_distributed_optimizer=distributed_opt)
     optimizer, scheduler = _optimizer(cfg, ddp, bf16=bf16, distributed=distributed_opt)
     config = model.config  # the pipeline schedules read these hooks
@@ -156,7 +160,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     checkpoint.start_writer_helper([cfg.exit_signal, "TERM"])
     iteration = 0
     if resume_from is not None:
-        iteration = checkpoint.load(resume_from, ddp, optimizer, scheduler, on_gpu)
+        iteration = checkpoint.load(resume_from, ddp, optimizer, scheduler, on_gpu, profile)
     dataset = build_dataset(cfg, run_dir, out / "cache")
     log.event(
         "resume" if resume_from else "start",
@@ -168,6 +172,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
         dp=dp,
         parameters=num_parameters(cfg),
         device="cuda" if on_gpu else "cpu",
+        profile=profile.describe(),  # layer spec, precision, fusions, optimizer and checkpoint format that ran
         setup_s=round(time.time() - started, 2),
     )
 
@@ -224,9 +229,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
             reason = stop.reason or "exit-duration"
             break
         if cfg.save_interval and iteration % cfg.save_interval == 0 and iteration < cfg.train_iters:
-            _save(ckpt_root, ddp, optimizer, scheduler, iteration, cfg, on_gpu, log, dp)
+            _save(ckpt_root, ddp, optimizer, scheduler, iteration, cfg, on_gpu, profile, log, dp)
 
-    _save(ckpt_root, ddp, optimizer, scheduler, iteration, cfg, on_gpu, log, dp)
+    _save(ckpt_root, ddp, optimizer, scheduler, iteration, cfg, on_gpu, profile, log, dp)
     done = iteration >= cfg.train_iters
     log.event("done" if done else "exit", iteration=iteration, reason=reason)
     if done and rank == 0:
@@ -252,6 +257,7 @@ def _save(
     iteration: int,
     cfg: TrainConfig,
     on_gpu: bool,
+    profile: Profile,
     log: MetricsLog,
     dp: int,
 ) -> None:
@@ -263,8 +269,10 @@ def _save(
         "tp": cfg.tensor_parallel,
         "pp": cfg.pipeline_parallel,
         "tokens": iteration * cfg.global_batch_size * cfg.seq_length,
+        "layer_spec": profile.layer_spec,
+        "optim_sharding": profile.optim_sharding,
     }
-    folder = checkpoint.save(root, ddp, optimizer, scheduler, iteration, meta, on_gpu)
+    folder = checkpoint.save(root, ddp, optimizer, scheduler, iteration, meta, on_gpu, profile)
     checkpoint.prune(root, cfg.keep_checkpoints)
     log.event("save", iteration=iteration, dir=folder.name, seconds=round(time.time() - t0, 3))
 
@@ -281,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run_dir = Path(args.run)
     cfg = load_config(args.config or resolved_config_path(run_dir), args.overrides).train
-    return train(cfg, run_dir)
+    try:
+        return train(cfg, run_dir)
+    except IptError as exc:  # a user's error (e.g. no CUDA for train.device=cuda): one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

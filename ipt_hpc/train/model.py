@@ -7,13 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
+from .profile import Profile
 
 
-def transformer_config(cfg: TrainConfig, *, on_gpu: bool, bf16: bool, initialize: bool = True):
-    """Megatron's ``TransformerConfig`` for a Llama-style decoder (RMSNorm, SwiGLU, no biases, no dropout)."""
+def transformer_config(cfg: TrainConfig, profile: Profile, *, initialize: bool = True):
+    """Megatron's ``TransformerConfig`` for a Llama-style decoder (RMSNorm, SwiGLU, no biases, no dropout).
+
+    Every GPU/CPU difference comes from ``profile`` (see :mod:`.profile`), never from the machine.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     m = cfg.model
+    bf16 = profile.bf16
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -31,23 +36,24 @@ def transformer_config(cfg: TrainConfig, *, on_gpu: bool, bf16: bool, initialize
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=cfg.tensor_parallel,
         pipeline_model_parallel_size=cfg.pipeline_parallel,
-        sequence_parallel=cfg.tensor_parallel > 1 and on_gpu,
-        use_cpu_initialization=not on_gpu,  # identical full weights at any TP size on CPU (tests compare TP=1/2)
+        sequence_parallel=profile.sequence_parallel,
+        use_cpu_initialization=profile.use_cpu_initialization,
         perform_initialization=initialize,  # False: weights are loaded next (a Hugging Face import)
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
         bias_activation_fusion=False,  # the fused kernels need the bias / apex
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=profile.masked_softmax_fusion,  # apex's kernel; off, see profile.py
+        attention_softmax_in_fp32=True,
         gradient_accumulation_fusion=False,  # needs apex's fused_weight_gradient_mlp_cuda
         apply_rope_fusion=False,
         persist_layer_norm=False,
         recompute_granularity="full" if cfg.recompute_activations else None,
         recompute_method="uniform" if cfg.recompute_activations else None,
         recompute_num_layers=1 if cfg.recompute_activations else None,
-        batch_p2p_comm=on_gpu,
-        batch_p2p_sync=on_gpu,
+        batch_p2p_comm=profile.batch_p2p,
+        batch_p2p_sync=profile.batch_p2p,
     )
 
 
@@ -70,14 +76,22 @@ def _seeded_layer_class(seed: int, layers_per_stage: int):
     return SeededTransformerLayer
 
 
-def build_model(cfg: TrainConfig, *, on_gpu: bool, bf16: bool, initialize: bool = True):
-    """This rank's ``GPTModel`` chunk (first stage has the embedding, last the output layer)."""
+def layer_spec(profile: Profile):
+    """Megatron-Core's layer spec for the profile: Transformer Engine's fused layers, or plain PyTorch."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if profile.layer_spec == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(cfg: TrainConfig, profile: Profile, *, initialize: bool = True, device: str = "cpu"):
+    """This rank's ``GPTModel`` chunk (first stage has the embedding, last the output layer), on ``device``."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    tc = transformer_config(cfg, on_gpu=on_gpu, bf16=bf16, initialize=initialize)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    tc = transformer_config(cfg, profile, initialize=initialize)
+    spec = layer_spec(profile)
     spec.module = _seeded_layer_class(cfg.seed, cfg.model.num_layers // cfg.pipeline_parallel)
     torch.manual_seed(cfg.seed)  # the embedding (first stage)
     model = GPTModel(
@@ -91,7 +105,7 @@ def build_model(cfg: TrainConfig, *, on_gpu: bool, bf16: bool, initialize: bool 
         position_embedding_type="rope",
         rotary_base=cfg.model.rotary_base,
     )
-    if on_gpu:
+    if device == "cuda":
         model.cuda(torch.cuda.current_device())
     return model
 

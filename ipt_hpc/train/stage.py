@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -57,6 +58,7 @@ def run_local(cfg: Config, run_dir: Path) -> int:
     """Run the ranks here with torchrun (blocking): 0 when training is done, 75 when it stopped early with
     a checkpoint (signal, ``exit_duration_min``), else torchrun's code (torchrun turns any rank's non-zero
     code into 1, so the outcome is read from ``RUN/train``)."""
+    check_local_cuda(cfg)
     freeze_config(cfg, run_dir)
     rc = subprocess.call(torchrun_command(cfg, run_dir))
     return outcome(run_dir, rc)
@@ -83,9 +85,40 @@ def run_debug(cfg: Config, run_dir: Path) -> int:
 
     if cfg.train.tensor_parallel * cfg.train.pipeline_parallel != 1:
         raise IptError("train --executor debug runs one rank: set train.tensor_parallel=1 train.pipeline_parallel=1")
+    check_local_cuda(cfg)
     freeze_config(cfg, run_dir)
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
     return train(cfg.train, run_dir)
+
+
+def slurm_execution(cfg: Config) -> Any:
+    """The execution settings of the training job: with ``train.device=cuda`` it asks for one GPU per rank
+    (``gpus_per_node`` defaults to ``ranks_per_node``); fewer GPUs than ranks per node is an error."""
+    t, s = cfg.train, cfg.execution.slurm
+    if t.device != "cuda":
+        return cfg.execution
+    if s.gpus_per_node is None:
+        s = s.model_copy(update={"gpus_per_node": t.ranks_per_node})
+    elif s.gpus_per_node < t.ranks_per_node:
+        raise IptError(
+            f"train: execution.slurm.gpus_per_node={s.gpus_per_node} is fewer than train.ranks_per_node="
+            f"{t.ranks_per_node} (one GPU per rank); raise gpus_per_node, lower ranks_per_node, or set train.device=cpu"
+        )
+    return cfg.execution.model_copy(update={"slurm": s})
+
+
+def check_local_cuda(cfg: Config) -> None:
+    """Before torchrun starts ranks here: ``train.device=cuda`` needs as many CUDA devices as ranks."""
+    if cfg.train.device != "cuda":
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < cfg.train.ranks_per_node:
+        raise IptError(
+            f"train: train.device=cuda with {cfg.train.ranks_per_node} rank(s) per node, but this machine has {have}"
+            " CUDA device(s); use --executor slurm for GPU nodes, or set train.device=cpu to train on CPUs"
+        )
 
 
 def slurm_script(cfg: Config, run_dir: Path, python: str | None = None) -> str:
@@ -95,7 +128,7 @@ def slurm_script(cfg: Config, run_dir: Path, python: str | None = None) -> str:
     t = cfg.train
     return render_train(
         run_dir,
-        cfg.execution,
+        slurm_execution(cfg),
         nodes=t.nodes,
         ranks_per_node=t.ranks_per_node,
         signal_name=t.exit_signal.upper().removeprefix("SIG"),

@@ -1,0 +1,116 @@
+"""The training profile: every choice that differs between a GPU and a CPU run, as a function of the config.
+
+What Megatron-Core is handed (precision, fused kernels, sequence parallelism, the layer spec, the
+distributed optimizer and its checkpoint format) used to follow ``torch.cuda.is_available()``, so the GPU
+configuration was never built anywhere but on a GPU, and its defects surfaced there. :func:`resolve` makes it
+a pure function of ``train.*`` (plus whether Transformer Engine is importable), so a CPU test builds exactly
+what a GPU rank would get and runs what gloo can run (tests/test_train_profile.py).
+
+Choices, and why:
+
+* ``masked_softmax_fusion`` is off: Megatron's fused softmax imports apex's ``scaled_masked_softmax_cuda``
+  on the first half-precision forward with 16 < seq <= 4096, and apex is not a dependency. The unfused
+  path computes the softmax in fp32 (``attention_softmax_in_fp32``).
+* ``sequence_parallel`` only with the Transformer Engine spec: the local spec's ``WrappedTorchNorm``
+  asserts ``not config.sequence_parallel`` when the model is built.
+* The distributed optimizer saves ``dp_reshardable`` through the fully parallel save/load wrappers
+  (Megatron-LM's default): every data-parallel rank writes its own shard of the optimizer state, nothing
+  is gathered in the signal window, and a resume may change the data-parallel size (not TP or PP).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from ..errors import IptError
+from .config import TrainConfig
+
+# Test hook: run the CUDA profile with its tensors on the CPU (gloo, CPU shims), so CI trains, saves and
+# resumes with exactly the configuration a GPU rank gets. Never set by users.
+PROFILE_ON_CPU_ENV = "IPT_TRAIN_PROFILE_ON_CPU"
+PP_SEED_STRIDE = 100  # Megatron-LM: seed + 100 * pipeline rank, so pipeline stages draw different streams
+
+
+@dataclass(frozen=True)
+class Profile:
+    device: Literal["cuda", "cpu"]
+    bf16: bool
+    layer_spec: Literal["local", "transformer_engine"]
+    sequence_parallel: bool
+    masked_softmax_fusion: bool
+    distributed_optimizer: bool
+    optim_sharding: Literal["dp_reshardable", "fully_reshardable"] | None
+    fully_parallel_checkpoint: bool
+    use_cpu_initialization: bool
+    batch_p2p: bool
+
+    def describe(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def te_available() -> bool:
+    """Whether Transformer Engine's PyTorch module is importable (NVIDIA's containers ship it)."""
+    try:
+        return importlib.util.find_spec("transformer_engine.pytorch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve(cfg: TrainConfig, *, transformer_engine: bool | None = None) -> Profile:
+    """The profile of ``cfg``: what every rank builds, whatever machine computes it."""
+    cuda = cfg.device == "cuda"
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    te = te_available() if transformer_engine is None else transformer_engine
+    if cfg.layer_spec == "transformer_engine" and not te:
+        raise IptError("train.layer_spec=transformer_engine, but transformer_engine is not importable here")
+    use_te = cfg.layer_spec == "transformer_engine" or (cfg.layer_spec == "auto" and te)
+    spec = "transformer_engine" if use_te else "local"
+    if spec == "transformer_engine" and not cuda:
+        raise IptError("train.layer_spec: Transformer Engine runs on CUDA only; use train.layer_spec=local on CPU")
+    distributed = cfg.distributed_optimizer == "on" or (cfg.distributed_optimizer == "auto" and cuda)
+    return Profile(
+        device=cfg.device,
+        bf16=bf16,
+        layer_spec=spec,
+        sequence_parallel=cfg.tensor_parallel > 1 and spec == "transformer_engine",
+        masked_softmax_fusion=False,
+        distributed_optimizer=distributed,
+        optim_sharding=cfg.optim_checkpoint if distributed else None,
+        fully_parallel_checkpoint=distributed and cfg.optim_checkpoint == "dp_reshardable",
+        # CPU: identical full weights at any TP size (tests compare TP=1 with TP=2)
+        use_cpu_initialization=not cuda,
+        batch_p2p=cuda,
+    )
+
+
+def placement(profile: Profile) -> Literal["cuda", "cpu"]:
+    """Where this process puts its tensors; a CUDA profile on a node without CUDA is an error."""
+    import torch
+
+    if profile.device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get(PROFILE_ON_CPU_ENV) == "1":
+        return "cpu"
+    host = os.uname().nodename
+    raise IptError(
+        f"train: train.device=cuda, but {host} has no CUDA device"
+        f" (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!s}). On Slurm, request GPUs"
+        " (execution.slurm.gpus_per_node); to train on CPUs on purpose, set train.device=cpu"
+    )
+
+
+def rank_seed(seed: int, pipeline_rank: int) -> int:
+    """The model-parallel RNG seed of a pipeline stage (Megatron-LM's offset)."""
+    return seed + PP_SEED_STRIDE * pipeline_rank
+
+
+def cpu_profile(cfg: TrainConfig, *, bf16: bool) -> Profile:
+    """The profile of a one-process CPU model (export, the Hugging Face import): local spec, no DDP sharding."""
+    precision = "bf16" if bf16 else "fp32"
+    update = {"device": "cpu", "precision": precision, "layer_spec": "local", "distributed_optimizer": "off"}
+    return resolve(cfg.model_copy(update=update), transformer_engine=False)

@@ -1,0 +1,167 @@
+"""The GPU training profile, built and run on CPU: what a GPU rank hands Megatron-Core (bf16 params, fusion
+flags, sequence parallelism, the distributed optimizer and its checkpoint format) comes from the config, so
+these tests train, save and resume with exactly that configuration through the real ``python -m
+ipt_hpc.train`` (gloo, the CPU shims; only the tensors' placement differs, via the test hook).
+
+Reintroducing ``masked_softmax_fusion`` (apex's ``scaled_masked_softmax_cuda`` on the first bf16 forward)
+or sequence parallelism with the local spec (``WrappedTorchNorm``'s assert) fails the training test here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train import REPO, TINY, _env, events, finish, losses, new_run, ranks, tail, wait_for_step
+
+from ipt_hpc.atomic import read_json
+from ipt_hpc.config import load_config
+from ipt_hpc.errors import IptError
+from ipt_hpc.train.profile import PROFILE_ON_CPU_ENV, rank_seed, resolve
+
+pytest.importorskip("megatron.core")
+
+GPU_CONFIGS = ["instructlm-500m.yaml", "instructlm-1.3b.yaml", "continual-llama.yaml"]
+# the GPU profile at TP=2 x DP=2; seq 32, 2 heads per TP rank and micro-batch 2 meet every condition under
+# which Megatron's fused softmax would take apex's kernel (16 < seq <= 4096, seq % 4, batch x heads % 4)
+GPU_RUN = [
+    "train.device=cuda",
+    "train.tensor_parallel=2",
+    "train.model.hidden_size=32",
+    "train.model.ffn_hidden_size=64",
+    "train.seq_length=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.train_iters=6",
+    "train.lr_warmup_iters=1",
+    "train.save_interval=2",
+    "train.keep_checkpoints=5",
+]
+_port = [29300 + os.getpid() % 500]
+
+
+def train_gpu_profile(run: Path, nproc: int, *sets: str, **env: str) -> subprocess.Popen[str]:
+    _port[0] += 1
+    log = open(run / f"torchrun-{len(list(run.glob('torchrun-*')))}.log", "w")  # noqa: SIM115 - closed by finish
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port[0]}"]
+    cmd += ["-m", "ipt_hpc.train", str(run), "--config", str(TINY)]
+    for s in [*GPU_RUN, *sets]:
+        cmd += ["--set", s]
+    env = _env(**{PROFILE_ON_CPU_ENV: "1", **env})
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=run)
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_gpu_configs_resolve_to_kernels_we_ship(name: str) -> None:
+    cfg = load_config(REPO / "configs" / "train" / name).train
+    assert cfg.device == "cuda"
+    local = resolve(cfg, transformer_engine=False)
+    assert local.bf16 and local.layer_spec == "local"
+    assert not local.masked_softmax_fusion  # apex is not a dependency
+    assert not local.sequence_parallel  # WrappedTorchNorm asserts against it
+    assert local.distributed_optimizer and local.optim_sharding == "dp_reshardable" and local.fully_parallel_checkpoint
+    auto = resolve(cfg.model_copy(update={"layer_spec": "auto"}), transformer_engine=True)
+    assert auto.layer_spec == "transformer_engine"
+    assert auto.sequence_parallel == (cfg.tensor_parallel > 1)
+
+
+def test_layer_spec_and_device_errors_name_the_key() -> None:
+    cfg = load_config(TINY).train
+    assert cfg.device == "cpu" and not resolve(cfg).bf16 and not resolve(cfg).distributed_optimizer
+    with pytest.raises(IptError, match="transformer_engine is not importable"):
+        resolve(cfg.model_copy(update={"layer_spec": "transformer_engine"}), transformer_engine=False)
+    with pytest.raises(IptError, match="CUDA only"):
+        resolve(cfg.model_copy(update={"layer_spec": "transformer_engine"}), transformer_engine=True)
+
+
+def test_pipeline_stages_seed_their_own_streams() -> None:
+    seeds = [rank_seed(1234, pp) for pp in range(4)]
+    assert seeds == [1234, 1334, 1434, 1534]  # Megatron-LM's seed + 100 * pipeline rank
+
+
+def test_cuda_device_on_a_node_without_cuda_is_one_clear_error(tmp_path: Path) -> None:
+    run = new_run(tmp_path, "nocuda")
+    env = _env()
+    env.pop(PROFILE_ON_CPU_ENV, None)
+    cmd = [sys.executable, "-m", "ipt_hpc.train", str(run), "--config", str(TINY), "--set", "train.device=cuda"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=run)
+    assert proc.returncode == 2
+    assert "has no CUDA device" in proc.stderr and "train.device=cpu" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run / "train" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_gpu_profile_trains_saves_and_resumes_exactly_on_cpu(tmp_path: Path) -> None:
+    ref = new_run(tmp_path, "ref")
+    assert finish(train_gpu_profile(ref, 4), timeout=600) == 0, tail(ref)
+    start = next(e for e in events(ref) if e["event"] == "start")
+    profile = start["profile"]
+    assert profile["device"] == "cuda" and profile["bf16"] and profile["distributed_optimizer"]
+    assert profile["optim_sharding"] == "dp_reshardable" and not profile["masked_softmax_fusion"]
+    assert (start["tp"], start["dp"]) == (2, 2)
+    assert np.isfinite(losses(ref)).all() and len(losses(ref)) == 6
+
+    from megatron.core import dist_checkpointing
+
+    final = ref / "train" / "checkpoints" / "iter_0000006"
+    assert read_json(final / "meta.json")["optim_sharding"] == "dp_reshardable"
+    meta = dist_checkpointing.load_tensors_metadata(str(final))
+    assert str(meta["embedding.word_embeddings.weight"].dtype) == "torch.bfloat16"
+
+    # stopped by the warning signal, resumed with the same layout. Not yet bit for bit: the first step after
+    # the resume matches (same grad norm), the optimizer update of that step differs slightly (~1e-3 in the
+    # next loss): some Adam state of Megatron-Core's non-apex distributed optimizer does not round-trip.
+    # Open; see docs/training.md ("GPU profile").
+    run = new_run(tmp_path, "sig")
+    proc = train_gpu_profile(run, 4, IPT_TRAIN_TEST_STEP_SLEEP="0.5")
+    wait_for_step(run, 2, proc, timeout=600)
+    os.kill(ranks(proc)[3], signal.SIGUSR1)
+    finish(proc, timeout=600)
+    stop = events(run)[-1]
+    assert stop["event"] == "exit" and 2 <= stop["iteration"] < 6, events(run)
+    ckpts = run / "train" / "checkpoints"
+    subprocess.run(["cp", "-a", str(run), str(tmp_path / "dp1")], check=True)
+    assert finish(train_gpu_profile(run, 4), timeout=600) == 0, tail(run)
+    assert [e["iteration"] for e in events(run) if e["event"] == "resume"] == [stop["iteration"]]
+    n = stop["iteration"] + 1
+    assert losses(run)[:n] == losses(ref)[:n]  # up to the first step after the resume: exact
+    np.testing.assert_allclose(losses(run), losses(ref), rtol=5e-3)
+    assert read_json(ckpts / "latest.json")["iteration"] == 6
+
+    # dp_reshardable: the same checkpoint resumes at another data-parallel size (TP=2 x DP=1)
+    dp1 = tmp_path / "dp1"
+    assert finish(train_gpu_profile(dp1, 2), timeout=600) == 0, tail(dp1)
+    resumed = next(e for e in events(dp1) if e["event"] == "resume")
+    assert (resumed["iteration"], resumed["dp"]) == (stop["iteration"], 1)
+    np.testing.assert_allclose(losses(dp1), losses(ref), rtol=2e-2)
+
+
+def test_slurm_training_job_asks_one_gpu_per_rank(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    base = ["train", "--config", str(TINY), "--run", str(tmp_path / "run"), "--executor", "slurm", "--dry-run"]
+    base += ["--set", "train.device=cuda", "--set", "train.ranks_per_node=4"]
+    proc = run_cli(*base)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --gpus-per-node=4" in proc.stdout and "#SBATCH --ntasks-per-node=4" in proc.stdout
+    short = run_cli(*base, "--set", "execution.slurm.gpus_per_node=2")
+    assert short.returncode != 0 and "Traceback" not in short.stderr
+    assert "gpus_per_node=2 is fewer than train.ranks_per_node=4" in short.stderr
+    cpu = run_cli(*base, "--set", "train.device=cpu")
+    assert cpu.returncode == 0 and "gpus-per-node" not in cpu.stdout
+
+
+def test_local_training_with_cuda_device_stops_before_torchrun(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    run = new_run(tmp_path, "local")
+    proc = run_cli("train", "--config", str(TINY), "--run", str(run), "--set", "train.device=cuda")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "CUDA device(s)" in proc.stderr and "train.device=cpu" in proc.stderr
+    assert not (run / "train" / "log.jsonl").exists()

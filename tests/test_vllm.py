@@ -1,0 +1,165 @@
+"""vLLM for real: ``VllmEngine`` and ``synthesize --backend vllm`` on the shipped tiny synthesizer.
+
+Runs in the venv that ``tools/make-vllm-venv`` builds (vLLM's CPU build, ``make test-vllm``; part of
+``make test``); skipped where vLLM is not importable unless IPT_REQUIRE_VLLM=1 (CI), where that fails.
+One engine serves the in-process tests (the stage's per-process engine cache); the SIGKILL test starts
+its own processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, make_docs, write_jsonl
+
+from ipt_hpc import shard, synthesize
+from ipt_hpc.config import load_config
+from ipt_hpc.execution import StageState, shard_name
+from ipt_hpc.records import partial_path, read_records
+
+if os.environ.get("IPT_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm")
+
+pytestmark = pytest.mark.vllm
+MODEL = REPO / "models" / "tiny-synthesizer"  # 1,024 positions, EOS id 1
+SETS = {
+    "synth.model": str(MODEL),
+    "synth.backend": "vllm",
+    "synth.dtype": "float32",
+    "synth.max_new_tokens": 128,
+    # a budget beyond the model's 1,024 positions: a prompt longer than the model is vLLM's to reject
+    "synth.max_model_len": 2048,
+    "synth.rounds": 2,
+    "synth.chunk_docs": 4,
+    "synth.gpu_memory_utilization": 0.1,  # the CPU build reserves this share of RAM for its KV cache
+    "synth.vllm_args": {"enforce_eager": True},  # no torch.compile warm-up: minutes saved on 2 cores
+    "execution.backend": "debug",
+}
+
+
+def config(**sets: object):
+    return load_config(None, None, {**SETS, **sets})
+
+
+def make_run(run: Path, docs: int = 16, long_doc: int | None = None) -> Path:
+    """RUN/raw with one shard; ``long_doc``: that document gets ~1,500 words (over the model's positions)."""
+    items = make_docs(docs, seed=5, min_words=5, max_words=30)
+    if long_doc is not None:
+        items[long_doc]["content"] = " ".join(["instruction corpus token"] * 500)
+    inp = write_jsonl(run / "in.jsonl", items)
+    sets = {"shard.inputs": [str(inp)], "shard.text_field": "content", "shard.num_shards": 1}
+    shard.run(load_config(None, None, {**sets, "execution.backend": "debug"}), run / "raw")
+    return run
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The engine the stage itself will use in this process (same options: the stage's cache reuses it)."""
+    job = synthesize.stage_run(config(), "unused", num_shards=1).stage_config
+    return synthesize._engine(job)
+
+
+def spy(engine, calls: list[list[int]]):
+    """Record the prompt ids vLLM itself reports for every request it completed."""
+    real = engine.llm.generate
+
+    def generate(prompts, params, *args, **kwargs):
+        results = real(prompts, params, *args, **kwargs)
+        calls.extend(list(r.prompt_token_ids) for r in results)
+        return results
+
+    engine.llm.generate = generate
+    return real
+
+
+def test_engine_strips_eos_and_isolates_a_rejected_prompt(engine) -> None:
+    tok = engine.tokenizer
+    good = [
+        [tok.bos_token_id, *tok(f" <CON> {t} </CON>\n\n", add_special_tokens=False)["input_ids"]]
+        for t in ("The cat sat on the mat.", "Slurm runs array jobs on a cluster.")
+    ]
+    bad = [tok.bos_token_id, 999_999]  # out of the vocabulary: vLLM raises VLLMValidationError
+    gens = engine.generate([good[0], bad, good[1]], 160)
+    assert [g.error is None for g in gens] == [True, False, True]
+    assert "out of vocabulary" in gens[1].error
+    for g in (gens[0], gens[2]):
+        assert g.ids and engine.eos not in g.ids
+    assert any(len(g.ids) < 160 for g in (gens[0], gens[2])), "no generation stopped at EOS: the check proves nothing"
+
+
+def expected_prompt(rec: dict, by_index: dict[int, dict], ctx: list[list[int]], bos: int, eos: int) -> list[int]:
+    ids: list[int] = []
+    for j in rec["chain_docs"]:
+        ids += [bos, *ctx[j], *by_index[j]["gen_ids"], eos]
+    return [*ids, bos, *ctx[rec["_index"]]]
+
+
+def test_stage_prompts_chains_and_rejection(tmp_path: Path, engine) -> None:
+    cfg = config()
+    run = make_run(tmp_path / "run", docs=16, long_doc=2)
+    calls: list[list[int]] = []
+    real = spy(engine, calls)
+    try:
+        synthesize.run(cfg, run)
+    finally:
+        engine.llm.generate = real
+    recs = list(read_records(run / "synth" / shard_name(0, 1)))
+    assert len(recs) == 16
+    # the long document: vLLM rejected it, and only it; the rest of the shard completed
+    assert "engine rejected the prompt" in recs[2]["error"] and recs[2]["pairs"] == []
+    assert [r["error"] for i, r in enumerate(recs) if i != 2] == [None] * 15
+    # stored generations never end with EOS (vLLM keeps it in token_ids)
+    eos, bos = engine.eos, engine.tokenizer.bos_token_id
+    assert all(eos not in r["gen_ids"] for r in recs)
+    assert sum(r["gen_tokens"] < 128 for r in recs) >= 4, "too few generations stopped at EOS to test"
+    # the ids vLLM received are the ones the stage built: BOS ctx answer EOS per earlier entry, then BOS ctx
+    job = synthesize.stage_run(cfg, run).stage_config
+    ctx, _ = synthesize.context_ids(engine.tokenizer, [r["text"] for r in recs], job)
+    by_index = {i: {**r, "_index": i} for i, r in enumerate(recs)}
+    chained = 0
+    for i, rec in by_index.items():
+        if rec["error"]:
+            continue
+        want = expected_prompt(rec, by_index, ctx, bos, eos)
+        assert want in calls, f"record {i}: vLLM never received the prompt the stage built"
+        assert want.count(eos) == len(rec["chain_docs"])
+        assert rec["prompt_tokens"] == len(want)
+        chained += bool(rec["chain_docs"])
+    assert chained >= 3, "round 2 chained too few prompts to test the chain"
+
+
+def test_sigkilled_vllm_synthesis_resumes_to_identical_bytes(tmp_path: Path, engine) -> None:
+    from ipt_hpc.execution.shards import prepare
+
+    cfg = config(**{"synth.chunk_docs": 2})
+    ref = make_run(tmp_path / "ref", docs=40)
+    synthesize.run(cfg, ref)
+    name = shard_name(0, 1)
+    want = (ref / "synth" / name).read_bytes()
+
+    run = make_run(tmp_path / "run", docs=40)
+    prepare(synthesize.stage_run(cfg, run))
+    cmd = [sys.executable, "-m", "ipt_hpc.launch", "run-shard", "--stage-dir", str(run / "synth")]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = StageState(run / "synth")
+    deadline = time.time() + 600
+    while time.time() < deadline and (state.read("running", name) or {}).get("records", 0) < 6:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.1)
+    assert proc.poll() is None, "the task finished before it could be killed; make the shard longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    proc.stderr.close()
+    assert not (run / "synth" / name).exists() and partial_path(run / "synth" / name).exists()
+    # the rerun is another process too (this one's engine would make it a different path)
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (run / "synth" / name).read_bytes() == want
+    resumed = next(e for e in state.events(name) if e["event"] == "resumed")
+    assert 6 <= resumed["records"] < 40
