@@ -13,8 +13,10 @@ format lets a run resume with another data-parallel size.
 
 With the distributed optimizer the format and strategy come from the training profile
 (:mod:`.profile`): ``dp_reshardable`` saved and loaded through Megatron-Core's fully parallel
-wrappers (each data-parallel rank writes and reads its own share; nothing is gathered), or
-``fully_reshardable`` (gathered on data-parallel rank 0; also loads at another TP/PP).
+wrappers (each data-parallel rank writes and reads its own share; nothing is gathered). It resumes at
+another data-parallel size, not at another TP/PP. ``fully_reshardable`` (which would) gathers every
+rank's state on data-parallel rank 0 and, in megatron-core 0.16.1 without apex or Transformer Engine,
+cannot be loaded (``KeyError: 'step'`` in ``_set_main_param_and_optimizer_states``), so it is not offered.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def _state_dict(
 
     model_sd = model.module.sharded_state_dict()
     # the distributed optimizer's format (the plain optimizer ignores it): see the module docstring
-    metadata = {"distrib_optim_sharding_type": profile.optim_sharding or "fully_reshardable"}
+    metadata = {"distrib_optim_sharding_type": profile.optim_sharding or "dp_reshardable"}
     rng = ShardedObject(
         "rng_state",
         _rng_state(on_gpu),
@@ -221,19 +223,39 @@ def _init_optimizer_state(optimizer: Any) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
-def _unshare_adam_steps(optimizer: Any) -> None:
-    """Give every parameter its own Adam ``step`` tensor again after a load.
+def _saved_steps(tree: Any) -> set[int]:
+    """The optimizer ``step`` values of every ``param_groups`` list in a loaded optimizer state."""
+    found: set[int] = set()
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "param_groups" and isinstance(value, list):
+                found |= {int(g["step"]) for g in value if isinstance(g, dict) and "step" in g}
+            else:
+                found |= _saved_steps(value)
+    elif isinstance(tree, list | tuple):
+        for value in tree:
+            found |= _saved_steps(value)
+    return found
+
+
+def _restore_adam_steps(optimizer: Any, saved: Any) -> None:
+    """Give every parameter its own Adam ``step`` tensor holding the saved step count.
 
     Without apex or Transformer Engine, Megatron-Core's ``DistributedOptimizer.load_state_dict`` hands one
-    ``step`` tensor to the state of every parameter; ``torch.optim.Adam`` increments it in place once per
-    parameter, so after a resume each parameter's bias correction used a different step and the losses left
-    the uninterrupted run's from the second step on (seen here: 6.1292 vs 6.1322 at the step after that).
+    ``step`` tensor to the state of every parameter, then its parameter-state load copies each bucket's
+    ``step`` (the template's, not the checkpoint's) over it: after a resume every parameter's bias
+    correction restarted from the placeholder's step (measured: 1 instead of 3), and ``torch.optim.Adam``
+    would also increment the shared tensor once per parameter. The saved count is in ``param_groups``.
     """
+    steps = _saved_steps(saved)
+    if len(steps) != 1:
+        return  # no step recorded (the plain optimizer keeps its own per-parameter state intact)
+    (step,) = steps
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         for st in getattr(inner, "state", {}).values():
             if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
+                st["step"] = torch.tensor(float(step), dtype=st["step"].dtype, device=st["step"].device)
 
 
 def load(folder: Path, model: Any, optimizer: Any, scheduler: Any, on_gpu: bool, profile: Profile) -> int:
@@ -242,12 +264,6 @@ def load(folder: Path, model: Any, optimizer: Any, scheduler: Any, on_gpu: bool,
 
     meta = read_json(folder / "meta.json")
     iteration = meta["iteration"]
-    saved = meta.get("optim_sharding")
-    if saved and profile.optim_sharding and saved != profile.optim_sharding:
-        raise RuntimeError(
-            f"{folder}: the optimizer state was saved as {saved}, the config says train.optim_checkpoint="
-            f"{profile.optim_sharding}; set it back to {saved} to resume"
-        )
     if profile.distributed_optimizer:
         _init_optimizer_state(optimizer)
     template = _state_dict(model, optimizer, scheduler, iteration, on_gpu, profile, loading=True)
@@ -255,7 +271,8 @@ def load(folder: Path, model: Any, optimizer: Any, scheduler: Any, on_gpu: bool,
     model.module.load_state_dict(state["model"])
     with torch.no_grad():  # the non-apex path copies into leaf fp32 main params in place
         optimizer.load_state_dict(state["optimizer"])
-    _unshare_adam_steps(optimizer)
+    if profile.distributed_optimizer:
+        _restore_adam_steps(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng_state"], on_gpu)
     return int(state["iteration"])

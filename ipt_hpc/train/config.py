@@ -66,11 +66,6 @@ class TrainConfig(_Section):
     distributed_optimizer: Literal["auto", "on", "off"] = Field(
         "auto", description="shard optimizer state over data-parallel ranks (auto: on with device cuda)"
     )
-    optim_checkpoint: Literal["dp_reshardable", "fully_reshardable"] = Field(
-        "dp_reshardable",
-        description="distributed optimizer's checkpoint format: dp_reshardable (each DP rank writes its shard;"
-        " resumable at another DP size) or fully_reshardable (gathered on DP rank 0; also another TP/PP, slow)",
-    )
     layer_spec: Literal["local", "transformer_engine", "auto"] = Field(
         "local",
         description="Megatron-Core layer spec: local (plain PyTorch), transformer_engine (fused kernels, needs TE"

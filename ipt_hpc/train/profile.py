@@ -42,7 +42,7 @@ class Profile:
     sequence_parallel: bool
     masked_softmax_fusion: bool
     distributed_optimizer: bool
-    optim_sharding: Literal["dp_reshardable", "fully_reshardable"] | None
+    optim_sharding: Literal["dp_reshardable"] | None
     fully_parallel_checkpoint: bool
     use_cpu_initialization: bool
     batch_p2p: bool
@@ -78,8 +78,8 @@ def resolve(cfg: TrainConfig, *, transformer_engine: bool | None = None) -> Prof
         sequence_parallel=cfg.tensor_parallel > 1 and spec == "transformer_engine",
         masked_softmax_fusion=False,
         distributed_optimizer=distributed,
-        optim_sharding=cfg.optim_checkpoint if distributed else None,
-        fully_parallel_checkpoint=distributed and cfg.optim_checkpoint == "dp_reshardable",
+        optim_sharding="dp_reshardable" if distributed else None,
+        fully_parallel_checkpoint=distributed,
         # CPU: identical full weights at any TP size (tests compare TP=1 with TP=2)
         use_cpu_initialization=not cuda,
         batch_p2p=cuda,
