@@ -206,3 +206,12 @@ def test_repetition_guard_reaches_generate(tmp_path: Path, model_dir: Path) -> N
     for rec in read_records(run / "synth" / shard_name(0, 1)):
         grams = list(zip(rec["gen_ids"], rec["gen_ids"][1:], strict=False))
         assert len(grams) == len(set(grams))  # no bigram of the answer repeats
+
+
+def test_vllm_tensor_parallel_needs_as_many_visible_gpus() -> None:
+    from ipt_hpc.errors import IptError
+    from ipt_hpc.synth_engines import _check_gpus
+
+    _check_gpus(1)  # one GPU (or the CPU build) is vLLM's own business
+    with pytest.raises(IptError, match=r"tensor_parallel_size=4 needs as many GPUs per task, this task sees 0"):
+        _check_gpus(4)
