@@ -958,7 +958,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         c = st["counts"]
         eta = "-" if st["eta_s"] is None else time.strftime("%H:%M:%S", time.gmtime(st["eta_s"]))
         table.add_row(
-            st["stage"],
+            st["name"],
             str(st["num_shards"]),
             f"[green]{c['done']}",
             str(c["running"]),
@@ -974,7 +974,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(table)
     for st in report["stages"]:
         for name, error in list(st["failures"].items())[:5]:
-            console.print(f"[red]{st['stage']} {name}[/red]: {error}")
+            console.print(f"[red]{st['name']} {name}[/red]: {error}")
         if st["queue_error"]:
             console.print(f"[yellow]Slurm queue not readable: {st['queue_error']}")
     return 0

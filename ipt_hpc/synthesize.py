@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from .config import Config
 from .errors import IptError
 from .execution import ShardContext, StageRun, StageState, launch
+from .execution.shards import record_options
 from .mixture import converted
 from .records import read_records
 from .synth_engines import Generation, get_engine
@@ -292,7 +293,9 @@ def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -
         raise IptError(
             "synth.no_repeat_ngram_size is a transformers-backend option; with vllm use synth.repetition_penalty"
         )
-    return StageRun(STAGE, str(run_dir), "synth", "raw", num_shards, synthesize_shard, job)
+    return StageRun(
+        STAGE, str(run_dir), "synth", "raw", num_shards, synthesize_shard, job, **record_options(cfg.records)
+    )
 
 
 def run(cfg: Config, run_dir: str | Path, spec: str = "all", **kw: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from .charts import pyplot, save
 from .config import Config
 from .errors import IptError, RecordError
 from .execution import ShardContext, StageRun, StageState, launch
-from .execution.shards import manifest_of
+from .execution.shards import manifest_of, record_options
 from .records import read_records
 from .synth_format import stats_histogram
 from .templify_formats import ENTRY_SEPARATOR, draw_format, render_entry, rng_for
@@ -217,6 +217,7 @@ def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -
         templify_shard,
         job,
         finalize_fn=finalize_stage,
+        **record_options(cfg.records),
     )
 
 

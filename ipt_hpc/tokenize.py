@@ -34,6 +34,7 @@ from .atomic import read_json, write_json_atomic
 from .config import Config
 from .errors import IptError, RecordError
 from .execution import ShardContext, StageRun, StageState, launch, shard_name
+from .execution.shards import record_options
 from .indexed import IndexedWriter, dtype_for_vocab, merge
 from .records import PARTIAL_SUFFIX, RecordWriter, iter_lines, zstd_frames
 from .tokenize_worker import (  # a light module: spawned workers import little
@@ -420,6 +421,7 @@ def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -
         stage_config=job,
         out_suffix=".idx",
         finalize_fn=merge_group,
+        **record_options(cfg.records),
     )
     return run, run_dir / "tokens" / group
 

@@ -340,3 +340,13 @@ def test_status_cli_table_and_json_without_slurm(tmp_path: Path) -> None:
     assert upper["counts"] == {"done": 2, "running": 0, "pending": 0, "failed": 1, "never_submitted": 1}
     assert upper["shards"][shard_name(3, 4)] == "never_submitted"
     assert run_cli("status", "--run", str(tmp_path / "nothing")).returncode == 2
+
+
+def test_status_names_each_tokenize_group(tmp_path: Path) -> None:
+    from ipt_hpc.execution import StageState
+
+    run = tmp_path / "run"
+    for group in ("augmented", "raw"):
+        StageState(run / "tokens" / group).write_stage({"stage": "tokenize", "num_shards": 1})
+    names = [st["name"] for st in run_status(run, use_queue=False)["stages"]]
+    assert names == ["tokenize augmented", "tokenize raw"]

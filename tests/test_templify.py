@@ -317,3 +317,25 @@ def test_the_synthesizers_reasoning_shape_is_recognised() -> None:
         r = render_pair(q, "It has 3 words.\nTherefore, the answer is no", fmt, rng)
         assert r.kind == "multiple_choice_cot" and r.options[r.correct][1] == "no"
         assert "It has 3 words." in r.answer and "Let's think step by step.\n" not in r.question
+
+
+def test_records_settings_reach_the_writers_of_every_stage(tmp_path: Path) -> None:
+    from ipt_hpc import synthesize, tokenize
+    from ipt_hpc.records import zstd_frames
+
+    sets = {"records.level": 19, "records.frame_bytes": 4096, "records.fsync": False}
+    runs = {name: make_synth(make_raw(tmp_path / name, 1, docs=120), 1) for name in ("default", "set")}
+    templify.run(cfg(), runs["default"])
+    templify.run(cfg(**sets), runs["set"])
+    files = {name: run / "augmented" / shard_name(0, 1) for name, run in runs.items()}
+    assert list(read_records(files["set"])) == list(read_records(files["default"]))
+    frames = {name: zstd_frames(f) for name, f in files.items()}
+    assert len(frames["default"]) == 1 < len(frames["set"])  # 1 MiB frames vs 4 KiB frames
+    assert all((size or 0) <= 4096 + 4096 for _, _, size in frames["set"][:-1])
+    # the other per-shard stages build their StageRun from the same settings
+    from tokenizer_fixture import train_tokenizer
+
+    tok = train_tokenizer(tmp_path / "tok")
+    c = cfg(**sets, **{"synth.model": "m", "tokenize.tokenizer": str(tok)})
+    for run in (synthesize.stage_run(c, runs["set"]), tokenize.stage_run(c, runs["set"])[0]):
+        assert (run.level, run.frame_bytes, run.fsync) == (19, 4096, False)

@@ -147,6 +147,8 @@ def stage_status(stage_dir: str | os.PathLike[str], *, use_queue: bool = True) -
         failures.setdefault(name, ["job left the queue without finishing this shard (killed or node failure?)"])
     return {
         "stage": info["stage"],
+        # a run has one tokenize stage per group (RUN/tokens/<group>): the name tells them apart
+        "name": f"{info['stage']} {Path(stage_dir).name}" if info["stage"] == "tokenize" else info["stage"],
         "folder": str(Path(stage_dir)),
         "num_shards": n,
         "counts": {s: counts.get(s, 0) for s in STATES},

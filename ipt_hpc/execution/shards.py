@@ -38,6 +38,11 @@ def shard_name(k: int, num_shards: int) -> str:
     return f"shard-{k:0{max(5, len(str(num_shards - 1)))}d}.jsonl.zst"
 
 
+def record_options(records: Any) -> dict[str, Any]:
+    """The :class:`StageRun` fields that every stage's record writers take from ``records.*``."""
+    return {"level": records.level, "frame_bytes": records.frame_bytes, "fsync": records.fsync}
+
+
 @dataclass(frozen=True)
 class StageRun:
     """Everything a shard task needs (picklable: it travels to the array tasks)."""
