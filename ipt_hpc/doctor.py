@@ -95,6 +95,11 @@ class Context:
     def shape(self) -> dict[str, int]:
         return GPU_RUN if self.gpu else CPU_RUN
 
+    @property
+    def ranks(self) -> int:
+        """Training ranks: one per visible GPU (``cuda`` check), one on CPU."""
+        return max(1, self.gpus) if self.gpu else 1
+
 
 # -- checks -------------------------------------------------------------------------------------------------
 def check_environment(ctx: Context) -> dict[str, Any]:
@@ -234,7 +239,7 @@ def _train_config(ctx: Context, iters: int) -> Path:
         "lr": 3e-4,
         "min_lr": 3e-5,
         "lr_warmup_iters": 2,
-        "ranks_per_node": max(1, ctx.gpus) if ctx.gpu else 1,
+        "ranks_per_node": ctx.ranks,
         "log_interval": 1,
         "keep_checkpoints": 1,
     }
@@ -277,17 +282,22 @@ def _torchrun(ctx: Context, run: Path, config: Path, nproc: int) -> None:
         raise RuntimeError(f"training exited with {rc} (log: {log}):\n{tail}")
 
 
-def _steps(run: Path) -> list[dict[str, Any]]:
+def _train_log(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(steps in iteration order, events) of ``RUN/train/log.jsonl``; a step redone after a resume counts once."""
+    from .train.metrics import read_steps
+
     log = run / "train" / "log.jsonl"
-    return [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "step"]
+    steps = read_steps(log)
+    events = [r for r in map(json.loads, log.read_text(encoding="utf-8").splitlines()) if r.get("kind") == "event"]
+    return [steps[i] for i in sorted(steps)], events
 
 
 def check_train(ctx: Context) -> dict[str, Any]:
     run = _write_tokens(ctx)
-    ranks = max(1, ctx.gpus) if ctx.gpu else 1
-    _torchrun(ctx, run, _train_config(ctx, ctx.shape["train_iters"]), ranks)
-    steps = _steps(run)[1:]  # the first step compiles and allocates
-    start = next(json.loads(x) for x in (run / "train" / "log.jsonl").read_text().splitlines() if '"start"' in x)
+    _torchrun(ctx, run, _train_config(ctx, ctx.shape["train_iters"]), ctx.ranks)
+    all_steps, events = _train_log(run)
+    first, steps = all_steps[0], all_steps[1:]  # the first step compiles and allocates
+    start = next(e for e in events if e["event"] == "start")
     from .train.config import ModelConfig, TrainConfig
     from .train.model import num_parameters
 
@@ -295,13 +305,13 @@ def check_train(ctx: Context) -> dict[str, Any]:
     mfu = [s["mfu"] for s in steps if s.get("mfu") is not None]
     return {
         "parameters": params,
-        "ranks": ranks,
+        "ranks": ctx.ranks,
         "profile": start.get("profile"),
-        "steps": len(steps) + 1,
-        "loss_first_last": [round(_steps(run)[0]["loss"], 4), round(steps[-1]["loss"], 4)],
+        "steps": len(all_steps),
+        "loss_first_last": [round(first["loss"], 4), round(steps[-1]["loss"], 4)],
         "tokens_per_s": round(statistics.median(s["tokens_per_s"] for s in steps), 1),
         "mfu": round(statistics.median(mfu), 4) if mfu else None,
-        "ok": steps[-1]["loss"] < _steps(run)[0]["loss"],
+        "ok": steps[-1]["loss"] < first["loss"],
     }
 
 
@@ -311,6 +321,7 @@ def check_hf_baseline(ctx: Context) -> dict[str, Any]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from .indexed import dtype_for_vocab
     from .train.config import ModelConfig, TrainConfig
     from .train.model import flops_per_token
 
@@ -331,9 +342,9 @@ def check_hf_baseline(ctx: Context) -> dict[str, Any]:
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
-    data = np.memmap(ctx.work / "run" / "tokens" / "probe.bin", mode="r", dtype=_bin_dtype(ctx))
+    data = np.memmap(ctx.work / "run" / "tokens" / "probe.bin", mode="r", dtype=dtype_for_vocab(m["vocab_size"]))
     seq, mbs = shape["seq_length"], shape["micro_batch_size"]
-    micro = shape["global_batch_size"] // (mbs * max(1, ctx.gpus if ctx.gpu else 1))
+    micro = shape["global_batch_size"] // (mbs * ctx.ranks)
     steps, times, pos = shape["train_iters"], [], 0
     for _ in range(steps):
         t = time.perf_counter()
@@ -357,9 +368,7 @@ def check_hf_baseline(ctx: Context) -> dict[str, Any]:
     megatron = ctx.results.get("train", {})
     # Megatron's tokens/s counts every rank; compare per device
     per_device = (megatron.get("tokens_per_s") or 0) / max(1, megatron.get("ranks", 1))
-    from .train.config import TrainConfig as _T
-
-    peak = _T().peak_flops
+    peak = TrainConfig().peak_flops
     return {
         "tokens_per_s": round(tps, 1),
         "mfu": round(fpt * tps / peak, 4) if ctx.gpu else None,
@@ -368,23 +377,16 @@ def check_hf_baseline(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _bin_dtype(ctx: Context) -> Any:
-    from .indexed import dtype_for_vocab
-
-    return dtype_for_vocab(ctx.model["vocab_size"])
-
-
 def check_resume(ctx: Context) -> dict[str, Any]:
     run = ctx.work / "run"
     first = ctx.shape["train_iters"]
-    ranks = max(1, ctx.gpus) if ctx.gpu else 1
     config = _train_config(ctx, first + ctx.shape["resume_iters"])
-    _torchrun(ctx, run, config, ranks)
-    events = [json.loads(x) for x in (run / "train" / "log.jsonl").read_text().splitlines() if '"event"' in x]
-    resumed = [e for e in events if e.get("event") == "resume"]
+    _torchrun(ctx, run, config, ctx.ranks)
+    steps, events = _train_log(run)
+    resumed = [e for e in events if e["event"] == "resume"]
     if not resumed or resumed[-1]["iteration"] != first:
         raise RuntimeError(f"no resume from iteration {first}: events {[e.get('event') for e in events]}")
-    last = _steps(run)[-1]
+    last = steps[-1]
     meta = json.loads((run / "train" / "checkpoints" / f"iter_{last['iteration']:07d}" / "meta.json").read_text())
     return {
         "resumed_from": first,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import REPO, TINY, _env, events, finish, losses, new_run, ranks, tail, wait_for_step
+from test_train import REPO, TINY, _env, events, finish, losses, new_run, ranks, start, tail, wait_for_step
 
 from ipt_hpc.atomic import read_json
 from ipt_hpc.config import load_config
@@ -42,18 +42,11 @@ GPU_RUN = [
     "train.save_interval=2",
     "train.keep_checkpoints=5",
 ]
-_port = [29300 + os.getpid() % 500]
 
 
 def train_gpu_profile(run: Path, nproc: int, *sets: str, **env: str) -> subprocess.Popen[str]:
-    _port[0] += 1
-    log = open(run / f"torchrun-{len(list(run.glob('torchrun-*')))}.log", "w")  # noqa: SIM115 - closed by finish
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port[0]}"]
-    cmd += ["-m", "ipt_hpc.train", str(run), "--config", str(TINY)]
-    for s in [*GPU_RUN, *sets]:
-        cmd += ["--set", s]
-    env = _env(**{PROFILE_ON_CPU_ENV: "1", **env})
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=run)
+    """test_train's launcher with the GPU profile's settings, its tensors on the CPU (the test hook)."""
+    return start(run, nproc, *GPU_RUN, *sets, **{PROFILE_ON_CPU_ENV: "1", **env})
 
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)

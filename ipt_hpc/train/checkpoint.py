@@ -209,6 +209,11 @@ def load_model(folder: Path, model: Any) -> None:
     model.load_state_dict({k: state[k] for k in template}, strict=True)
 
 
+def _parts(optimizer: Any) -> list[Any]:
+    """The optimizers inside Megatron-Core's ``ChainedOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
 def _init_optimizer_state(optimizer: Any) -> None:
     """Give a fresh distributed optimizer its Adam state before the load template is built.
 
@@ -217,7 +222,7 @@ def _init_optimizer_state(optimizer: Any) -> None:
     building the template of a fresh optimizer fails (``assert len(steps) == 1``) and a resume dies before
     loading. Megatron-Core's own helper fills the state with placeholders; the load then overwrites them.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _parts(optimizer):
         inner = getattr(opt, "optimizer", None)
         if inner is not None and not inner.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
             opt._init_optimizer_states_with_dummy_values()
@@ -251,7 +256,7 @@ def _restore_adam_steps(optimizer: Any, saved: Any) -> None:
     if len(steps) != 1:
         return  # no step recorded (the plain optimizer keeps its own per-parameter state intact)
     (step,) = steps
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _parts(optimizer):
         inner = getattr(opt, "optimizer", None)
         for st in getattr(inner, "state", {}).values():
             if torch.is_tensor(st.get("step")):
