@@ -65,6 +65,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     e.add_argument("--parallelism", type=int, metavar="P", help="at most P array tasks at once (%%P throttle)")
     e.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
     e.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    e.add_argument(
+        "--skip-preflight",
+        action="store_true",
+        help="submit without checking models, inputs, disk room and the Slurm request first",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run", metavar="RUN", required=True, help="run folder")
+    p.add_argument(
+        "--wait", action="store_true", help="with --executor slurm: wait for the chain, then say how it ended"
+    )
     _common(p)
     p.set_defaults(handler=cmd_pipeline)
 
@@ -480,6 +488,10 @@ def cmd_shard(args: argparse.Namespace) -> int:
         console.print(f"executor: {cfg.execution.backend}, workers: {cfg.execution.workers or 'CPU count'}")
         console.print(f"config hash: {shard.fingerprint(cfg, inputs)}")
         return 0
+    if not args.skip_preflight:
+        from . import preflight
+
+        preflight.shard(cfg, out)
     prog, update = _progress_reporter(console)
     started = time.time()
     with prog:
@@ -514,6 +526,21 @@ def _print_shard_summary(console: Any, manifest: dict[str, Any], out: Path, seco
     console.print(f"manifest: {out / 'manifest.json'}")
 
 
+def _preflight(args: argparse.Namespace, cfg: Any) -> Any:
+    """The preflight check a stage's launch runs on its selected shards (None with --skip-preflight)."""
+    from . import preflight
+
+    return None if getattr(args, "skip_preflight", False) else preflight.stage_checker(cfg)
+
+
+def _preflight_early(args: argparse.Namespace, cfg: Any, stage: str) -> None:
+    """The model/tokenizer and Slurm checks, before the stage loads anything (not with --skip-preflight)."""
+    from . import preflight
+
+    if not args.skip_preflight:
+        preflight.early(cfg, stage)
+
+
 def _launch_stage(args: argparse.Namespace, stage: Any, cfg: Any, label: str) -> int:
     """Submit a record stage's selected shards with a progress bar (shared by synthesize and templify)."""
     from .execution import StageState, launch
@@ -529,6 +556,7 @@ def _launch_stage(args: argparse.Namespace, stage: Any, cfg: Any, label: str) ->
             force=args.force,
             wait=args.wait,
             on_progress=lambda: update(label, len(state.names("done")), stage.num_shards),
+            check=_preflight(args, cfg),
         )
     console.print(result)
     console.print(f"follow with: python -m ipt_hpc.launch status --run {args.run}")
@@ -542,6 +570,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
     flags = _flag_values(args, {"model": "synth.model", "backend": "synth.backend"})
     cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
+    _preflight_early(args, cfg, "synthesize")
     stage = synthesize.stage_run(cfg, args.run)
     if args.dry_run:  # prepares the stage folder (for hand-written sbatch arrays) and submits nothing
         prepare(stage)
@@ -562,6 +591,7 @@ def cmd_templify(args: argparse.Namespace) -> int:
 
     flags = _flag_values(args, {"seed": "templify.seed", "input_stage": "templify.input_stage"})
     cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
+    _preflight_early(args, cfg, "templify")
     stage = templify.stage_run(cfg, args.run)
     if args.dry_run:
         prepare(stage)
@@ -672,6 +702,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     )
     cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
     console = _console()
+    _preflight_early(args, cfg, "tokenize")
     if args.dry_run:
         stage, group = tokenize.stage_run(cfg, args.run)
         job = stage.stage_config
@@ -680,7 +711,9 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         return 0
     prog, update = _progress_reporter(console)
     with prog:
-        result = tokenize.run(cfg, args.run, args.shards, force=args.force, wait=args.wait, progress=update)
+        result = tokenize.run(
+            cfg, args.run, args.shards, force=args.force, wait=args.wait, progress=update, check=_preflight(args, cfg)
+        )
     merged = result.pop("merged", None)
     console.print(result)
     if merged:
@@ -800,23 +833,61 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             after = f", after step {i}" if i and cfg.execution.backend == "slurm" else ""
             console.print(f"step {i + 1}: {step.name} ({kind} on {cfg.execution.backend}{after})")
         return 0
+    if not args.skip_preflight:
+        from . import preflight
+
+        preflight.pipeline(cfg, args.run, steps)
     if cfg.execution.backend == "slurm":
-        for result in submit(steps, cfg.execution, args.run):
+        submitted = submit(steps, cfg.execution, args.run)
+        for result in submitted:
             console.print(result)
-        console.print(f"submitted; follow with: python -m ipt_hpc.launch status --run {args.run}")
-        return 0
+        if not args.wait:
+            console.print(f"submitted; follow with: python -m ipt_hpc.launch status --run {args.run}")
+            return 0
+        return _wait_for_pipeline(console, args.run, [j for r in submitted for j in r.get("job_ids", [])])
     started = time.time()
     for i, step in enumerate(steps):
         console.rule(f"[bold]step {i + 1}/{len(steps)}: {step.name}")
         t = time.time()
-        if isinstance(step, ShardStage):
-            prog, update = _progress_reporter(console)
-            with prog:
-                submit([step], cfg.execution, args.run, progress=update)
-        else:
-            submit([step], cfg.execution, args.run)
+        try:
+            if isinstance(step, ShardStage):
+                prog, update = _progress_reporter(console)
+                with prog:
+                    submit([step], cfg.execution, args.run, progress=update)
+            else:
+                submit([step], cfg.execution, args.run)
+        except IptError as exc:
+            later = ", ".join(s.name for s in steps[i + 1 :]) or "none"
+            raise IptError(
+                f"pipeline stopped at step {i + 1}/{len(steps)} ({step.name}); later steps did not run ({later})."
+                f" Rerunning this pipeline command resumes it (done shards are kept).\n{exc}"
+            ) from exc
         console.print(f"{step.name}: done in {time.time() - t:,.1f} s")
     _print_outputs(console, args.run, time.time() - started)
+    return 0
+
+
+def _wait_for_pipeline(console: Any, run: str, job_ids: list[str]) -> int:
+    """``pipeline --wait`` on Slurm: wait until every job left the queue, then say how it ended."""
+    from .execution.backends import wait_for_jobs
+    from .status import run_status
+
+    started = time.time()
+    console.print(f"waiting for {len(job_ids)} Slurm jobs (Ctrl-C stops waiting, not the jobs)")
+    wait_for_jobs(job_ids, poll_s=5.0)
+    report = run_status(run)
+    if report["root_cause"]:
+        console.print(f"[bold red]pipeline failed[/] after {time.time() - started:,.0f} s; later steps were cancelled")
+        print_failures(console, report)
+        return 1
+    final = Path(run) / "report" / "report.md"
+    if not final.exists() or final.stat().st_mtime < started:
+        console.print(
+            f"[bold red]pipeline did not finish[/]: no shard failed, so a job step did (train, export, eval, mixture or"
+            f" report); their logs: {Path(run) / '_state' / 'logs' / 'pipeline'}, {Path(run) / 'train' / 'logs'}"
+        )
+        return 1
+    _print_outputs(console, run, time.time() - started)
     return 0
 
 
@@ -972,12 +1043,40 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
+    print_failures(console, report)
+    return 0
+
+
+def print_failures(console: Any, report: dict[str, Any]) -> None:
+    """The root cause first (stage, shard, reason, traceback, the command that resumes), then the rest."""
+    from rich.markup import escape
+
+    from .execution.tasks import failure_line, group_failures
+
+    root = report.get("root_cause")
+    if root:
+        more = f" (and {root['failed'] - 1} more shard(s) of this stage)" if root["failed"] > 1 else ""
+        console.print(
+            f"[bold red]first failure: {root['stage']} {root['shard']}{more}[/]: {escape(root['error'])}",
+            soft_wrap=True,
+        )
+        if root["log"]:
+            console.print(f"  traceback: {root['log']}", soft_wrap=True)
+        console.print(f"  resume: {escape(root['resume'])}", soft_wrap=True)
     for st in report["stages"]:
-        for name, error in list(st["failures"].items())[:5]:
-            console.print(f"[red]{st['name']} {name}[/red]: {error}")
+        rest = [
+            (n, e)
+            for n, e in st["failures"].items()
+            if not (root and (st["name"], n) == (root["stage"], root["shard"]))
+        ]
+        for labels, error in group_failures(rest)[:5]:
+            console.print(f"[red]{st['name']}[/red] {escape(failure_line(labels, error))}", soft_wrap=True)
         if st["queue_error"]:
             console.print(f"[yellow]Slurm queue not readable: {st['queue_error']}")
-    return 0
+        if st.get("held_jobs"):
+            jobs = ",".join(st["held_jobs"])
+            console.print(f"[yellow]{st['name']}: Slurm holds job(s) {jobs}; they will not run until released"
+                          f" (scontrol release {jobs})", soft_wrap=True)  # fmt: skip
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

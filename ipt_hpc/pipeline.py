@@ -39,7 +39,8 @@ class ShardStage:
 
     @property
     def name(self) -> str:
-        return self.run.stage
+        run = self.run  # a run has one tokenize stage per group (RUN/tokens/<group>)
+        return f"{run.stage} {Path(run.out_folder).name}" if run.stage == "tokenize" else run.stage
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ File layout written by :class:`RecordWriter` (see docs/records.md):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -154,6 +155,17 @@ def _walk_frames(fh: BinaryIO, frame_bytes: int) -> tuple[list[_Frame], int, str
     return frames, pos, None
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Give an ``OSError`` raised while writing ``path`` that file's name (a full disk says which file)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
 class RecordWriter:
     """Streaming zstd JSONL writer with record-boundary frames, resume and atomic completion.
 
@@ -272,11 +284,12 @@ class RecordWriter:
     def _write_frame(self, *, permanent: bool) -> None:
         frame = (self._cctx if permanent else self._tail_cctx).compress(b"".join(self._pending))
         fh = self._fh
-        if self._tail_len:
-            fh.seek(self._base)
-        fh.write(frame)
-        if self._tail_len > len(frame):
-            fh.truncate()
+        with _naming(self.partial):
+            if self._tail_len:
+                fh.seek(self._base)
+            fh.write(frame)
+            if self._tail_len > len(frame):
+                fh.truncate()
         if permanent:
             self._hash.update(frame)
             self._base += len(frame)
@@ -290,9 +303,10 @@ class RecordWriter:
             self._tail_len = len(frame)
 
     def _sync(self) -> None:
-        self._fh.flush()
-        if self._fsync:
-            os.fsync(self._fh.fileno())
+        with _naming(self.partial):
+            self._fh.flush()
+            if self._fsync:
+                os.fsync(self._fh.fileno())
 
     def flush(self) -> int:
         """Make every record written so far durable; returns that record count."""

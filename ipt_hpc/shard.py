@@ -31,7 +31,7 @@ from .atomic import atomic_write_bytes, read_json, write_json_atomic
 from .config import Config, RecordsConfig, ShardConfig, config_hash
 from .errors import IptError, RecordError
 from .execution import StageState, run_tasks, shard_name
-from .execution.shards import record_submission
+from .execution.shards import in_flight, record_submission, wait_for
 from .records import RecordWriter
 from .sources import BLANK, InputFile, Row, discover_inputs, iter_rows
 
@@ -337,8 +337,9 @@ def run(
 
     # 3. write
     names = [shard_name(k, n) for k in range(n)]
-    todo = [k for k in range(n) if not stage_state.is_done(names[k])]
-    log(f"write: {n} shards ({n - len(todo)} already written)")
+    busy = in_flight(out)  # after a requeue of this coordinator, its earlier arrays may still be writing
+    todo = [k for k in range(n) if not stage_state.is_done(names[k]) and names[k] not in busy]
+    log(f"write: {n} shards ({n - len(todo) - len(busy)} already written, {len(busy)} held by an earlier job)")
     wtasks = [WriteTask(str(out), k, n, plan[k], inputs, cfg.shard, cfg.records) for k in todo]
     local = None
     if cfg.execution.backend != "slurm" and todo:
@@ -355,6 +356,7 @@ def run(
     )
     if local is not None:
         stage_state.end_submission(local["record"])
+    wait_for(out, busy)
 
     # 4. manifest (the completion marker of the stage)
     shards = [stage_state.read("done", name) for name in names]

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .execution.monitor import stage_status
+from .execution.monitor import resume_command, stage_status
 
 
 def find_stages(run_dir: str | os.PathLike[str]) -> list[Path]:
@@ -29,4 +29,26 @@ def find_stages(run_dir: str | os.PathLike[str]) -> list[Path]:
 def run_status(run_dir: str | os.PathLike[str], *, use_queue: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     stages = [stage_status(p, use_queue=use_queue) for p in find_stages(run_dir)]
-    return {"run": str(run_dir), "stages": stages, "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "run": str(run_dir),
+        "stages": stages,
+        "root_cause": root_cause(stages),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def root_cause(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first failure in pipeline order of a shard that started (later stages' shards that never
+    started are its consequence): stage, shard, error, traceback log and the command that resumes."""
+    for st in stages:
+        if st["started_failures"]:
+            name = st["started_failures"][0]
+            return {
+                "stage": st["name"],
+                "shard": name,
+                "error": st["failures"][name],
+                "log": st["failure_logs"].get(name),
+                "failed": len(st["started_failures"]),
+                "resume": resume_command(st["folder"]),
+            }
+    return None

@@ -463,15 +463,18 @@ def run(
     force: bool = False,
     wait: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    check: Callable[[StageRun, list[int]], None] | None = None,
 ) -> dict[str, Any]:
-    """Tokenize the selected shards; on the blocking backends also merge when the group is complete."""
+    """Tokenize the selected shards; on the blocking backends also merge when the group is complete.
+
+    ``check``: the preflight run on the selected shards before anything starts."""
     if cfg.execution.backend == "debug":  # shards run in this process: start the workers while the tokenizer loads
         source = Path(cfg.tokenize.tokenizer or "") / "tokenizer.json"
         _pool(_workers(cfg), str(source) if source.is_file() else None)
     stage, group_dir = stage_run(cfg, run_dir)
     state = StageState(group_dir)
     on_progress = progress and (lambda: progress(STAGE, len(state.names("done")), stage.num_shards))
-    result = launch(stage, spec, cfg.execution, force=force, wait=wait, on_progress=on_progress)
+    result = launch(stage, spec, cfg.execution, force=force, wait=wait, on_progress=on_progress, check=check)
     manifest = group_dir / "manifest.json"  # the last shard's task merged the group (finalize step)
     if manifest.exists():
         result["merged"] = read_json(manifest)

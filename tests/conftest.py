@@ -131,3 +131,11 @@ def _workers_find_test_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     here = str(Path(__file__).resolve().parent)
     current = os.environ.get("PYTHONPATH", "")
     monkeypatch.setenv("PYTHONPATH", here + (os.pathsep + current if current else ""))
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Llama synthesizer with its tokenizer (tests/tiny_model.py), made once."""
+    from tiny_model import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("model") / "synth")

@@ -21,10 +21,18 @@ def test_steps_follow_the_config(tmp_path: Path) -> None:
     base = {"shard.num_shards": 3, "tokenize.tokenizer": str(tok)}
     names = lambda cfg: [s.name for s in available_steps(cfg, tmp_path / "run")]  # noqa: E731
     assert names(load_config(None, None, {"shard.num_shards": 3})) == ["shard", "report"]
-    assert names(load_config(None, None, base)) == ["shard", "tokenize", "mixture", "report"]
+    assert names(load_config(None, None, base)) == ["shard", "tokenize raw", "mixture", "report"]
     with_synth = {**base, "synth.model": "some/model", "synth.convert_share": 0.5}
     steps = available_steps(load_config(None, None, with_synth), tmp_path / "run")
-    assert [s.name for s in steps] == ["shard", "synthesize", "templify", "tokenize", "tokenize", "mixture", "report"]
+    assert [s.name for s in steps] == [
+        "shard",
+        "synthesize",
+        "templify",
+        "tokenize augmented",
+        "tokenize raw",
+        "mixture",
+        "report",
+    ]
     assert [s.run.num_shards for s in steps[1:5]] == [3, 3, 3, 3]  # known before the shard stage ran
     assert [s.run.out_folder for s in steps[3:5]] == ["tokens/augmented", "tokens/raw"]
     # a train section adds training, export and evaluation before the report

@@ -169,32 +169,59 @@ def submit_script(script: str, path: Path, dependency: str | None = None) -> str
 def queue_states(job_ids: Sequence[str]) -> dict[str, str]:
     """Live Slurm state of every task of the given (array) jobs: ``{"123_4": "RUNNING", ...}``.
 
-    Jobs that left the queue are absent. Needs no accounting database (uses ``squeue``).
+    A pending job that Slurm or a user holds (reason ``launch_failed_requeued_held``, ``JobHeldUser``,
+    ``JobHeldAdmin``) is ``HELD``: it will not run until released. Jobs that left the queue are absent.
+    Needs no accounting database (uses ``squeue``).
     """
+    return {job: state for job, (state, _) in queue_details(job_ids).items()}
+
+
+def queue_details(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """``{"123_4": (state, reason), ...}`` of :func:`queue_states`."""
     if not job_ids:
         return {}
-    out = _slurm("squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(job_ids))
+    out = _slurm("squeue", "-h", "-r", "-o", "%i %T %r", "-j", ",".join(job_ids))
     states = {}
     for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            states[parts[0]] = parts[1]
+        parts = line.split(maxsplit=2)
+        if len(parts) >= 2:
+            reason = parts[2] if len(parts) == 3 else ""
+            held = parts[1] == "PENDING" and "held" in reason.lower()
+            states[parts[0]] = ("HELD" if held else parts[1], reason)
     return states
 
 
+class JobsHeld(IptError):
+    """Jobs waited for are held by Slurm: they will not run until released."""
+
+    def __init__(self, held: dict[str, str]) -> None:
+        self.held = held
+        jobs = " ".join(sorted(held))
+        reasons = ", ".join(sorted(set(held.values())))
+        super().__init__(
+            f"Slurm holds job(s) {jobs} ({reasons}: e.g. a requeued launch failed on a failing node); they stay"
+            f" queued but will not run. Release them (scontrol release {jobs.replace(' ', ',')}) and rerun"
+            " this command to follow them, or scancel them"
+        )
+
+
 def wait_for_jobs(job_ids: Sequence[str], *, poll_s: float = 2.0, on_poll: Any = None) -> None:
-    """Block until none of ``job_ids`` is in the Slurm queue any more."""
+    """Block until none of ``job_ids`` is in the Slurm queue any more; raise :class:`JobsHeld` when
+    one of them is held (it would never leave the queue by itself)."""
     while True:
         try:
-            left = queue_states(job_ids)
+            left = queue_details(job_ids)
         except IptError as exc:  # a transient slurmctld hiccup must not kill a long wait
             if "Invalid job id" in str(exc):
                 return
-            left = {"?": str(exc)}
+            left = {"?": (str(exc), "")}
         if on_poll:
             on_poll()
         if not left:
             return
+        held = {job: reason for job, (state, reason) in left.items() if state == "HELD"}
+        if held:
+            raise JobsHeld(held)
         time.sleep(poll_s)
 
 
@@ -204,3 +231,107 @@ def local_executor(cfg: ExecutionConfig, log_dir: Path) -> Any:
     executor = submitit.LocalExecutor(folder=log_dir / "%j", max_num_timeout=cfg.max_attempts)
     executor.update_parameters(timeout_min=cfg.timeout_min)
     return executor
+
+
+def _minutes(limit: str) -> float:
+    """A Slurm time limit (``infinite``, ``30``, ``1:00:00``, ``2-12:00:00``) in minutes."""
+    if limit.lower() in ("infinite", "unlimited", "n/a", ""):
+        return math.inf
+    days, _, rest = limit.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 1:  # minutes
+        minutes = float(parts[0])
+    else:
+        h, m, s = ([0] * (3 - len(parts)) + parts)[-3:]
+        minutes = h * 60 + m + s / 60
+    return minutes + (int(days) * 24 * 60 if days else 0)
+
+
+def _gpus(gres: str) -> int:
+    """GPUs per node of a Slurm GRES string (``gpu:8``, ``gpu:a100:4(S:0-1)``, ``(null)``)."""
+    total = 0
+    for item in gres.split(","):
+        fields = item.split("(")[0].split(":")
+        if fields[0] == "gpu" and len(fields) > 1 and fields[-1].isdigit():
+            total = max(total, int(fields[-1]))
+    return total
+
+
+def slurm_problems(cfg: ExecutionConfig) -> list[tuple[str, str, str]]:
+    """Whether ``cfg.slurm``'s request fits the cluster, from one ``sinfo`` call and one ``scontrol``:
+    ``[(config key, what is wrong, the fix), ...]``; empty when it fits."""
+    s = cfg.slurm
+    try:
+        rows = _slurm("sinfo", "-h", "-o", "%P|%l|%c|%m|%G|%a").splitlines()
+    except IptError as exc:
+        return [("execution.backend", str(exc), "start Slurm, or use --executor local")]
+    parts: dict[str, dict[str, Any]] = {}
+    default = None
+    for row in rows:
+        name, limit, cpus, mem, gres, avail = row.split("|")
+        if name.endswith("*"):
+            name = name[:-1]
+            default = name
+        p = parts.setdefault(name, {"time": 0.0, "cpus": 0, "mem": 0, "gpus": 0, "up": False})
+        p["time"] = max(p["time"], _minutes(limit))
+        p["cpus"] = max(p["cpus"], int(cpus.rstrip("+") or 0))
+        p["mem"] = max(p["mem"], int(mem.rstrip("+") or 0))
+        p["gpus"] = max(p["gpus"], _gpus(gres))
+        p["up"] = p["up"] or avail == "up"
+    name = s.partition or default
+    if name is None or name not in parts:
+        what = f"no partition {s.partition!r}" if s.partition else "no default partition"
+        listed = ", ".join(parts) or "none"
+        return [("execution.slurm.partition", f"{what} (sinfo lists: {listed})", "set --partition to one of them")]
+    p = parts[name]
+    problems: list[tuple[str, str, str]] = []
+
+    def add(key: str, reason: str, fix: str) -> None:
+        problems.append((f"execution.slurm.{key}", reason, fix))
+
+    if not p["up"]:
+        add("partition", f"partition {name} is not up", "choose another partition")
+    if s.time_min > p["time"]:
+        add("time_min", f"{s.time_min} min exceeds partition {name}'s limit of {p['time']:.0f} min", "lower it")
+    if s.cpus_per_task and s.cpus_per_task > p["cpus"]:
+        add("cpus_per_task", f"{s.cpus_per_task} CPUs, but partition {name}'s nodes have {p['cpus']}", "lower it")
+    if s.mem_gb and s.mem_gb * 1024 > p["mem"]:
+        add("mem_gb", f"{s.mem_gb} GB, but partition {name}'s nodes have {p['mem'] / 1024:.1f} GB", "lower it")
+    if s.gpus_per_node and s.gpus_per_node > p["gpus"]:
+        have = f"at most {p['gpus']} GPUs per node" if p["gpus"] else "no GPUs (sinfo GRES: none)"
+        fix = "choose a GPU partition (--partition) or lower the request"
+        add("gpus_per_node", f"{s.gpus_per_node} GPU(s) per node, but partition {name} has {have}", fix)
+    if s.account:
+        allowed = _partition_field(name, "AllowAccounts")
+        if allowed not in (None, "ALL") and s.account not in allowed.split(","):
+            add("account", f"partition {name} allows accounts {allowed}, not {s.account}", "use one of those")
+        known = _user_accounts()
+        if known is not None and s.account not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            add("account", f"you have no association with account {s.account} (sacctmgr: {listed})", "use one of those")
+    return problems
+
+
+def _partition_field(partition: str, key: str) -> str | None:
+    try:
+        text = _slurm("scontrol", "show", "partition", partition)
+    except IptError:
+        return None
+    for word in text.split():
+        k, _, v = word.partition("=")
+        if k == key:
+            return v
+    return None
+
+
+def _user_accounts() -> set[str] | None:
+    """The accounts of this user from Slurm's accounting database (None where there is none)."""
+    import getpass
+
+    if shutil.which("sacctmgr") is None:
+        return None
+    try:
+        out = _slurm("sacctmgr", "-nP", "show", "assoc", f"user={getpass.getuser()}", "format=account")
+    except IptError:
+        return None  # accounting_storage/none: accounts are not checked by Slurm either
+    return {line.strip() for line in out.splitlines() if line.strip()}

@@ -61,6 +61,30 @@ def _job_keys(submissions: list[dict[str, Any]], names: list[str]) -> dict[str, 
     return latest
 
 
+def _started(state: StageState, name: str) -> bool:
+    return any(e["event"] == "start" for e in state.events(name))
+
+
+def resume_command(stage_dir: str | os.PathLike[str]) -> str:
+    """The command that redoes a stage's failed shards (done shards are kept)."""
+    import shlex
+
+    from ..atomic import read_json
+
+    path = Path(stage_dir) / "_state" / "stage-run.json"
+    if not path.exists():  # the shard stage: a rerun resumes it
+        return "rerun the same command (done shards are kept)"
+    run = read_json(path)
+    words = ["python", "-m", "ipt_hpc.launch", run["stage"], "--run", run["run_dir"]]
+    if run["stage"] == "tokenize":
+        group = Path(run["out_folder"]).name
+        words += ["--input-stage", run["in_folder"], "--group", group]
+        record_group = (run.get("stage_config") or {}).get("record_group")
+        if record_group:
+            words += ["--record-group", record_group]
+    return shlex.join([*words, "--shards", "failed"]) + " (with the run's --config/--set)"
+
+
 def stage_status(stage_dir: str | os.PathLike[str], *, use_queue: bool = True) -> dict[str, Any]:
     """Status of one stage folder as plain data (``--json`` prints exactly this)."""
     state = StageState(stage_dir)
@@ -139,12 +163,20 @@ def stage_status(stage_dir: str | os.PathLike[str], *, use_queue: bool = True) -
     if counts["done"] and wall > 0 and remaining:
         per_shard_wall = wall / counts["done"]  # observed completion rate, concurrency included
         eta = round(per_shard_wall * remaining, 1)
-    failures = {}
+    failures: dict[str, str] = {}
+    logs: dict[str, str] = {}
     for name in sorted(failed)[:20]:
         m = state.read("failed", name) or {}
-        failures[name] = (m.get("error") or "").strip().splitlines()[-1:] or [""]
+        failures[name] = ((m.get("error") or "").strip().splitlines() or [""])[-1]
+        if m.get("log"):
+            logs[name] = m["log"]
     for name in lost[:20]:
-        failures.setdefault(name, ["job left the queue without finishing this shard (killed or node failure?)"])
+        failures.setdefault(
+            name,
+            "job left the queue without finishing this shard (killed or node failure?)"
+            if _started(state, name)
+            else "never started: its job left the queue first (cancelled because an earlier step failed?)",
+        )
     return {
         "stage": info["stage"],
         # a run has one tokenize stage per group (RUN/tokens/<group>): the name tells them apart
@@ -157,7 +189,12 @@ def stage_status(stage_dir: str | os.PathLike[str], *, use_queue: bool = True) -
         "records_per_s": round(records / wall, 2) if wall > 0 else None,
         "eta_s": eta,
         "complete": counts["done"] == n,
-        "failures": {k: v[0] for k, v in failures.items()},
+        "failures": failures,
+        "failure_logs": logs,
+        "started_failures": sorted(n for n in failures if n in failed or _started(state, n)),
         "queue_error": queue_error,
+        "held_jobs": sorted(
+            {j["job"] for j in jobs.values() if j["backend"] == "slurm" and queue.get(j["job"]) == "HELD"}
+        ),
         "shards": states,
     }

@@ -28,7 +28,7 @@ from ..records import RecordWriter
 from . import backends
 from .selection import compress_ids, parse_shards
 from .state import StageState, now
-from .tasks import PackRunner, run_tasks
+from .tasks import PackRunner, TaskFailures, run_tasks
 
 REPORT_EVERY_S = 1.0
 
@@ -228,14 +228,26 @@ class ShardRunner:
         self._ctx = ctx
         started = time.time()
         try:
+            problem = input_problem(run, name)
+            if problem:
+                raise IptError(f"{run.stage} refuses to start: {problem}")
             stats = run.shard_fn(run.stage_config, ctx)
         except BaseException as exc:
-            from .tasks import describe
+            from .tasks import describe, keep_traceback
 
             ctx.make_durable()
-            error = describe(exc) if isinstance(exc, Exception) else f"interrupted ({type(exc).__name__})"
-            state.mark_failed(name, {"error": error, "attempt": attempt, "job": info["job"], "time": now()})
-            state.log_event(name, "failed", attempt=attempt, error=error.splitlines()[-1] if error else "")
+            log = None
+            if isinstance(exc, Exception):
+                error = describe(exc)
+                if not isinstance(exc, IptError):
+                    log = keep_traceback(shard_log(state, name), exc, f"attempt {attempt} job {info['job']}")
+            else:
+                error = f"interrupted ({type(exc).__name__})"
+            failure = {"error": error, "attempt": attempt, "job": info["job"], "time": now()}
+            state.mark_failed(name, {**failure, "log": str(log)} if log else failure)
+            state.log_event(name, "failed", attempt=attempt, error=error)
+            if log is not None:
+                raise IptError(f"{error} (traceback: {log})") from exc
             raise
         finally:
             self._ctx = None
@@ -320,11 +332,50 @@ def finalize(run: StageRun) -> dict[str, Any] | None:
         return result
 
 
-def _input_complete(run: StageRun, name: str) -> bool:
-    """The input shard exists and its stage marked it done (or finished the whole stage)."""
-    if not (run.in_dir / name).exists():
-        return False
-    return StageState(run.in_dir).is_done(name) or (run.in_dir / "manifest.json").exists()
+class IncompleteInput(IptError):
+    """A stage was asked to run on input shards that their stage did not complete."""
+
+    def __init__(self, run: StageRun, problems: dict[str, str]) -> None:
+        from .tasks import failure_line, group_failures
+
+        self.problems = problems
+        lines = [f"  - {failure_line(names, msg)}" for names, msg in group_failures(list(problems.items()))[:10]]
+        upstream = (StageState(run.in_dir).read_stage() or {}).get("stage", run.in_folder)
+        super().__init__(
+            f"{run.stage}: {len(problems)} input shard(s) in {run.in_dir} are not complete; finish {upstream}"
+            " first (e.g. its command with --shards failed), or select only complete shards with --shards:\n"
+            + "\n".join(lines)
+        )
+
+
+def shard_log(state: StageState, name: str) -> Path:
+    """The file that keeps the full tracebacks of a shard's failed attempts."""
+    return state.root / "logs" / "shards" / f"{name}.log"
+
+
+def input_problem(run: StageRun, name: str) -> str | None:
+    """Why input shard ``name`` of ``run`` is not ready (None when it is): missing, or not marked done
+    by its stage (failed, or still being written). A folder that is no stage's output only needs the file."""
+    path = run.in_dir / name
+    upstream = StageState(run.in_dir)
+    info = upstream.read_stage()
+    if info is None:
+        return None if path.exists() else f"input {path} does not exist"
+    if upstream.is_done(name) or (run.in_dir / "manifest.json").exists():
+        return None if path.exists() else f"input {path} is marked done but missing (deleted?)"
+    failed = upstream.read("failed", name)
+    why = f"{info['stage']} failed it: {failed.get('error', '?')}" if failed else f"{info['stage']} has not finished it"
+    return f"input {path} is not complete ({why})"
+
+
+def input_problems(run: StageRun, shards: list[int]) -> dict[str, str]:
+    """:func:`input_problem` of each selected shard that has one (one directory scan when all are done)."""
+    upstream = StageState(run.in_dir)
+    if upstream.read_stage() is not None and (run.in_dir / "manifest.json").exists():
+        return {}
+    done = upstream.names("done")
+    names = [shard_name(k, run.num_shards) for k in shards]
+    return {n: p for n in names if n not in done and (p := input_problem(run, n))}
 
 
 @contextlib.contextmanager
@@ -398,8 +449,8 @@ def load_stage_run(stage_dir: str | os.PathLike[str]) -> StageRun:
 def select(run: StageRun, spec: str, *, force: bool = False) -> tuple[list[int], list[int]]:
     """``(shards to submit, shards skipped because a job already has them)`` for ``spec``.
 
-    Done shards are dropped unless ``force``; shards pending or running in a live job are never
-    submitted twice (two tasks must not write one shard).
+    Done shards are dropped unless ``force`` (then :func:`clear` them before running); shards pending
+    or running in a live job are never submitted twice (two tasks must not write one shard).
     """
     from .monitor import stage_status
 
@@ -413,14 +464,44 @@ def select(run: StageRun, spec: str, *, force: bool = False) -> tuple[list[int],
     in_flight = [k for k in chosen if k in busy]
     chosen = [k for k in chosen if k not in busy]
     if force:
-        for k in chosen:
-            name = shard_name(k, run.num_shards)
-            state.clear(name)
-            stem = name.removesuffix(".jsonl.zst")
-            for old in run.out_dir.glob(f"{stem}.*"):  # the output and its partial, whatever the suffix
-                old.unlink()
         return chosen, in_flight
     return [k for k in chosen if k not in done], in_flight
+
+
+def clear(run: StageRun, shards: list[int]) -> None:
+    """Forget ``shards``: their markers, their outputs and partial outputs (``--force``)."""
+    state = StageState(run.out_dir)
+    for k in shards:
+        name = shard_name(k, run.num_shards)
+        state.clear(name)
+        stem = name.removesuffix(".jsonl.zst")
+        for old in run.out_dir.glob(f"{stem}.*"):  # the output and its partial, whatever the suffix
+            old.unlink()
+
+
+def in_flight(stage_dir: str | os.PathLike[str]) -> set[str]:
+    """Shards of a stage that a live job of an earlier submission holds (pending or running): a
+    coordinator that was requeued must not submit them a second time (two writers of one file)."""
+    from .monitor import stage_status
+
+    if not StageState(stage_dir).submissions():
+        return set()
+    return {n for n, st in stage_status(stage_dir)["shards"].items() if st in ("pending", "running")}
+
+
+def wait_for(stage_dir: str | os.PathLike[str], names: set[str], poll_s: float = 2.0) -> None:
+    """Block until none of ``names`` is pending or running; raise if one of them ended without being done."""
+    from .monitor import stage_status
+
+    while names:
+        shards = stage_status(stage_dir)["shards"]
+        if not any(shards.get(n) in ("pending", "running") for n in names):
+            lost = sorted(n for n in names if shards.get(n) != "done")
+            if lost:
+                raise IptError(f"{stage_dir}: {', '.join(lost[:5])}: an earlier job held them and ended without"
+                               " finishing them; rerun to redo them")  # fmt: skip
+            return
+        time.sleep(poll_s)
 
 
 def record_submission(
@@ -444,8 +525,12 @@ def launch(
     wait: bool = False,
     dependency: str | None = None,
     on_progress: Callable[[], None] | None = None,
+    check: Callable[[StageRun, list[int]], None] | None = None,
 ) -> dict[str, Any]:
     """Select shards and run them on the configured backend.
+
+    Before anything runs: the selected shards' inputs must be complete (unless ``dependency`` holds the
+    jobs behind their input stage), and ``check(run, shards)`` (the preflight) must not raise.
 
     ``local`` and ``debug`` block until done (raising on failures). ``slurm`` submits job arrays
     and returns at once unless ``wait``. The submission is recorded for ``status``.
@@ -453,6 +538,14 @@ def launch(
     run = dataclasses.replace(run, max_attempts=cfg.max_attempts, submitted_at=now())
     state = prepare(run, force=force and spec == "all")
     shards, in_flight = select(run, spec, force=force)
+    if dependency is None and shards:  # chained behind its input stage, the input is checked by each task
+        problems = input_problems(run, shards)
+        if problems:
+            raise IncompleteInput(run, problems)
+    if check is not None and shards:
+        check(run, shards)
+    if force:
+        clear(run, shards)
     labels = [shard_name(k, run.num_shards) for k in shards]
     log_dir = state.root / "logs"
     summary = {"shards": compress_ids(shards), "in_flight": len(in_flight)}
@@ -468,7 +561,7 @@ def launch(
 
     if cfg.backend == "slurm" and not wait:
         sub = backends.submit_arrays(
-            PackRunner(runner),
+            PackRunner(runner, strict=True, log_dir=str(log_dir)),  # a failed shard fails its array task
             shards,
             labels,
             cfg=cfg,
@@ -490,6 +583,10 @@ def launch(
             on_submit=record,
             dependency=dependency,
         )
+    except TaskFailures as exc:
+        from .monitor import resume_command
+
+        raise TaskFailures(run.stage, exc.failures, len(shards), f"resume: {resume_command(run.out_dir)}") from None
     finally:
         if local is not None:
             state.end_submission(local["record"])
