@@ -73,3 +73,25 @@ def queue_states_all() -> list[str]:
 
     out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
     return out.split()
+
+
+def test_waiting_on_a_held_job_stops_with_the_release_command(tmp_path: Path) -> None:
+    """A job Slurm holds never leaves the queue by itself: --wait says so instead of waiting forever."""
+    import subprocess
+
+    from test_fanout import execution, make_raw, stage
+
+    from ipt_hpc.execution import launch
+    from ipt_hpc.execution.backends import JobsHeld
+
+    run = make_raw(tmp_path / "run", 2)
+    cfg = execution(backend="slurm", **{"slurm.time_min": 5, "slurm.extra_sbatch": {"hold": True}})
+    try:
+        with pytest.raises(JobsHeld, match=r"Slurm holds job\(s\) \d+_0 \d+_1 \(JobHeldUser.*scontrol release"):
+            launch(stage(run, 2), "all", cfg, wait=True)
+        st = stage_status(run / "upper")
+        assert st["counts"]["pending"] == 2 and len(st["held_jobs"]) == 2
+        proc = run_cli("status", "--run", str(run))
+        assert "upper: Slurm holds job(s)" in proc.stdout and "scontrol release" in proc.stdout
+    finally:
+        subprocess.run(["scancel", "--name=ipt-upper"], capture_output=True, check=False)

@@ -253,3 +253,22 @@ def test_distributed_optimizer_checkpoint_resumes_exactly_on_gpu(tmp_path: Path)
     assert events(run)[-1]["event"] == "exit", tail(run)
     assert finish(start(run, n, *gpu)) == 0, tail(run)
     assert losses(run) == losses(ref)
+
+
+def test_a_warning_signal_during_startup_is_kept_not_fatal(tmp_path: Path) -> None:
+    """USR1 while the rank still imports torch and Megatron-Core (seconds, before the loop's handlers):
+    the rank must not die of it but save and exit 75 at its first step, so Slurm requeues the job."""
+    run = new_run(tmp_path, "early")
+    cmd = [sys.executable, "-m", "ipt_hpc.train", str(run), "--config", str(TINY)]
+    for s in SMALL:
+        cmd += ["--set", s]
+    _port[0] += 1
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port[0]))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=run)
+    time.sleep(0.5)  # Python is up, torch is being imported
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 75, out[-3000:]
+    stopped = next(e for e in events(run) if e["event"] == "exit")
+    assert stopped["reason"] == "SIGUSR1" and stopped["iteration"] == 1

@@ -24,7 +24,7 @@ import torch
 
 from ..atomic import write_json_atomic
 from ..errors import IptError
-from . import checkpoint, cpu_shims, hf_init
+from . import checkpoint, cpu_shims, early, hf_init
 from .config import TrainConfig
 from .data import build_dataset, micro_batches
 from .metrics import MetricsLog
@@ -39,7 +39,7 @@ class StopFlag:
     """Set by the warning signal / SIGTERM; read only between steps, so a step is never cut in half."""
 
     def __init__(self, names: list[str]) -> None:
-        self.reason: str | None = None
+        self.reason: str | None = early.first(names)  # one that arrived while torch was being imported
         for name in names:
             signal.signal(getattr(signal, f"SIG{name.upper().removeprefix('SIG')}"), self._on_signal)
 
