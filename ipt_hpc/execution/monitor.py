@@ -170,11 +170,14 @@ def stage_status(stage_dir: str | os.PathLike[str], *, use_queue: bool = True) -
         failures[name] = ((m.get("error") or "").strip().splitlines() or [""])[-1]
         if m.get("log"):
             logs[name] = m["log"]
+    started = set(failed)  # failed markers are written by a running task; lost shards: their attempt log says
     for name in lost[:20]:
+        if _started(state, name):
+            started.add(name)
         failures.setdefault(
             name,
             "job left the queue without finishing this shard (killed or node failure?)"
-            if _started(state, name)
+            if name in started
             else "never started: its job left the queue first (cancelled because an earlier step failed?)",
         )
     return {
@@ -191,7 +194,7 @@ def stage_status(stage_dir: str | os.PathLike[str], *, use_queue: bool = True) -
         "complete": counts["done"] == n,
         "failures": failures,
         "failure_logs": logs,
-        "started_failures": sorted(n for n in failures if n in failed or _started(state, n)),
+        "started_failures": sorted(n for n in failures if n in started),
         "queue_error": queue_error,
         "held_jobs": sorted(
             {j["job"] for j in jobs.values() if j["backend"] == "slurm" and queue.get(j["job"]) == "HELD"}
