@@ -56,7 +56,10 @@ class SynthConfig(_Section):
     max_new_tokens: int = Field(400, ge=1)
     max_model_len: int = Field(4096, ge=16)
     too_long: Literal["truncate", "skip"] = Field("truncate", description="documents over the token budget")
-    chunk_docs: int = Field(64, ge=1, description="documents per durable chunk (flushed after each)")
+    chunk_docs: int = Field(64, ge=1, description="records per durable chunk (flushed after each)")
+    max_in_flight: int | None = Field(
+        None, ge=1, description="documents submitted ahead of the oldest unwritten one (default: the engine's bound)"
+    )
     batch_size: int = Field(8, ge=1, description="transformers backend: prompts per generate call")
     keep_raw: bool = Field(False, description="keep the raw generation text in each record")
     device: str = Field("auto", description="transformers backend: auto, cpu, cuda")

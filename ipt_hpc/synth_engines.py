@@ -19,7 +19,23 @@ class Generation:
 
 
 class Engine(Protocol):
+    """``generate``: one blocking call over a list of prompts. The streaming side keeps an engine busy:
+    ``submit`` hands over one prompt under a key, ``collect`` returns finished ``(key, generation)`` pairs
+    as they finish (waiting for at least one while any is in flight), ``capacity`` is how many prompts
+    in flight keep it saturated, ``cancel`` drops what is still in flight (a failed shard)."""
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]: ...
+    def capacity(self) -> int: ...
+    def submit(self, key: int, prompt: list[int], max_new_tokens: int) -> None: ...
+    def collect(self) -> list[tuple[int, Generation]]: ...
+    def in_flight(self) -> int: ...
+    def cancel(self) -> None: ...
+
+
+def _too_long(prompt: list[int], max_new_tokens: int, limit: int) -> Generation | None:
+    if not prompt or len(prompt) + max_new_tokens > limit:
+        return Generation([], "", f"prompt of {len(prompt)} tokens + {max_new_tokens} exceeds {limit}")
+    return None
 
 
 class AnswerNoRepeatNGram:
@@ -79,26 +95,50 @@ class TransformersEngine:
         out: list[Generation | None] = [None] * len(prompts)
         ok = []
         for i, p in enumerate(prompts):
-            if not p or len(p) + max_new_tokens > self.max_len:
-                out[i] = Generation([], "", f"prompt of {len(p)} tokens + {max_new_tokens} exceeds {self.max_len}")
-            else:
+            out[i] = _too_long(p, max_new_tokens, self.max_len)
+            if out[i] is None:
                 ok.append(i)
         # similar lengths together: less padding; output order is restored below
         ok.sort(key=lambda i: len(prompts[i]))
         for start in range(0, len(ok), self.batch_size):
             batch = ok[start : start + self.batch_size]
-            try:
-                results = self._batch([prompts[i] for i in batch], max_new_tokens)
-            except Exception as exc:  # noqa: BLE001 - isolate the prompt the engine rejects
-                results = []
-                for i in batch:
-                    try:
-                        results.extend(self._batch([prompts[i]], max_new_tokens))
-                    except Exception as one:  # noqa: BLE001
-                        results.append(Generation([], "", f"engine rejected the prompt: {one or exc}"))
-            for i, res in zip(batch, results, strict=True):
+            for i, res in zip(batch, self._isolated([prompts[i] for i in batch], max_new_tokens), strict=True):
                 out[i] = res
         return [g for g in out if g is not None]
+
+    def _isolated(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+        """One batch; when the engine rejects it, each prompt alone, so only the bad one gets an error."""
+        try:
+            return self._batch(prompts, max_new_tokens)
+        except Exception as exc:  # noqa: BLE001 - isolate the prompt the engine rejects
+            results = []
+            for p in prompts:
+                try:
+                    results.extend(self._batch([p], max_new_tokens))
+                except Exception as one:  # noqa: BLE001
+                    results.append(Generation([], "", f"engine rejected the prompt: {one or exc}"))
+            return results
+
+    # -- streaming: a worker thread generates while the stage builds prompts and writes records ------
+    def capacity(self) -> int:
+        return self.batch_size * 4  # the worker sorts what is queued by length, as generate() does
+
+    def submit(self, key: int, prompt: list[int], max_new_tokens: int) -> None:
+        self._stream().submit(key, prompt, max_new_tokens)
+
+    def collect(self) -> list[tuple[int, Generation]]:
+        return self._stream().collect()
+
+    def in_flight(self) -> int:
+        return self._stream().outstanding
+
+    def cancel(self) -> None:
+        self._stream().cancel()
+
+    def _stream(self) -> _BatchWorker:
+        if getattr(self, "_worker", None) is None:
+            self._worker = _BatchWorker(self)
+        return self._worker
 
     def _batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
         import torch
@@ -132,6 +172,88 @@ class TransformersEngine:
                 row = row[: row.index(self.eos)]
             results.append(Generation(row, self.tokenizer.decode(row, skip_special_tokens=True)))
         return results
+
+
+class _BatchWorker:
+    """The transformers engine's streaming side: prompts queue up; a thread takes what is queued (up to
+    the engine's capacity), sorts it by length and generates it in batches of ``batch_size``, handing
+    each batch's results back as it finishes. torch releases the GIL while it computes, so the stage
+    builds the next prompts and writes records meanwhile."""
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        import threading
+
+        self.engine = engine
+        self.cond = threading.Condition()
+        self.queue: list[tuple[int, list[int], int]] = []
+        self.results: list[tuple[int, Generation]] = []
+        self.outstanding = 0  # submitted, not yet collected
+        self.hungry = False  # the stage waits: start on what is queued, even less than a batch
+        self.busy = False  # a take is being generated
+        self.epoch = 0  # bumped by cancel(): the rest of a take from before it is dropped
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="synth-generate", daemon=True)
+        self.thread.start()
+
+    def submit(self, key: int, prompt: list[int], max_new_tokens: int) -> None:
+        with self.cond:
+            self.outstanding += 1
+            rejected = _too_long(prompt, max_new_tokens, self.engine.max_len)
+            if rejected is not None:
+                self.results.append((key, rejected))
+            else:
+                self.queue.append((key, prompt, max_new_tokens))
+            self.cond.notify_all()
+
+    def collect(self) -> list[tuple[int, Generation]]:
+        with self.cond:
+            self.hungry = True
+            self.cond.notify_all()
+            while not self.results and self.outstanding and self.error is None:
+                self.cond.wait()
+            self.hungry = False
+            if self.error is not None:
+                error, self.error = self.error, None
+                raise error
+            out, self.results = self.results, []
+            self.outstanding -= len(out)
+            return out
+
+    def cancel(self) -> None:
+        """Drop everything in flight; returns once the worker is idle (after its current batch)."""
+        with self.cond:
+            self.epoch += 1
+            self.queue = []
+            while self.busy:
+                self.cond.wait()
+            self.results, self.outstanding, self.error = [], 0, None
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self.cond:
+                while len(self.queue) < engine.batch_size and not (self.hungry and self.queue):
+                    self.cond.wait()
+                take, self.queue = self.queue[: engine.capacity()], self.queue[engine.capacity() :]
+                epoch, self.busy = self.epoch, True
+            take.sort(key=lambda item: len(item[1]))  # similar lengths together: less padding
+            try:
+                for start in range(0, len(take), engine.batch_size):
+                    batch = take[start : start + engine.batch_size]
+                    max_new = batch[0][2]  # one stage, one max_new_tokens
+                    gens = engine._isolated([p for _, p, _ in batch], max_new)
+                    with self.cond:
+                        if self.epoch != epoch:
+                            break
+                        self.results.extend((key, gen) for (key, _, _), gen in zip(batch, gens, strict=True))
+                        self.cond.notify_all()
+            except BaseException as exc:  # noqa: BLE001 - handed to the stage by collect()
+                with self.cond:
+                    self.error = exc
+            finally:
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
 
 
 class VllmEngine:
@@ -206,6 +328,51 @@ class VllmEngine:
                     except self.rejected as exc:
                         out[i] = Generation([], "", f"engine rejected the prompt: {exc}")
         return [g for g in out if g is not None]
+
+    # -- streaming: requests go to vLLM's engine as they are ready, results come back as they finish --
+    def capacity(self) -> int:
+        """Twice the sequences vLLM schedules at once (``max_num_seqs``): its waiting queue never runs dry."""
+        return 2 * int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+
+    def submit(self, key: int, prompt: list[int], max_new_tokens: int) -> None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not hasattr(self, "_ready"):
+            self._ready: list[tuple[int, Generation]] = []
+            self._keys: dict[str, int] = {}
+            self._serial = 0
+        rejected = _too_long(prompt, max_new_tokens, self.max_model_len)
+        if rejected is not None:
+            self._ready.append((key, rejected))
+            return
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, repetition_penalty=self.repetition_penalty)
+        self._serial += 1
+        request = f"ipt-{self._serial}"  # unique for the engine's life: a cancelled shard's ids never return
+        try:
+            self.llm.llm_engine.add_request(request, TokensPrompt(prompt_token_ids=prompt), params)
+        except self.rejected as exc:
+            self._ready.append((key, Generation([], "", f"engine rejected the prompt: {exc}")))
+            return
+        self._keys[request] = key
+
+    def collect(self) -> list[tuple[int, Generation]]:
+        out, self._ready = getattr(self, "_ready", []), []
+        engine = self.llm.llm_engine
+        while not out and getattr(self, "_keys", None) and engine.has_unfinished_requests():
+            for res in engine.step():
+                if res.finished and res.request_id in self._keys:
+                    out.append((self._keys.pop(res.request_id), self._generation(res)))
+        return out
+
+    def in_flight(self) -> int:
+        return len(getattr(self, "_keys", {})) + len(getattr(self, "_ready", []))
+
+    def cancel(self) -> None:
+        keys = getattr(self, "_keys", {})
+        if keys:
+            self.llm.llm_engine.abort_request(list(keys))
+        self._keys, self._ready = {}, []
 
     def _generation(self, res: Any) -> Generation:
         """vLLM keeps the EOS it stopped on in ``token_ids``; the stage's contract is ids without it

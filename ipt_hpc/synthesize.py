@@ -43,6 +43,7 @@ class SynthJob(BaseModel):
     max_model_len: int
     too_long: Literal["truncate", "skip"]
     chunk_docs: int
+    max_in_flight: int | None
     batch_size: int
     keep_raw: bool
     device: str
@@ -181,74 +182,138 @@ def _generate(
     t0: float,
     not_converted: int,
 ) -> dict[str, Any]:
-    """The rounds of one shard: chains rebuilt from durable records, then chunks generated and appended."""
-    tok = engine.tokenizer
-    bos, eos = tok.bos_token_id, tok.eos_token_id
-    done = writer.records
-    engine_s = 0.0
-    slots: dict[int, Slot] = {}
-    # rebuild the chains from the durable records (same decisions as the uninterrupted run)
-    previous = dict(enumerate(writer.written())) if done else {}
-    for r, rnd in enumerate(rounds_of(len(docs), job.rounds)):
-        pending = []
-        for i, d in enumerate(rnd):
-            slot = slots.setdefault(i, Slot())
-            if d < done:
-                rec = previous[d]
-                entry = Entry(d, ids[d] or [], rec.get("gen_ids"), len(rec["pairs"]))
-                advance(slot, entry, rec["chain_docs"])
-            else:
-                pending.append((i, d))
-        for start in range(0, len(pending), job.chunk_docs):
-            chunk = pending[start : start + job.chunk_docs]
-            prompts, plans = [], []
-            for i, d in chunk:
-                if ids[d] is None:
-                    prompts.append([])
-                    plans.append([])
-                    continue
-                prompt, chained = build_prompt(
-                    slots[i],
-                    Entry(d, ids[d]),
-                    bos=bos,
-                    eos=eos,
-                    max_model_len=job.max_model_len,
-                    max_new_tokens=job.max_new_tokens,
-                )
-                prompts.append(prompt)
-                plans.append(chained)
-            t = time.perf_counter()
-            gens = engine.generate([p for p in prompts if p], job.max_new_tokens)
-            engine_s += time.perf_counter() - t
-            it = iter(gens)
-            for (i, d), prompt, chained in zip(chunk, prompts, plans, strict=True):
-                gen = next(it) if prompt else Generation([], "", "skipped: longer than the token budget")
-                pairs, dropped = parse_pairs(gen.text) if gen.error is None else ([], Counter())
-                entry = Entry(d, ids[d] or [], gen.ids, len(pairs))
-                advance(slots[i], entry, chained)
-                rec = {
-                    "id": docs[d]["id"],
-                    "text": docs[d]["text"],
-                    "round": r,
-                    "slot": i,
-                    "chain": [docs[j]["id"] for j in chained],
-                    "chain_docs": chained,
-                    "pairs": pairs,
-                    "dropped": dict(dropped),
-                    "prompt_tokens": len(prompt),
-                    "gen_tokens": len(gen.ids),
-                    "gen_ids": gen.ids,
-                    "error": gen.error,
-                }
-                if job.keep_raw:
-                    rec["raw"] = gen.text
-                writer.write(rec)
-            writer.flush()
-            ctx.report(writer.records)
+    """The rounds of one shard, streamed through the engine (see :class:`Scheduler`)."""
+    sched = Scheduler(job, engine, docs, ids)
+    sched.rebuild(writer.written() if writer.records else iter(()), writer.records)
+    since_flush = 0
+    try:
+        for rec in sched.records(window=_window(job, engine)):
+            writer.write(rec)
+            since_flush += 1
+            if since_flush >= job.chunk_docs:  # durable every chunk_docs records
+                writer.flush()
+                ctx.report(writer.records)
+                since_flush = 0
+    except BaseException:
+        engine.cancel()  # a pack's next shard must not receive this one's results
+        raise
     stats = writer.close().to_json()
     seconds = time.perf_counter() - t0
-    stats.update(shard_stats(ctx.output_path, ids.over_budget(), ids.wait_s, engine_s, seconds))
+    stats.update(shard_stats(ctx.output_path, ids.over_budget(), ids.wait_s, sched.wait_s, seconds))
+    stats["generate_s"] = round(sched.loop_s, 3)
+    if sched.loop_s:
+        stats["gen_tokens_per_s"] = round(stats["tokens"] / sched.loop_s, 1)
     return {**stats, "not_converted": not_converted}
+
+
+def _window(job: SynthJob, engine: Any) -> int:
+    """Documents between the oldest not yet written and the newest submitted: the engine's own bound
+    (what keeps it saturated), or ``synth.max_in_flight`` when smaller."""
+    bound = engine.capacity()
+    return max(1, min(bound, job.max_in_flight) if job.max_in_flight else bound)
+
+
+class Scheduler:
+    """Feeds a shard's prompts to a streaming engine as soon as they can be built, and yields the records
+    in document order.
+
+    Rounds are contiguous ranges of documents and slot ``i`` of a round chains onto slot ``i`` of the
+    rounds before it, so a document's prompt can be built as soon as its predecessor in the slot has its
+    generation, whatever round the other documents are in. Documents are admitted in order while fewer
+    than ``window`` lie between the oldest unwritten one and the newest submitted (that bounds both the
+    requests in flight and the finished ones waiting for an earlier document), and records come out in
+    document order, so the file, and a resume from it, are exactly those of generating round by round.
+    """
+
+    def __init__(self, job: SynthJob, engine: Any, docs: list[dict[str, Any]], ids: ContextIds) -> None:
+        self.job, self.engine, self.docs, self.ids = job, engine, docs, ids
+        tok = engine.tokenizer
+        self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
+        self.place = {d: (r, i) for r, rnd in enumerate(rounds_of(len(docs), job.rounds)) for i, d in enumerate(rnd)}
+        self.slots: dict[int, Slot] = {}
+        self.rounds_in_slot: Counter[int] = Counter()  # entries advanced into each slot so far
+        self.start = 0
+        self.wait_s = 0.0  # time the stage waited on the engine
+        self.loop_s = 0.0
+
+    def rebuild(self, written: Any, count: int) -> None:
+        """Replay the durable records (the same decisions as the uninterrupted run)."""
+        for d, rec in zip(range(count), written, strict=False):
+            self._advance(d, rec.get("gen_ids"), len(rec["pairs"]), rec["chain_docs"])
+        self.start = count
+
+    def _advance(self, d: int, gen_ids: list[int] | None, pairs: int, chained: list[int]) -> None:
+        _, i = self.place[d]
+        advance(self.slots.setdefault(i, Slot()), Entry(d, self.ids[d] or [], gen_ids, pairs), chained)
+        self.rounds_in_slot[i] += 1
+
+    def records(self, window: int) -> Any:
+        job, engine = self.job, self.engine
+        n = len(self.docs)
+        nxt = out = self.start
+        plans: dict[int, tuple[list[int], list[int]]] = {}
+        ready: dict[int, dict[str, Any]] = {}
+        started = time.perf_counter()
+        while out < n:
+            while nxt < n and nxt - out < window:  # admit in document order
+                r, i = self.place[nxt]
+                if self.rounds_in_slot[i] < r:
+                    break  # its predecessor in the slot is still being generated
+                if self.ids[nxt] is None:
+                    prompt, chained = [], []
+                else:
+                    prompt, chained = build_prompt(
+                        self.slots.setdefault(i, Slot()),
+                        Entry(nxt, self.ids[nxt]),
+                        bos=self.bos,
+                        eos=self.eos,
+                        max_model_len=job.max_model_len,
+                        max_new_tokens=job.max_new_tokens,
+                    )
+                plans[nxt] = (prompt, chained)
+                if prompt:
+                    engine.submit(nxt, prompt, job.max_new_tokens)
+                else:
+                    ready[nxt] = self._finish(nxt, [], [], Generation([], "", "skipped: longer than the token budget"))
+                nxt += 1
+            if out not in ready:
+                t = time.perf_counter()
+                finished = engine.collect()
+                self.wait_s += time.perf_counter() - t
+                if not finished:
+                    raise IptError(f"synthesize: the engine returned nothing with {nxt - out} documents in flight")
+                for d, gen in finished:
+                    prompt, chained = plans[d]
+                    ready[d] = self._finish(d, prompt, chained, gen)
+            while out in ready:
+                del plans[out]
+                yield ready.pop(out)
+                out += 1
+        self.loop_s = time.perf_counter() - started
+
+    def _finish(self, d: int, prompt: list[int], chained: list[int], gen: Generation) -> dict[str, Any]:
+        """The record of document ``d``; its slot advances, so its successor can be admitted."""
+        pairs, dropped = parse_pairs(gen.text) if gen.error is None else ([], Counter())
+        self._advance(d, gen.ids, len(pairs), chained)
+        r, i = self.place[d]
+        docs = self.docs
+        rec = {
+            "id": docs[d]["id"],
+            "text": docs[d]["text"],
+            "round": r,
+            "slot": i,
+            "chain": [docs[j]["id"] for j in chained],
+            "chain_docs": chained,
+            "pairs": pairs,
+            "dropped": dict(dropped),
+            "prompt_tokens": len(prompt),
+            "gen_tokens": len(gen.ids),
+            "gen_ids": gen.ids,
+            "error": gen.error,
+        }
+        if self.job.keep_raw:
+            rec["raw"] = gen.text
+        return rec
 
 
 def shard_stats(path: Path, over_budget: int, wait_s: float, engine_s: float, total_s: float) -> dict[str, Any]:
@@ -271,7 +336,7 @@ def shard_stats(path: Path, over_budget: int, wait_s: float, engine_s: float, to
         "prompt_tokens": prompt_tokens,
         "tokens": gen_tokens,
         "gen_tokens_per_s": round(gen_tokens / engine_s, 1) if engine_s else None,
-        "engine_s": round(engine_s, 3),
+        "engine_wait_s": round(engine_s, 3),  # the stage waited this long for the engine's results
         "cpu_side_share": round(1 - engine_s / total_s, 3) if total_s else None,
         "tokenize_wait_s": round(wait_s, 3),  # the engine waited this long for prompt ids (not overlapped)
     }

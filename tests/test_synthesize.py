@@ -119,6 +119,9 @@ def test_sigkilled_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_di
     ref = make_raw(tmp_path / "ref", 1, docs=200)
     synthesize.run(cfg, ref)
     want = (ref / "synth" / shard_name(0, 1)).read_bytes()
+    seq = make_raw(tmp_path / "seq", 1, docs=200)
+    synthesize.run(cfg_for(model_dir, max_new_tokens=24, chunk_docs=2, max_in_flight=1), seq)
+    assert (seq / "synth" / shard_name(0, 1)).read_bytes() == want  # streamed == one document at a time
     run = make_raw(tmp_path / "run", 1, docs=200)
     prepare(synthesize.stage_run(cfg, run))
     proc = subprocess.Popen(
@@ -215,3 +218,20 @@ def test_vllm_tensor_parallel_needs_as_many_visible_gpus() -> None:
     _check_gpus(1)  # one GPU (or the CPU build) is vLLM's own business
     with pytest.raises(IptError, match=r"tensor_parallel_size=4 needs as many GPUs per task, this task sees 0"):
         _check_gpus(4)
+
+
+def test_streaming_equals_the_sequential_loop_with_chains(tmp_path: Path) -> None:
+    """The shipped tiny synthesizer writes pairs, so later rounds chain onto earlier ones: the scheduler
+    must build each chained prompt after its predecessor's generation, whatever order results come in."""
+    from conftest import REPO
+
+    model = REPO / "models" / "tiny-synthesizer"
+    sets = {"max_new_tokens": 96, "max_model_len": 1024, "rounds": 3, "chunk_docs": 5, "batch_size": 4}
+    outs = {}
+    for window in (1, 7, None):  # one document at a time; a small window; the engine's own bound (16)
+        run = make_raw(tmp_path / f"w{window}", 1, docs=36)
+        synthesize.run(cfg_for(model, **sets, max_in_flight=window), run)
+        outs[window] = (run / "synth" / shard_name(0, 1)).read_bytes()
+    assert outs[1] == outs[7] == outs[None]
+    recs = list(read_records(tmp_path / "wNone" / "synth" / shard_name(0, 1)))
+    assert sum(1 for r in recs if r["chain"]) >= 5, "too few chained prompts to test the scheduling"

@@ -1,0 +1,169 @@
+"""How close ``synthesize`` keeps its engine to the engine's own limit, on one shard, side by side:
+
+(a) *limit*: every prompt of the shard in one offline ``generate`` call (vLLM's own best case: its
+    scheduler sees all of them at once; rounds' chains are not waited for, since the prompts are
+    rebuilt from the stage's records);
+(b) *stage*: ``synthesize`` end to end on the shard (reading, tokenizing, prompts, streaming requests
+    through the engine, parsing, writing and flushing records), the model loaded beforehand;
+(c) *chunked*: the loop before streaming: round by round, ``synth.chunk_docs`` prompts per blocking
+    ``generate`` call.
+
+All three generate the same prompts greedily, so the same tokens (checked). Prints generated tokens/s
+and the ratio to (a), best of ``--repeats``; the model load is timed apart.
+
+    .venv-vllm/bin/python tools/bench_synth_engine.py --backend vllm --docs 600      # vLLM's CPU build
+    .venv/bin/python tools/bench_synth_engine.py --backend transformers --docs 600 --max-new-tokens 64
+    # on a GPU node, a ~1B Llama-style model at the released synthesizer's settings:
+    python tools/bench_synth_engine.py --backend vllm --model PATH --max-model-len 4096 --max-new-tokens 400 \\
+        --docs 2000 --set synth.gpu_memory_utilization=0.9 --set synth.dtype=bfloat16
+
+Documents: the bundled demo corpus (data/demo), then English-like prose from tools/bench_records.py up
+to ``--docs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(TOOLS))
+
+from ipt_hpc import shard, synthesize  # noqa: E402
+from ipt_hpc.atomic import read_json  # noqa: E402
+from ipt_hpc.config import load_config  # noqa: E402
+from ipt_hpc.execution import shard_name  # noqa: E402
+from ipt_hpc.records import read_records  # noqa: E402
+from ipt_hpc.synth_format import rounds_of  # noqa: E402
+
+
+def documents(n: int) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted((REPO / "data" / "demo").iterdir()):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as fh:
+            docs += [{"content": json.loads(line)["content"]} for line in fh if line.strip()]
+    if len(docs) < n:
+        from bench_records import make_records
+
+        extra, _ = make_records((n - len(docs)) * 2500, seed=11, doc_bytes=(800, 2500))
+        docs += [{"content": r["text"]} for r in extra]
+    return docs[:n]
+
+
+def make_shard(run: Path, docs: list[dict[str, Any]]) -> None:
+    inp = run / "in.jsonl"
+    run.mkdir(parents=True)
+    inp.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    sets = {"shard.inputs": [str(inp)], "shard.text_field": "content", "shard.num_shards": 1}
+    shard.run(load_config(None, None, {**sets, "execution.backend": "debug"}), run / "raw")
+
+
+def prompts_of(records: list[dict[str, Any]], job: Any, tok: Any) -> list[list[int]]:
+    """The prompt each record's generation was made from: BOS ctx answer EOS per chained entry, BOS ctx."""
+    ctx, _ = synthesize.context_ids(tok, [r["text"] for r in records], job)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    out = []
+    for i, rec in enumerate(records):
+        ids: list[int] = []
+        for j in rec["chain_docs"]:
+            ids += [bos, *(ctx[j] or []), *records[j]["gen_ids"], eos]
+        out.append([*ids, bos, *(ctx[i] or [])] if ctx[i] is not None else [])
+    return out
+
+
+def timed(fn: Any) -> tuple[float, Any]:
+    t = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t, value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
+    ap.add_argument("--model", default=str(REPO / "models" / "tiny-synthesizer"))
+    ap.add_argument("--docs", type=int, default=600)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--chunk-docs", type=int, default=64, help="(c)'s prompts per call, and the stage's flush")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    sets: dict[str, Any] = {
+        "synth.model": args.model,
+        "synth.backend": args.backend,
+        "synth.rounds": args.rounds,
+        "synth.max_new_tokens": args.max_new_tokens,
+        "synth.max_model_len": args.max_model_len,
+        "synth.chunk_docs": args.chunk_docs,
+        "synth.convert_share": 1.0,
+        "synth.dtype": "float32",
+        "execution.backend": "debug",
+    }
+    if args.backend == "vllm":
+        sets |= {"synth.gpu_memory_utilization": 0.2, "synth.vllm_args": {"enforce_eager": True}}
+    else:
+        sets |= {"synth.device": "cpu", "synth.batch_size": 16}
+    cfg = load_config(None, args.overrides, sets)
+    docs = documents(args.docs)
+    with tempfile.TemporaryDirectory(prefix="ipt-bench-synth-") as tmp:
+        job = synthesize.stage_run(cfg, Path(tmp) / "unused", num_shards=1).stage_config
+        load_s, engine = timed(lambda: synthesize._engine(job))  # the stage's cache reuses this engine
+        print(f"{args.backend}: model loaded in {load_s:.1f} s (not counted); {len(docs)} documents,"
+              f" {args.rounds} rounds, max_new_tokens {args.max_new_tokens}")  # fmt: skip
+        best: dict[str, float] = {}
+        tokens: dict[str, int] = {}
+        for rep in range(args.repeats):
+            run = Path(tmp) / f"run{rep}"
+            make_shard(run, docs)
+            stage_s, _ = timed(lambda run=run: synthesize.run(cfg, run))
+            records = list(read_records(run / "synth" / shard_name(0, 1)))
+            tokens["stage"] = sum(r["gen_tokens"] for r in records)
+            prompts = prompts_of(records, job, engine.tokenizer)
+            ok = [p for p in prompts if p]
+            limit_s, gens = timed(lambda ok=ok: engine.generate(ok, args.max_new_tokens))
+            tokens["limit"] = sum(len(g.ids) for g in gens)
+
+            def chunked(prompts: list[list[int]] = prompts) -> int:
+                n = 0
+                for rnd in rounds_of(len(prompts), args.rounds):
+                    todo = [prompts[d] for d in rnd if prompts[d]]
+                    for i in range(0, len(todo), args.chunk_docs):
+                        n += sum(
+                            len(g.ids) for g in engine.generate(todo[i : i + args.chunk_docs], args.max_new_tokens)
+                        )
+                return n
+
+            chunk_s, tokens["chunked"] = timed(chunked)
+            done = read_json(run / "synth" / "_state" / "done" / f"{shard_name(0, 1)}.json")
+            for name, sec in (("limit", limit_s), ("stage", stage_s), ("chunked", chunk_s)):
+                best[name] = min(best.get(name, float("inf")), sec)
+            print(f"repeat {rep + 1}: limit {limit_s:.1f} s, stage {stage_s:.1f} s (generation loop"
+                  f" {done['generate_s']:.1f} s), chunked {chunk_s:.1f} s")  # fmt: skip
+        if len(set(tokens.values())) != 1:
+            print(f"warning: generated token counts differ: {tokens}")
+        limit = tokens["limit"] / best["limit"]
+        print(f"\n{'how the prompts are fed':<52} {'tokens/s':>10} {'x limit':>8}")
+        rows = [
+            ("(a) limit: one generate call with every prompt", "limit"),
+            ("(b) stage end to end (streaming)", "stage"),
+            (f"(c) chunked: {args.chunk_docs} per blocking call, round by round", "chunked"),
+        ]
+        for label, key in rows:
+            rate = tokens[key] / best[key]
+            print(f"{label:<52} {rate:10,.0f} {rate / limit:8.2f}")
+        print(f"{tokens['stage']:,} generated tokens per pass; best of {args.repeats}; cores {os.cpu_count()}")
+
+
+if __name__ == "__main__":
+    main()
