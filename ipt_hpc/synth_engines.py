@@ -317,13 +317,15 @@ class VllmEngine:
                 ok.append(i)
         if ok:
             try:
-                results = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in ok], params)
+                results = self.llm.generate(
+                    [TokensPrompt(prompt_token_ids=prompts[i]) for i in ok], params, use_tqdm=False
+                )
                 for i, res in zip(ok, results, strict=True):
                     out[i] = self._generation(res)
             except self.rejected:  # one bad prompt fails the whole call: retry one by one to isolate it
                 for i in ok:
                     try:
-                        res = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i])], params)[0]
+                        res = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i])], params, use_tqdm=False)[0]
                         out[i] = self._generation(res)
                     except self.rejected as exc:
                         out[i] = Generation([], "", f"engine rejected the prompt: {exc}")

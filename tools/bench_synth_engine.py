@@ -120,7 +120,8 @@ def main() -> None:
         job = synthesize.stage_run(cfg, Path(tmp) / "unused", num_shards=1).stage_config
         load_s, engine = timed(lambda: synthesize._engine(job))  # the stage's cache reuses this engine
         print(f"{args.backend}: model loaded in {load_s:.1f} s (not counted); {len(docs)} documents,"
-              f" {args.rounds} rounds, max_new_tokens {args.max_new_tokens}")  # fmt: skip
+              f" {args.rounds} rounds, max_new_tokens {args.max_new_tokens}; the stage's window:"
+              f" {synthesize._window(job, engine)} documents")  # fmt: skip
         best: dict[str, float] = {}
         tokens: dict[str, int] = {}
         for rep in range(args.repeats):
