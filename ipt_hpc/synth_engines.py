@@ -348,7 +348,14 @@ class VllmEngine:
         if rejected is not None:
             self._ready.append((key, rejected))
             return
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, repetition_penalty=self.repetition_penalty)
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=max_new_tokens,
+            repetition_penalty=self.repetition_penalty,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # as LLM.generate: no per-step outputs to build and detokenize
+        )
         self._serial += 1
         request = f"ipt-{self._serial}"  # unique for the engine's life: a cancelled shard's ids never return
         try:
