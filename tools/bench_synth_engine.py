@@ -9,7 +9,8 @@
     ``generate`` call.
 
 All three generate the same prompts greedily, so the same tokens (checked). Prints generated tokens/s
-and the ratio to (a), best of ``--repeats``; the model load is timed apart.
+and the ratio to (a), best of ``--repeats``; the model load and a warm-up call are timed apart, and
+vLLM's prefix cache is emptied before every pass (otherwise a pass would reuse the one before it).
 
     .venv-vllm/bin/python tools/bench_synth_engine.py --backend vllm --docs 600      # vLLM's CPU build
     .venv/bin/python tools/bench_synth_engine.py --backend transformers --docs 600 --max-new-tokens 64
@@ -81,7 +82,11 @@ def prompts_of(records: list[dict[str, Any]], job: Any, tok: Any) -> list[list[i
     return out
 
 
-def timed(fn: Any) -> tuple[float, Any]:
+def timed(fn: Any, engine: Any = None) -> tuple[float, Any]:
+    """Seconds of ``fn()`` and its value; with ``engine`` a vLLM engine starts with an empty prefix cache."""
+    llm = getattr(engine, "llm", None)
+    if llm is not None and not llm.reset_prefix_cache():
+        print("warning: vLLM did not empty its prefix cache")
     t = time.perf_counter()
     value = fn()
     return time.perf_counter() - t, value
@@ -119,20 +124,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ipt-bench-synth-") as tmp:
         job = synthesize.stage_run(cfg, Path(tmp) / "unused", num_shards=1).stage_config
         load_s, engine = timed(lambda: synthesize._engine(job))  # the stage's cache reuses this engine
-        print(f"{args.backend}: model loaded in {load_s:.1f} s (not counted); {len(docs)} documents,"
-              f" {args.rounds} rounds, max_new_tokens {args.max_new_tokens}; the stage's window:"
+        warm_s, _ = timed(lambda: engine.generate([[engine.tokenizer.bos_token_id, 5, 6, 7]] * 8, 16))
+        print(f"{args.backend}: model loaded in {load_s:.1f} s, warm-up {warm_s:.1f} s (not counted);"
+              f" {len(docs)} documents, {args.rounds} rounds, max_new_tokens {args.max_new_tokens}; the stage's window:"
               f" {synthesize._window(job, engine)} documents")  # fmt: skip
         best: dict[str, float] = {}
         tokens: dict[str, int] = {}
         for rep in range(args.repeats):
             run = Path(tmp) / f"run{rep}"
             make_shard(run, docs)
-            stage_s, _ = timed(lambda run=run: synthesize.run(cfg, run))
+            stage_s, _ = timed(lambda run=run: synthesize.run(cfg, run), engine)
             records = list(read_records(run / "synth" / shard_name(0, 1)))
             tokens["stage"] = sum(r["gen_tokens"] for r in records)
             prompts = prompts_of(records, job, engine.tokenizer)
             ok = [p for p in prompts if p]
-            limit_s, gens = timed(lambda ok=ok: engine.generate(ok, args.max_new_tokens))
+            limit_s, gens = timed(lambda ok=ok: engine.generate(ok, args.max_new_tokens), engine)
             tokens["limit"] = sum(len(g.ids) for g in gens)
 
             def chunked(prompts: list[list[int]] = prompts) -> int:
@@ -145,7 +151,7 @@ def main() -> None:
                         )
                 return n
 
-            chunk_s, tokens["chunked"] = timed(chunked)
+            chunk_s, tokens["chunked"] = timed(chunked, engine)
             done = read_json(run / "synth" / "_state" / "done" / f"{shard_name(0, 1)}.json")
             for name, sec in (("limit", limit_s), ("stage", stage_s), ("chunked", chunk_s)):
                 best[name] = min(best.get(name, float("inf")), sec)
