@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_RUN ?= runs/demo
 
-.PHONY: venv vllm-venv demo test test-main test-vllm lint format slurm-up slurm-down clean bench
+.PHONY: venv vllm-venv demo test test-assets test-main test-vllm lint format slurm-up slurm-down clean bench
 
 venv: $(STAMP)
 
@@ -26,7 +26,11 @@ demo: venv
 # torch and transformers; tools/make-vllm-venv builds it on first use, ~3 minutes and ~4 GB)
 test: test-main test-vllm
 
-test-main: venv
+# registry-only test assets (Mistral-7B-v0.1's SentencePiece model from PyPI's mistral-common wheel)
+test-assets: venv
+	tools/fetch-test-assets $(PY)
+
+test-main: venv test-assets
 	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS)
 
 vllm-venv:
@@ -53,4 +57,4 @@ bench: venv
 	$(PY) tools/bench_records.py --mb 100
 
 clean:
-	rm -rf $(VENV) .venv-vllm runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-vllm runs .cache/test-assets .pytest_cache .ruff_cache *.egg-info

@@ -56,6 +56,9 @@ class SynthConfig(_Section):
     max_new_tokens: int = Field(400, ge=1)
     max_model_len: int = Field(4096, ge=16)
     too_long: Literal["truncate", "skip"] = Field("truncate", description="documents over the token budget")
+    pair_rules: Literal["reference", "strict"] = Field(
+        "reference", description="parsing of generations: the reference's rules; strict also drops empty questions"
+    )
     chunk_docs: int = Field(64, ge=1, description="records per durable chunk (flushed after each)")
     max_in_flight: int | None = Field(
         None, ge=1, description="documents submitted ahead of the oldest unwritten one (default: the engine's bound)"

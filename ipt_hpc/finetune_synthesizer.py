@@ -34,15 +34,9 @@ import orjson
 from .atomic import fsync_dir, write_json_atomic
 from .config import Config, FinetuneSynthConfig
 from .errors import IptError
-from .synth_format import ANS, CON_CLOSE, CON_OPEN, END, QUE, context_text, parse_pairs
+from .synth_format import ANS, CON_CLOSE, CON_OPEN, END, QUE, context_text, parse_pairs, render_pairs
 
 TAGS = [CON_OPEN, CON_CLOSE, QUE, ANS, END]
-HEAD, TAIL = f" {CON_OPEN}", f" {CON_CLOSE}\n\n"  # the segments synthesize tokenizes around each text
-
-
-def pairs_text(pairs: list[dict[str, str]]) -> str:
-    """The synthesizer's response for ``pairs``: ``<QUE> q <ANS> a </END>`` joined by blank lines."""
-    return "\n\n".join(f"{QUE} {p['Q']} {ANS} {p['A']} {END}" for p in pairs)
 
 
 def read_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -135,16 +129,24 @@ def load_base(base: str) -> tuple[Any, Any]:
     return model, tok
 
 
-def encode(tok: Any, rec: dict[str, Any], max_len: int) -> tuple[list[int], list[int]]:
-    """``(prompt ids, target ids)`` of one example; the context is cut so that both fit ``max_len``."""
-    enc = tok.backend_tokenizer
-    head, tail = (enc.encode(s, add_special_tokens=False).ids for s in (HEAD, TAIL))
-    body = enc.encode(" " + rec["context"], add_special_tokens=False).ids
-    target = [*enc.encode(pairs_text(rec["pairs"]), add_special_tokens=False).ids, tok.eos_token_id]
-    room = max_len - 1 - len(head) - len(tail) - len(target)
-    if room < 16:
+def encode(tok: Any, rec: dict[str, Any], max_len: int, pieces: Any = None) -> tuple[list[int], list[int]]:
+    """``(prompt ids, target ids)`` of one example; the context is cut so that both fit ``max_len``.
+
+    The prompt's context segment is tokenized as the synthesize stage does (one piece after BOS, cut on
+    a token edge when over the budget), so the model learns on the ids it will be prompted with.
+    """
+    from .synthesize import PieceTokenizer, cut_to_budget
+
+    pieces = pieces or PieceTokenizer(tok)
+    target = [*tok.backend_tokenizer.encode(render_pairs(rec["pairs"]), add_special_tokens=False).ids, tok.eos_token_id]
+    room = max_len - 1 - len(target)
+    overhead = len(pieces.encode([context_text("")])[0])
+    if room - overhead < 16:
         raise IptError(f"example {rec.get('id')}: its pairs alone take {len(target)} tokens of {max_len}")
-    return [tok.bos_token_id, *head, *body[:room], *tail], target
+    seg = pieces.encode([context_text(rec["context"])])[0]
+    if len(seg) > room:
+        seg, _ = cut_to_budget(pieces, rec["context"], room)
+    return [tok.bos_token_id, *seg], target
 
 
 def batches(
@@ -312,15 +314,11 @@ def measure_parse_rate(
         no_repeat_ngram_size=no_repeat_ngram_size,
         repetition_penalty=repetition_penalty,
     )
+    from .synthesize import PieceTokenizer, context_ids
+
     tok = engine.tokenizer
-    room = engine.max_len - max_new_tokens - 1
-    prompts = []
-    for text in contexts:
-        ids = tok(context_text(text), add_special_tokens=False)["input_ids"]
-        if len(ids) > room:  # cut the text, keep the closing tag (as synth.too_long=truncate does)
-            tail = tok(TAIL, add_special_tokens=False)["input_ids"]
-            ids = ids[: room - len(tail)] + tail
-        prompts.append([tok.bos_token_id, *ids])
+    ids, _, _ = context_ids(PieceTokenizer(tok), contexts, engine.max_len - max_new_tokens - 1)  # as synthesize
+    prompts = [[tok.bos_token_id, *seg] for seg in ids if seg is not None]
     gens = engine.generate(prompts, max_new_tokens)
     per_doc, dropped, errors = [], Counter(), 0
     for g in gens:
@@ -366,11 +364,14 @@ def run(cfg: Config, command: str, force: bool = False, log: Callable[[str], Non
         model, tok = load_base(fc.base)
         max_len = min(fc.seq_len, int(getattr(model.config, "max_position_embeddings", fc.seq_len)))
     else:
-        texts = [r["context"] for r in records] + [pairs_text(r["pairs"]) for r in records]
+        texts = [r["context"] for r in records] + [render_pairs(r["pairs"]) for r in records]
         tok = train_tokenizer(texts, fc.vocab_size)
         model = new_model(fc, tok)
         max_len = min(fc.seq_len, fc.max_positions)
-    examples = [encode(tok, r, max_len) for r in records]
+    from .synthesize import PieceTokenizer
+
+    pieces = PieceTokenizer(tok)
+    examples = [encode(tok, r, max_len, pieces) for r in records]
     params = sum(p.numel() for p in model.parameters())
     log(
         f"{len(examples)} examples, {params / 1e6:.2f}M parameters, vocabulary {len(tok)},"

@@ -1,18 +1,18 @@
 """The released instruction synthesizer's text protocol, and M-round chaining with exact token budgets.
 
-Protocol (instruction-pretrain/instruction-synthesizer, a Mistral-7B fine-tune):
+Protocol (instruction-pretrain/instruction-synthesizer, a Mistral-7B fine-tune; the reference is
+microsoft/LMOps ``instruction_pretrain/utils/read_compre.py``):
 
 * prompt of one document: ``BOS`` + `` <CON> {text} </CON>`` + ``"\\n\\n"`` (note the leading space);
 * the model answers pairs ``<QUE> {question} <ANS> {answer} </END>`` joined by ``"\\n\\n"``;
 * in round r of multi-round (M-shot) inference, a document's prompt is prefixed by the chain of the
-  earlier (text, pairs) entries of its slot, each closed by ``EOS``.
+  earlier entries of its slot, each ``BOS`` + its context segment + its *parsed* pairs re-rendered in
+  that format + ``EOS`` (so a generation cut short, or a dropped or repeated pair, never becomes a
+  few-shot example).
 
-Token ids are computed once per document and never re-tokenized: a chained prompt is the
-concatenation of its entries' ids. Segment boundaries: each document's context segment
-`` <CON> {text} </CON>\\n\\n`` is tokenized on its own (``add_special_tokens=False``); BOS and EOS are
-inserted as ids; an earlier entry's answer is the exact ids the engine generated. So the ids of a
-chained prompt can differ, at segment edges, from tokenizing the prompt's whole text at once (that
-is what the reference implementation does); see docs/synthesis.md.
+Ids are token-exact: every piece between two special tokens (a context segment, or an earlier entry's
+context and pairs) is tokenized as one string, the way tokenizing the whole prompt string splits it
+(``synthesize.PieceTokenizer``), and budgets are counted on those ids.
 """
 
 from __future__ import annotations
@@ -30,13 +30,30 @@ def context_text(text: str) -> str:
     return f" {CON_OPEN} {text} {CON_CLOSE}\n\n"
 
 
-def parse_pairs(generated: str) -> tuple[list[dict[str, str]], Counter[str]]:
+def render_pairs(pairs: list[dict[str, str]]) -> str:
+    """Parsed pairs in the synthesizer's own format, as an earlier entry of a chain shows them."""
+    return "\n\n".join(f"{QUE} {p['Q']} {ANS} {p['A']} {END}" for p in pairs)
+
+
+def example_text(context: str, pairs: list[dict[str, str]]) -> str:
+    """An earlier entry of a chain between its BOS and EOS: context segment, then its parsed pairs."""
+    return context_text(context) + render_pairs(pairs)
+
+
+PAIR_RULES = ("reference", "strict")
+
+
+def parse_pairs(generated: str, rules: str = "reference") -> tuple[list[dict[str, str]], Counter[str]]:
     """Instruction-response pairs of one generation, and counts of what was dropped and why.
 
-    Split on ``</END>``; the text after the last ``</END>`` is an incomplete pair (dropped); a pair
-    needs exactly one ``<ANS>``, a non-empty question and a non-empty answer; questions are stripped
-    and de-duplicated case-insensitively (the first one wins).
+    The reference's rules (``parse_comprehension``): split on ``</END>``; the text after the last one is
+    an incomplete pair (dropped); a pair needs exactly one ``<ANS>``, a question that starts with
+    ``<QUE>`` (every ``<QUE>`` is then removed) and a non-empty answer; questions and answers are
+    stripped and questions de-duplicated by their lower-case form (the first one wins). ``strict``
+    also drops a pair whose question is empty or held a second ``<QUE>`` (the reference keeps those).
     """
+    if rules not in PAIR_RULES:
+        raise ValueError(f"pair rules {rules!r}: expected one of {', '.join(PAIR_RULES)}")
     dropped: Counter[str] = Counter()
     parts = generated.split(END)
     if parts[-1].strip():
@@ -47,18 +64,19 @@ def parse_pairs(generated: str) -> tuple[list[dict[str, str]], Counter[str]]:
         if part.count(ANS) != 1:
             dropped["no_answer_tag" if ANS not in part else "several_answer_tags"] += 1
             continue
-        q, a = part.split(ANS)
-        q = q.strip()
-        if q.startswith(QUE):
-            q = q[len(QUE) :].strip()
-        a = a.strip()
-        if not q or QUE in q:
-            dropped["bad_question"] += 1
+        q, a = (s.strip() for s in part.split(ANS))
+        if not q.startswith(QUE):
+            dropped["no_question_tag"] += 1
             continue
         if not a:
             dropped["empty_answer"] += 1
             continue
-        key = q.casefold()
+        tags = q.count(QUE)
+        q = q.replace(QUE, "").strip()
+        if rules == "strict" and (not q or tags > 1):
+            dropped["bad_question"] += 1
+            continue
+        key = q.lower()
         if key in seen:
             dropped["duplicate_question"] += 1
             continue
@@ -69,11 +87,12 @@ def parse_pairs(generated: str) -> tuple[list[dict[str, str]], Counter[str]]:
 
 @dataclass
 class Entry:
-    """One document of a slot's chain: its context ids and, once generated, the answer ids."""
+    """One document of a slot's chain: its context ids and, once generated and parsed, its ids as an
+    earlier example (context segment and re-rendered pairs as one piece, :func:`example_text`)."""
 
     doc: int  # index of the document in the shard
     context_ids: list[int]
-    answer_ids: list[int] | None = None
+    example_ids: list[int] | None = None
     pairs: int = 0
 
 
@@ -82,21 +101,20 @@ class Slot:
     """The chain of entries one slot has accumulated over the rounds."""
 
     chain: list[Entry] = field(default_factory=list)
-    chain_tokens: int = 0  # ids of the chain as a prefix: sum over entries of 1 + ctx + answer + 1
+    chain_tokens: int = 0  # ids of the chain as a prefix: sum over entries of 1 + example + 1
 
     def prefix_ids(self, bos: int, eos: int) -> list[int]:
         ids: list[int] = []
         for e in self.chain:
             ids.append(bos)
-            ids.extend(e.context_ids)
-            ids.extend(e.answer_ids or [])
+            ids.extend(e.example_ids or [])
             ids.append(eos)
         return ids
 
 
 def entry_tokens(e: Entry) -> int:
-    """Length of an entry inside a chain prefix: BOS + context + answer + EOS."""
-    return 2 + len(e.context_ids) + len(e.answer_ids or [])
+    """Length of an entry inside a chain prefix: BOS + example (context and pairs) + EOS."""
+    return 2 + len(e.example_ids or [])
 
 
 def rounds_of(num_docs: int, num_rounds: int) -> list[range]:

@@ -1,11 +1,11 @@
 """The ``synthesize`` stage: raw shards -> one record per document with instruction-response pairs.
 
-Per shard (see :mod:`ipt_hpc.synth_format` for the protocol): the documents are tokenized once with the
-synthesizer's own tokenizer (batched), split into M rounds, and generated round by round in chunks; each
-chunk's records are appended and flushed, so a preempted or killed task resumes after its last durable
-record. Output records are in input order (rounds are contiguous ranges of documents), and each keeps
-the ids its engine generated, so the chains of later rounds are rebuilt exactly on resume: the final
-shard is byte-identical to an uninterrupted run (given deterministic generation).
+Per shard (see :mod:`ipt_hpc.synth_format` for the protocol): the documents' context segments are
+tokenized with the synthesizer's own tokenizer (batched, in a background thread), split into M rounds,
+and streamed through the engine (:class:`Scheduler`); records are written in document order and
+flushed every ``chunk_docs``, so a preempted or killed task resumes after its last durable record.
+Each record keeps its parsed pairs, from which the chains of later rounds are rebuilt exactly on resume:
+the final shard is byte-identical to an uninterrupted run (given deterministic generation).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from . import synth_format as fmt
 from .config import Config
 from .errors import IptError
 from .execution import ShardContext, StageRun, StageState, launch
@@ -28,7 +29,6 @@ from .synth_engines import Generation, get_engine
 from .synth_format import Entry, Slot, advance, build_prompt, parse_pairs, rounds_of, stats_histogram
 
 STAGE = "synthesize"
-HEAD, TAIL = " <CON>", " </CON>\n\n"
 
 
 class SynthJob(BaseModel):
@@ -42,6 +42,7 @@ class SynthJob(BaseModel):
     max_new_tokens: int
     max_model_len: int
     too_long: Literal["truncate", "skip"]
+    pair_rules: Literal["reference", "strict"]
     chunk_docs: int
     max_in_flight: int | None
     batch_size: int
@@ -80,71 +81,135 @@ def _engine(job: SynthJob) -> Any:
     )
 
 
-def context_ids(tokenizer: Any, texts: list[str], job: SynthJob) -> tuple[list[list[int] | None], int]:
-    """Context segment ids per document (`` <CON>`` + text + `` </CON>\\n\\n``), budget-truncated.
+class PieceTokenizer:
+    """Ids of the pieces of a prompt that lie between two special tokens (a context segment, or an
+    earlier entry's context and pairs), each exactly as tokenizing the whole prompt string gives it.
 
-    The three parts are tokenized separately (the text with its leading space), in one batched call.
-    Returns the ids (None for a document skipped as too long) and the number over the budget.
+    A tokenizer splits a string at its special tokens and tokenizes each piece on its own, and a piece
+    that follows a special token can tokenize differently from the same text at the start of a string
+    (SentencePiece's leading ``▁``). Every piece of a prompt follows BOS or EOS, so a piece is tokenized
+    as ``<s>`` + piece and the BOS id dropped. A copy of the Rust tokenizer of a fast tokenizer is used
+    (the engine decodes with the original meanwhile); others go through ``tokenizer(...)``.
     """
-    # the Rust tokenizer itself, or that of a fast HF tokenizer
-    backend = tokenizer if hasattr(tokenizer, "encode_batch_fast") else getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # offsets are not needed: the faster batch call, no Python-side conversion
-        head, tail = (backend.encode(s, add_special_tokens=False).ids for s in (HEAD, TAIL))
-        bodies = [e.ids for e in backend.encode_batch_fast([" " + t for t in texts], add_special_tokens=False)]
-    else:
-        head = tokenizer(HEAD, add_special_tokens=False)["input_ids"]
-        tail = tokenizer(TAIL, add_special_tokens=False)["input_ids"]
-        bodies = tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]
-    room = job.max_model_len - job.max_new_tokens - 1 - len(head) - len(tail)  # 1: BOS
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.bos = tokenizer.bos_token_id
+        self.bos_text = tokenizer.bos_token
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.rust = None
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            self.rust = Tokenizer.from_str(backend.to_str())
+            self.rust.no_padding()
+            self.rust.no_truncation()
+            self.bos_text = self.bos_text or self.rust.id_to_token(self.bos)
+        else:
+            self.slow = tokenizer
+        if self.bos is None or not self.bos_text:
+            raise IptError("synthesize: the synthesizer's tokenizer has no BOS token")
+
+    def encode(self, pieces: list[str]) -> list[list[int]]:
+        texts = [self.bos_text + p for p in pieces]
+        if self.rust is not None:  # no offsets needed: the faster batch call, no Python-side conversion
+            out = [e.ids for e in self.rust.encode_batch_fast(texts, add_special_tokens=False)]
+        else:
+            out = self.slow(texts, add_special_tokens=False)["input_ids"]
+        for ids in out:
+            if not ids or ids[0] != self.bos:
+                raise IptError(
+                    f"synthesize: the tokenizer does not read {self.bos_text!r} as its BOS token (id {self.bos}):"
+                    " prompts could not be tokenized as the synthesizer's format expects"
+                )
+        return [ids[1:] for ids in out]
+
+    def cut_points(self, text: str) -> list[int]:
+        """Character offsets at which ``text``'s tokens end (where it can be cut on a token edge)."""
+        if self.rust is not None:
+            return [end for _, end in self.rust.encode(text, add_special_tokens=False).offsets]
+        return list(range(1, len(text) + 1))  # no offsets: every character
+
+
+def context_ids(
+    pieces: PieceTokenizer, texts: list[str], room: int, too_long: str = "truncate"
+) -> tuple[list[list[int] | None], list[str], int]:
+    """Context segment ids per document (`` <CON> {text} </CON>\\n\\n`` as one piece), at most ``room``.
+
+    Returns the ids (None for a document over ``room`` when ``too_long`` is ``skip``), the text each
+    segment holds (with ``truncate`` a document over the budget is cut on a token edge, then its segment
+    tokenized again so its ids stay exact) and the number of documents over the budget.
+    """
+    if room <= len(pieces.encode([fmt.context_text("")])[0]):
+        raise IptError(f"a budget of {room} tokens per context segment leaves no room for a document")
+    ids: list[list[int] | None] = list(pieces.encode([fmt.context_text(t) for t in texts]))
+    used = list(texts)
+    cut = 0
+    for d, seg in enumerate(ids):
+        if seg is not None and len(seg) > room:
+            cut += 1
+            if too_long == "skip":
+                ids[d] = None
+            else:
+                ids[d], used[d] = cut_to_budget(pieces, texts[d], room)
+    return ids, used, cut
+
+
+def context_room(job: SynthJob) -> int:
+    """Tokens a context segment may take: the budget less the answer and the prompt's BOS."""
+    room = job.max_model_len - job.max_new_tokens - 1
     if room <= 0:
         raise IptError(f"synth.max_model_len={job.max_model_len} leaves no room for a document")
-    out: list[list[int] | None] = []
-    cut = 0
-    for body in bodies:
-        if len(body) > room:
-            cut += 1
-            if job.too_long == "skip":
-                out.append(None)
-                continue
-            body = body[:room]
-        out.append(head + body + tail)
-    return out, cut
+    return room
+
+
+def cut_to_budget(pieces: PieceTokenizer, text: str, room: int) -> tuple[list[int], str]:
+    """The longest prefix of ``text``, cut on a token edge, whose context segment fits in ``room``."""
+    ends = pieces.cut_points(text)
+    overhead = len(pieces.encode([fmt.context_text("")])[0])
+    k = min(len(ends), max(0, room - overhead))
+    while True:
+        part = text[: ends[k - 1]] if k else ""
+        seg = pieces.encode([fmt.context_text(part)])[0]
+        if len(seg) <= room:
+            return seg, part
+        k = max(0, k - max(1, len(seg) - room))
 
 
 class ContextIds:
     """Context ids of a shard's documents, tokenized block by block in a background thread.
 
-    Blocks are tokenized in document order, the order in which chunks are generated, so the engine
+    Blocks are tokenized in document order, the order in which prompts are submitted, so the engine
     starts after the first block instead of the whole shard, and the rest of the tokenizing overlaps
     generation (the Rust tokenizer releases the GIL). The ids are identical to one eager call.
     """
 
     def __init__(self, tokenizer: Any, texts: list[str], job: SynthJob, block: int) -> None:
         self.block = max(1, block)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:  # a copy of its own: the engine decodes with the original meanwhile
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_str(backend.to_str())
-            tokenizer.no_padding()
-            tokenizer.no_truncation()
+        self.pieces = PieceTokenizer(tokenizer)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="synth-tokenize")
         self._blocks = [
-            self._pool.submit(context_ids, tokenizer, texts[i : i + self.block], job)
+            self._pool.submit(context_ids, self.pieces, texts[i : i + self.block], context_room(job), job.too_long)
             for i in range(0, len(texts), self.block)
         ]
         self.wait_s = 0.0  # time the generation loop waited for ids (CPU side on the critical path)
 
-    def __getitem__(self, d: int) -> list[int] | None:
+    def _block(self, d: int) -> tuple[list[list[int] | None], list[str], int]:
         fut = self._blocks[d // self.block]
         if not fut.done():
             t = time.perf_counter()
             fut.result()
             self.wait_s += time.perf_counter() - t
-        return fut.result()[0][d % self.block]
+        return fut.result()
+
+    def __getitem__(self, d: int) -> list[int] | None:
+        return self._block(d)[0][d % self.block]
+
+    def context(self, d: int) -> str:
+        """The text document ``d``'s segment holds (cut short when it was over the budget)."""
+        return self._block(d)[1][d % self.block]
 
     def over_budget(self) -> int:
-        return sum(f.result()[1] for f in self._blocks)
+        return sum(f.result()[2] for f in self._blocks)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -229,7 +294,9 @@ class Scheduler:
         self.job, self.engine, self.docs, self.ids = job, engine, docs, ids
         tok = engine.tokenizer
         self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
+        self.pieces = PieceTokenizer(tok)  # its own copy: the tokenizing thread uses the other
         self.place = {d: (r, i) for r, rnd in enumerate(rounds_of(len(docs), job.rounds)) for i, d in enumerate(rnd)}
+        self.docs_at = {at: d for d, at in self.place.items()}
         self.slots: dict[int, Slot] = {}
         self.rounds_in_slot: Counter[int] = Counter()  # entries advanced into each slot so far
         self.start = 0
@@ -239,12 +306,17 @@ class Scheduler:
     def rebuild(self, written: Any, count: int) -> None:
         """Replay the durable records (the same decisions as the uninterrupted run)."""
         for d, rec in zip(range(count), written, strict=False):
-            self._advance(d, rec.get("gen_ids"), len(rec["pairs"]), rec["chain_docs"])
+            self._advance(d, rec["pairs"], rec["chain_docs"])
         self.start = count
 
-    def _advance(self, d: int, gen_ids: list[int] | None, pairs: int, chained: list[int]) -> None:
-        _, i = self.place[d]
-        advance(self.slots.setdefault(i, Slot()), Entry(d, self.ids[d] or [], gen_ids, pairs), chained)
+    def _advance(self, d: int, pairs: list[dict[str, str]], chained: list[int]) -> None:
+        """Document ``d`` has its pairs: its slot's chain goes on with it (as an example of its context and
+        parsed pairs) or, without pairs, ends."""
+        r, i = self.place[d]
+        example = None
+        if pairs and (r + 1, i) in self.docs_at:  # only an entry that a later document chains onto is an example
+            example = self.pieces.encode([fmt.example_text(self.ids.context(d), pairs)])[0]
+        advance(self.slots.setdefault(i, Slot()), Entry(d, self.ids[d] or [], example, len(pairs)), chained)
         self.rounds_in_slot[i] += 1
 
     def records(self, window: int) -> Any:
@@ -293,8 +365,8 @@ class Scheduler:
 
     def _finish(self, d: int, prompt: list[int], chained: list[int], gen: Generation) -> dict[str, Any]:
         """The record of document ``d``; its slot advances, so its successor can be admitted."""
-        pairs, dropped = parse_pairs(gen.text) if gen.error is None else ([], Counter())
-        self._advance(d, gen.ids, len(pairs), chained)
+        pairs, dropped = parse_pairs(gen.text, self.job.pair_rules) if gen.error is None else ([], Counter())
+        self._advance(d, pairs, chained)
         r, i = self.place[d]
         docs = self.docs
         rec = {

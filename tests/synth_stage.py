@@ -53,7 +53,7 @@ def rule_synth(cfg: dict[str, Any], ctx: ShardContext) -> dict[str, Any]:
             pairs = rule_pairs(d, docs[d]["id"], docs[d]["text"])
             entry = Entry(d, [0] * len(docs[d]["text"].split()))
             _, chained = build_prompt(slot, entry, bos=1, eos=2, max_model_len=budget, max_new_tokens=8)
-            entry.answer_ids, entry.pairs = [0] * 8, len(pairs)
+            entry.example_ids, entry.pairs = entry.context_ids + [0] * 8, len(pairs)
             advance(slot, entry, chained)
             writer.write(
                 {

@@ -8,6 +8,7 @@ from ipt_hpc.synth_format import (
     advance,
     build_prompt,
     context_text,
+    example_text,
     parse_pairs,
     rounds_of,
     stats_histogram,
@@ -40,7 +41,13 @@ def test_parse_malformed_generations() -> None:
         "<QUE> q <ANS> a <ANS> b </END>": ([], {"several_answer_tags": 1}),
         "<QUE> q without answer tag </END>": ([], {"no_answer_tag": 1}),
         "<QUE> q <ANS>    </END>": ([], {"empty_answer": 1}),
-        "<QUE>   <ANS> a </END>": ([], {"bad_question": 1}),
+        "<QUE>   <ANS> a </END>": ([{"Q": "", "A": "a"}], {}),  # the reference keeps an empty question
+        "Garbage <ANS> a </END>": ([], {"no_question_tag": 1}),  # a question must start with <QUE>
+        "<QUE> q <QUE> r <ANS> a </END>": ([{"Q": "q  r", "A": "a"}], {}),  # every <QUE> is removed
+        "<QUE> Straße? <ANS> a </END>\n\n<QUE> STRASSE? <ANS> b </END>": (  # lower(), not casefold()
+            [{"Q": "Straße?", "A": "a"}, {"Q": "STRASSE?", "A": "b"}],
+            {},
+        ),
         "<QUE> Same Q? <ANS> a </END>\n\n<QUE> same q? <ANS> b </END>": (
             [{"Q": "Same Q?", "A": "a"}],
             {"duplicate_question": 1},
@@ -55,6 +62,19 @@ def test_parse_malformed_generations() -> None:
         assert dict(dropped) == want_dropped, gen
 
 
+def test_strict_rules_also_drop_empty_and_doubly_tagged_questions() -> None:
+    gen = "<QUE>   <ANS> a </END>\n\n<QUE> q <QUE> r <ANS> b </END>\n\n<QUE> fine? <ANS> c </END>"
+    assert parse_pairs(gen, "strict") == ([{"Q": "fine?", "A": "c"}], {"bad_question": 2})
+    assert len(parse_pairs(gen)[0]) == 3
+
+
+def test_earlier_entries_are_rendered_from_their_parsed_pairs() -> None:
+    pairs = [{"Q": "Who?", "A": "Ada."}, {"Q": "When?", "A": "1843."}]
+    assert example_text("Text.", pairs) == (
+        " <CON> Text. </CON>\n\n<QUE> Who? <ANS> Ada. </END>\n\n<QUE> When? <ANS> 1843. </END>"
+    )
+
+
 def test_rounds_split_contiguously() -> None:
     assert rounds_of(10, 3) == [range(0, 4), range(4, 8), range(8, 10)]
     assert rounds_of(2, 4) == [range(0, 1), range(1, 2)]
@@ -63,9 +83,9 @@ def test_rounds_split_contiguously() -> None:
 
 def test_budget_boundary_fits_by_one_token_then_overflows_by_one() -> None:
     slot = Slot()
-    first = Entry(0, [10, 11, 12], answer_ids=[20, 21], pairs=1)
+    first = Entry(0, [10, 11, 12], example_ids=[10, 11, 12, 20, 21], pairs=1)
     advance(slot, first, [])
-    assert slot.chain_tokens == 2 + 3 + 2  # BOS ctx answer EOS
+    assert slot.chain_tokens == 2 + 5  # BOS example (ctx and pairs) EOS
     entry = Entry(1, [30, 31])
     max_new = 5
     exact = slot.chain_tokens + 1 + 2 + max_new  # prefix + BOS + ctx + max_new_tokens
@@ -90,7 +110,8 @@ def test_multi_round_chaining_on_a_handcrafted_case() -> None:
             prompt, chained = build_prompt(slots[i], entry, bos=BOS, eos=EOS, max_model_len=40, max_new_tokens=8)
             assert len(prompt) + 8 <= 40
             used[doc] = chained
-            entry.answer_ids, entry.pairs = answers[doc]
+            answer, entry.pairs = answers[doc]
+            entry.example_ids = docs[doc] + answer
             advance(slots[i], entry, chained)
     assert used == {0: [], 1: [], 2: [0], 3: [1], 4: [], 5: []}
     # slot 0 after round 2: doc 4 started a new chain (doc 0 + doc 2 + doc 4 would not fit)

@@ -45,11 +45,9 @@ def test_prompts_are_token_exact_and_records_complete(tmp_path: Path, model_dir:
         src = list(read_records(run / "raw" / name))
         assert [r["id"] for r in recs] == [s["id"] for s in src]
         for rec in recs:
-            # no pairs from a random model: every prompt is a fresh chain of exactly BOS + context
-            ctx = tok(" <CON>", add_special_tokens=False)["input_ids"]
-            ctx += tok(" " + rec["text"], add_special_tokens=False)["input_ids"]
-            ctx += tok(" </CON>\n\n", add_special_tokens=False)["input_ids"]
-            assert rec["prompt_tokens"] == 1 + len(ctx)
+            # no pairs from a random model: every prompt is a fresh chain, the prompt string tokenized whole
+            prompt = tok(f"<s> <CON> {rec['text']} </CON>\n\n", add_special_tokens=False)["input_ids"]
+            assert rec["prompt_tokens"] == len(prompt) and prompt[0] == tok.bos_token_id
             assert rec["pairs"] == [] and rec["chain"] == []
             assert 0 < rec["gen_tokens"] <= 12 and rec["error"] is None
         assert {r["round"] for r in recs} == {0, 1}
@@ -176,10 +174,12 @@ def test_background_context_ids_equal_one_eager_call(model_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     job = synthesize.SynthJob(**cfg_for(model_dir, max_model_len=40, max_new_tokens=8).synth.model_dump())
     texts = [("word " * n).strip() for n in range(1, 60)]
-    eager, cut = synthesize.context_ids(tok, texts, job)
+    room = synthesize.context_room(job)
+    eager, used, cut = synthesize.context_ids(synthesize.PieceTokenizer(tok), texts, room)
     lazy = synthesize.ContextIds(tok, texts, job, block=7)
     try:
         assert [lazy[d] for d in range(len(texts))] == eager
+        assert [lazy.context(d) for d in range(len(texts))] == used
         assert lazy.over_budget() == cut > 0
     finally:
         lazy.close()
@@ -235,3 +235,15 @@ def test_streaming_equals_the_sequential_loop_with_chains(tmp_path: Path) -> Non
     assert outs[1] == outs[7] == outs[None]
     recs = list(read_records(tmp_path / "wNone" / "synth" / shard_name(0, 1)))
     assert sum(1 for r in recs if r["chain"]) >= 5, "too few chained prompts to test the scheduling"
+    # resumed after the first round's records, the chains are rebuilt from the records' parsed pairs
+    from ipt_hpc.execution.shards import prepare
+
+    run = make_raw(tmp_path / "resumed", 1, docs=36)
+    cfg = cfg_for(model, **sets)
+    prepare(synthesize.stage_run(cfg, run))
+    w = RecordWriter(run / "synth" / shard_name(0, 1))
+    w.write_many(recs[:14])
+    w.flush()
+    w.abandon()
+    synthesize.run(cfg, run)
+    assert (run / "synth" / shard_name(0, 1)).read_bytes() == outs[None]

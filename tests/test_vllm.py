@@ -95,11 +95,18 @@ def test_engine_strips_eos_and_isolates_a_rejected_prompt(engine) -> None:
     assert any(len(g.ids) < 160 for g in (gens[0], gens[2])), "no generation stopped at EOS: the check proves nothing"
 
 
-def expected_prompt(rec: dict, by_index: dict[int, dict], ctx: list[list[int]], bos: int, eos: int) -> list[int]:
-    ids: list[int] = []
-    for j in rec["chain_docs"]:
-        ids += [bos, *ctx[j], *by_index[j]["gen_ids"], eos]
-    return [*ids, bos, *ctx[rec["_index"]]]
+def expected_prompt(rec: dict, recs: list[dict], contexts: list[str], tok) -> list[int]:
+    """The prompt as the reference writes it (earlier entries as BOS, context, parsed pairs, EOS; then BOS
+    and the context), tokenized as one string: the stage must send vLLM exactly these ids."""
+    chain = "".join(
+        f"{tok.bos_token} <CON> {contexts[j]} </CON>\n\n"
+        + "\n\n".join(f"<QUE> {p['Q']} <ANS> {p['A']} </END>" for p in recs[j]["pairs"])
+        + tok.eos_token
+        for j in rec["chain_docs"]
+    )
+    return tok(f"{chain}{tok.bos_token} <CON> {contexts[rec['_index']]} </CON>\n\n", add_special_tokens=False)[
+        "input_ids"
+    ]
 
 
 def test_stage_prompts_chains_and_rejection(tmp_path: Path, engine) -> None:
@@ -117,18 +124,22 @@ def test_stage_prompts_chains_and_rejection(tmp_path: Path, engine) -> None:
     assert "engine rejected the prompt" in recs[2]["error"] and recs[2]["pairs"] == []
     assert [r["error"] for i, r in enumerate(recs) if i != 2] == [None] * 15
     # stored generations never end with EOS (vLLM keeps it in token_ids)
-    eos, bos = engine.eos, engine.tokenizer.bos_token_id
+    eos = engine.eos
     assert all(eos not in r["gen_ids"] for r in recs)
     assert sum(r["gen_tokens"] < 128 for r in recs) >= 4, "too few generations stopped at EOS to test"
-    # the ids vLLM received are the ones the stage built: BOS ctx answer EOS per earlier entry, then BOS ctx
+    # the ids vLLM received are the reference prompt string tokenized whole: BOS, context, parsed pairs, EOS
+    # per earlier entry, then BOS and the context
     job = synthesize.stage_run(cfg, run).stage_config
-    ctx, _ = synthesize.context_ids(engine.tokenizer, [r["text"] for r in recs], job)
+    tok = engine.tokenizer
+    _, contexts, _ = synthesize.context_ids(
+        synthesize.PieceTokenizer(tok), [r["text"] for r in recs], synthesize.context_room(job)
+    )
     by_index = {i: {**r, "_index": i} for i, r in enumerate(recs)}
     chained = 0
     for i, rec in by_index.items():
         if rec["error"]:
             continue
-        want = expected_prompt(rec, by_index, ctx, bos, eos)
+        want = expected_prompt(rec, recs, contexts, tok)
         assert want in calls, f"record {i}: vLLM never received the prompt the stage built"
         assert want.count(eos) == len(rec["chain_docs"])
         assert rec["prompt_tokens"] == len(want)

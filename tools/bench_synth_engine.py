@@ -44,7 +44,7 @@ from ipt_hpc.atomic import read_json  # noqa: E402
 from ipt_hpc.config import load_config  # noqa: E402
 from ipt_hpc.execution import shard_name  # noqa: E402
 from ipt_hpc.records import read_records  # noqa: E402
-from ipt_hpc.synth_format import rounds_of  # noqa: E402
+from ipt_hpc.synth_format import context_text, example_text, rounds_of  # noqa: E402
 
 
 def documents(n: int) -> list[dict[str, Any]]:
@@ -70,15 +70,20 @@ def make_shard(run: Path, docs: list[dict[str, Any]]) -> None:
 
 
 def prompts_of(records: list[dict[str, Any]], job: Any, tok: Any) -> list[list[int]]:
-    """The prompt each record's generation was made from: BOS ctx answer EOS per chained entry, BOS ctx."""
-    ctx, _ = synthesize.context_ids(tok, [r["text"] for r in records], job)
-    bos, eos = tok.bos_token_id, tok.eos_token_id
+    """The prompt each record's generation was made from: its chain's entries (context and parsed pairs)
+    and its own context, written out as a string and tokenized whole."""
+    _, used, _ = synthesize.context_ids(
+        synthesize.PieceTokenizer(tok), [r["text"] for r in records], synthesize.context_room(job)
+    )
     out = []
     for i, rec in enumerate(records):
-        ids: list[int] = []
-        for j in rec["chain_docs"]:
-            ids += [bos, *(ctx[j] or []), *records[j]["gen_ids"], eos]
-        out.append([*ids, bos, *(ctx[i] or [])] if ctx[i] is not None else [])
+        if rec["error"] and rec["error"].startswith("skipped"):
+            out.append([])
+            continue
+        chain = "".join(
+            f"{tok.bos_token}{example_text(used[j], records[j]['pairs'])}{tok.eos_token}" for j in rec["chain_docs"]
+        )
+        out.append(tok(f"{chain}{tok.bos_token}{context_text(used[i])}", add_special_tokens=False)["input_ids"])
     return out
 
 

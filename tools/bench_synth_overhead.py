@@ -32,8 +32,8 @@ from bench_records import make_records  # noqa: E402
 
 from ipt_hpc.config import SynthConfig  # noqa: E402
 from ipt_hpc.records import RecordWriter  # noqa: E402
-from ipt_hpc.synth_format import Entry, Slot, advance, build_prompt, parse_pairs, rounds_of  # noqa: E402
-from ipt_hpc.synthesize import ContextIds, SynthJob, context_ids  # noqa: E402
+from ipt_hpc.synth_format import Entry, Slot, advance, build_prompt, example_text, parse_pairs, rounds_of  # noqa: E402
+from ipt_hpc.synthesize import ContextIds, PieceTokenizer, SynthJob, context_ids, context_room  # noqa: E402
 
 GENERATION = (
     "<QUE> What does the passage say about {w0}? <ANS> It explains that {w1} and {w2} are related. </END>\n\n"
@@ -61,11 +61,13 @@ def train_tokenizer(texts: list[str], vocab: int, folder: Path) -> object:
 def ours(tok: object, texts: list[str], gens: list[tuple[list[int], str]], job: SynthJob, out: Path) -> float:
     """The stage's CPU path for one shard, engine replaced by pre-tokenized generations."""
     t = time.perf_counter()
-    ids, _ = context_ids(tok, texts, job)
+    pieces = PieceTokenizer(tok)
+    ids, used, _ = context_ids(pieces, texts, context_room(job))
     bos, eos = tok.bos_token_id, tok.eos_token_id  # type: ignore[attr-defined]
     slots: dict[int, Slot] = {}
+    rounds = rounds_of(len(texts), job.rounds)
     with RecordWriter(out) as writer:
-        for r, rnd in enumerate(rounds_of(len(texts), job.rounds)):
+        for r, rnd in enumerate(rounds):
             for i, d in enumerate(rnd):
                 slot = slots.setdefault(i, Slot())
                 prompt, chained = build_prompt(
@@ -78,7 +80,9 @@ def ours(tok: object, texts: list[str], gens: list[tuple[list[int], str]], job: 
                 )
                 gen_ids, gen_text = gens[d]
                 pairs, dropped = parse_pairs(gen_text)
-                advance(slot, Entry(d, ids[d], gen_ids, len(pairs)), chained)
+                chained_onto = r + 1 < len(rounds) and i < len(rounds[r + 1])  # as the stage: examples only
+                example = pieces.encode([example_text(used[d], pairs)])[0] if pairs and chained_onto else None
+                advance(slot, Entry(d, ids[d], example, len(pairs)), chained)
                 writer.write(
                     {
                         "id": str(d),
@@ -128,7 +132,7 @@ def engine_wait(tok: object, texts: list[str], job: SynthJob, engine_s_per_doc: 
     """
     chunks = [range(i, min(i + job.chunk_docs, len(texts))) for i in range(0, len(texts), job.chunk_docs)]
     t = time.perf_counter()
-    ids, _ = context_ids(tok, texts, job)
+    ids, _, _ = context_ids(PieceTokenizer(tok), texts, context_room(job))
     for chunk in chunks:
         _ = [ids[d] for d in chunk]
         time.sleep(engine_s_per_doc * len(chunk))
