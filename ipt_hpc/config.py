@@ -91,6 +91,9 @@ class TemplifyConfig(_Section):
         "raw", description="documents of these shards not sent to synthesis become texts of the raw group; null: none"
     )
     seed: int = Field(0, description="global seed of the per-record format draw")
+    malformed: Literal["drop", "keep"] = Field(
+        "drop", description="pairs not in the reasoning/options shape they claim: drop (the reference) or keep as open"
+    )
 
 
 class MixGroup(_Section):

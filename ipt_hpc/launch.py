@@ -609,8 +609,10 @@ def cmd_templify(args: argparse.Namespace) -> int:
         m = read_json(manifest)
         t, charts = m["totals"], ", ".join(str(stage.out_dir / c) for c in m["charts"])
         _console().print(
-            f"{t['augmented_texts']:,} augmented texts ({t['pairs']:,} pairs, {t['distinct_formats']} formats),"
-            f" {t['raw_texts']:,} raw texts; charts: {charts or 'none (matplotlib missing)'}"
+            f"{t['augmented_texts']:,} augmented texts ({t['pairs']:,} pairs; {t['pairs_dropped']:,} malformed dropped)"
+            f", {t['texts_without_pairs']:,} plain, {t['raw_texts']:,} raw; layouts: "
+            + ", ".join(f"{k} {v:.1%}" for k, v in t["layouts"].items())
+            + f"; charts: {charts or 'none (matplotlib missing)'}"
         )
     return rc
 

@@ -2,7 +2,7 @@
 
 Sections appear for what the run holds: the stage table (shards, records, tokens, task and wall time,
 throughput), synthesis stats (pairs per document, parse failures, truncations), the templified texts
-(formats, pairs per text), the mixture's token shares, the training loss curve and the evaluation
+(layouts, malformed pairs, pairs per text), the mixture's token shares, the training loss curve and the evaluation
 scores. Charts are PNG files next to the page (``RUN/report/``), so the folder is self-contained.
 """
 
@@ -108,8 +108,9 @@ def templify_blocks(run: Path, out: Path) -> list[Block]:
         ["instruction-augmented texts", f"{t['augmented_texts']:,}"],
         ["raw texts (not converted)", f"{t['raw_texts']:,}"],
         ["pairs rendered / pairs in", f"{t['pairs']:,} / {t['pairs_in']:,}"],
-        ["texts without pairs (kept as raw text)", f"{t['texts_without_pairs']:,}"],
-        ["distinct formats", f"{t['distinct_formats']:,}"],
+        ["malformed pairs (dropped)", ", ".join(f"{k}: {v:,}" for k, v in t.get("malformed", {}).items()) or "none"],
+        ["entries without pairs (kept as plain text)", f"{t['texts_without_pairs']:,}"],
+        ["layout mix", ", ".join(f"{k} {v:.1%}" for k, v in t.get("layouts", {}).items()) or "-"],
         ["pair kinds", ", ".join(f"{k}: {v:,}" for k, v in t["pair_kinds"].items()) or "-"],
     ]
     blocks: list[Block] = [("h2", "Instruction-augmented texts"), ("table", ["", "value"], rows)]

@@ -2,8 +2,9 @@
 
 Per shard: the synthesize output's chains are rebuilt from each record's ``chain`` (the ids of the
 earlier entries its prompt was prefixed with), and each chain becomes one text: its entries as few-shot
-examples, each a raw text followed by its pairs in a format drawn per text (:mod:`templify_formats`).
-Entries without pairs stay as plain raw text, so no document is lost. Documents of the raw shard that
+examples in a layout and patterns drawn per text (:mod:`templify_formats`, the reference's behaviour).
+An entry without pairs (none synthesized, or all malformed and dropped) is cut out of its chain and
+becomes a plain text of its own, as in the reference, so no document is lost. Documents of the raw shard that
 were not sent to synthesis (``synth.convert_share`` < 1) follow as texts of the ``raw`` group. Every
 output record names its ``group`` (``augmented`` or ``raw``), so ``tokenize --record-group`` builds
 one token group of each.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -26,7 +27,7 @@ from .execution import ShardContext, StageRun, StageState, launch
 from .execution.shards import manifest_of, record_options
 from .records import read_records
 from .synth_format import stats_histogram
-from .templify_formats import ENTRY_SEPARATOR, draw_format, render_entry, rng_for
+from .templify_formats import classify_all, draw_layout, draw_style, render_entry, rng_for
 
 STAGE = "templify"
 FLUSH_EVERY = 1000
@@ -39,6 +40,7 @@ class TemplifyJob(BaseModel):
 
     seed: int
     raw_stage: str | None
+    malformed: Literal["drop", "keep"] = "drop"
 
 
 def rebuild_chains(records: list[dict[str, Any]], path: Path) -> list[list[int]]:
@@ -73,42 +75,53 @@ def rebuild_chains(records: list[dict[str, Any]], path: Path) -> list[list[int]]
 def texts_of_shard(
     job: TemplifyJob, synth_path: Path, raw_path: Path | None, stats: dict[str, Any]
 ) -> Iterator[dict[str, Any]]:
-    """Output records of one shard, in a fixed order: augmented chains, then unconverted raw texts."""
+    """Output records of one shard, in a fixed order: per chain its text, then its entries without pairs
+    as plain texts; then the unconverted raw texts."""
     records = list(read_records(synth_path))
     for i, rec in enumerate(records):
         if not isinstance(rec.get("text"), str) or not isinstance(rec.get("pairs"), list):
             raise RecordError(synth_path, i + 1, "not a synthesize record (needs 'text' and 'pairs')")
     formats: Counter[str] = Counter()
-    families: dict[str, Counter[str]] = {"intro": Counter(), "qa": Counter()}
     kinds: Counter[str] = Counter()
+    malformed: dict[str, int] = {}
     pairs_per_text: list[int] = []
     for chain in rebuild_chains(records, synth_path):
-        tail = records[chain[-1]]
-        rng = rng_for(tail["id"], job.seed)
-        fmt = draw_format(rng)
-        parts, n = [], 0
-        for k in chain:
-            text, pair_kinds = render_entry(records[k]["text"], records[k]["pairs"], fmt, rng)
-            parts.append(text)
-            kinds.update(pair_kinds)
-            n += len(pair_kinds)
-        name = fmt.name if n else "plain"
-        formats[name] += 1
-        if n:
-            families["intro"][fmt.intro] += 1
-            families["qa"][fmt.qa] += 1
-        pairs_per_text.append(n)
-        yield {
-            "id": tail["id"],
-            "group": "augmented",
-            "docs": [records[k]["id"] for k in chain],
-            "pairs": n,
-            "format": name,
-            "text": ENTRY_SEPARATOR.join(parts),
-        }
+        rng = rng_for(records[chain[-1]]["id"], job.seed)
+        style = draw_style(rng)
+        entries = [classify_all(records[k]["pairs"], style, rng, job.malformed == "keep", malformed) for k in chain]
+        shown = [(k, e) for k, e in zip(chain, entries, strict=True) if e]
+        if shown:
+            draw_layout(style, entries, rng)
+            text = style.chain_sep.join(render_entry(records[k]["text"], e, style) for k, e in shown)
+            n = sum(len(e) for _, e in shown)
+            kinds.update(p.kind for _, e in shown for p in e)
+            formats[style.name] += 1
+            pairs_per_text.append(n)
+            yield {
+                "id": records[shown[-1][0]]["id"],
+                "group": "augmented",
+                "docs": [records[k]["id"] for k, _ in shown],
+                "pairs": n,
+                "format": style.name,
+                "text": text,
+            }
+        for k, e in zip(chain, entries, strict=True):
+            if not e:  # no pairs (or none left): the document as it is, a text of its own (the reference's way)
+                formats["plain"] += 1
+                pairs_per_text.append(0)
+                rid = records[k]["id"]
+                yield {
+                    "id": rid,
+                    "group": "augmented",
+                    "docs": [rid],
+                    "pairs": 0,
+                    "format": "plain",
+                    "text": records[k]["text"],
+                }
     pairs_in = sum(len(r["pairs"]) for r in records)
-    if sum(pairs_per_text) != pairs_in:  # an invariant of render_entry: every pair is rendered once
-        raise IptError(f"{synth_path}: {pairs_in} pairs in, {sum(pairs_per_text)} rendered")
+    dropped = sum(malformed.values()) if job.malformed == "drop" else 0
+    if sum(pairs_per_text) + dropped != pairs_in:  # every pair is rendered once or counted as dropped
+        raise IptError(f"{synth_path}: {pairs_in} pairs in, {sum(pairs_per_text)} rendered and {dropped} dropped")
     raw_texts = 0
     if raw_path is not None:
         seen = {r["id"] for r in records}
@@ -129,14 +142,14 @@ def texts_of_shard(
             raise IptError(f"{synth_path}: {len(seen)} records (e.g. {sorted(seen)[0]!r}) are not in {raw_path}")
     stats.update(
         synth_docs=len(records),
-        augmented_texts=len(pairs_per_text),
+        augmented_texts=sum(1 for n in pairs_per_text if n),
         raw_texts=raw_texts,
         pairs_in=pairs_in,
         pairs=sum(pairs_per_text),
+        pairs_dropped=dropped,
+        malformed=dict(malformed),
         texts_without_pairs=pairs_per_text.count(0),
         formats=dict(formats),
-        intro=dict(families["intro"]),
-        qa=dict(families["qa"]),
         pair_kinds=dict(kinds),
         pairs_per_text=stats_histogram(pairs_per_text),
     )
@@ -162,31 +175,38 @@ def templify_shard(job: TemplifyJob, ctx: ShardContext) -> dict[str, Any]:
 
 # -- finalize: stage manifest with totals and charts ------------------------------------------------
 def finalize_stage(run: StageRun) -> dict[str, Any]:
-    """The stage manifest (texts, pairs, formats, pairs per text summed over shards) and two PNG charts."""
+    """The stage manifest (texts, pairs, layouts, malformed pairs, pairs per text summed over shards) and
+    two PNG charts."""
     manifest = manifest_of(run)
     totals = manifest["totals"]
-    for key in ("formats", "intro", "qa", "pair_kinds"):  # most used first
+    for key in ("formats", "malformed", "pair_kinds"):  # most used first
         totals[key] = dict(sorted(totals.get(key, {}).items(), key=lambda kv: -kv[1]))
     totals.setdefault("pairs_per_text", {})
-    totals["distinct_formats"] = len([f for f in totals["formats"] if f not in ("plain", "raw")])
+    texts = sum(v for k, v in totals["formats"].items() if k not in ("plain", "raw"))
+    totals["layouts"] = {k: round(v / texts, 4) for k, v in totals["formats"].items() if k not in ("plain", "raw")}
     manifest["charts"] = write_charts(run.out_dir, totals)
     write_json_atomic(run.out_dir / "manifest.json", manifest)
     return manifest
 
 
 def write_charts(out_dir: Path, totals: dict[str, Any]) -> list[str]:
-    """``formats.png`` (texts per intro and QA style) and ``pairs_per_text.png``; [] without matplotlib."""
+    """``layouts.png`` (texts per layout, malformed pairs by reason) and ``pairs_per_text.png``; [] without
+    matplotlib."""
     plt = pyplot()
     if plt is None:
         return []
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for ax, key, title in ((axes[0], "intro", "intro style"), (axes[1], "qa", "question/answer style")):
-        items = sorted(totals[key].items(), key=lambda kv: kv[1])
+    panels = (
+        (axes[0], {k: v for k, v in totals["formats"].items() if k != "raw"}, "texts by layout", "texts"),
+        (axes[1], totals["malformed"] or {"none": 0}, "malformed pairs by reason", "pairs"),
+    )
+    for ax, counts, title, unit in panels:
+        items = sorted(counts.items(), key=lambda kv: kv[1])
         ax.barh([k for k, _ in items], [v for _, v in items], color="#4C72B0")
-        ax.set_title(f"augmented texts by {title}")
-        ax.set_xlabel("texts")
-    written.append(save(fig, out_dir / "formats.png"))
+        ax.set_title(title)
+        ax.set_xlabel(unit)
+    written.append(save(fig, out_dir / "layouts.png"))
     hist = sorted(totals["pairs_per_text"].items(), key=lambda kv: int(kv[0].rstrip("+")))
     fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
     ax.bar([k for k, _ in hist], [v for _, v in hist], color="#55A868")
@@ -207,7 +227,7 @@ def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -
         if info is None:
             raise IptError(f"templify: {run_dir / t.input_stage} holds no stage output; run synthesize first")
         num_shards = info["num_shards"]
-    job = TemplifyJob(seed=t.seed, raw_stage=t.raw_stage)
+    job = TemplifyJob(seed=t.seed, raw_stage=t.raw_stage, malformed=t.malformed)
     return StageRun(
         STAGE,
         str(run_dir),

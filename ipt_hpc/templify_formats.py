@@ -1,120 +1,48 @@
-"""Formats that turn (raw text, instruction-response pairs) into instruction-augmented pre-training text.
+"""How (raw text, instruction-response pairs) becomes instruction-augmented pre-training text.
 
-The paper renders synthesized pairs with varied FLAN-style templates so the model does not overfit one
-surface form. Our families, written for this project:
+The behaviour of the paper's reference templating (microsoft/LMOps ``instruction_pretrain/utils/
+read_compre_pt.py``: ``cook_pt_entries``, ``parse_QA_list``, ``get_patterns``, ``format_one_pt_rc``),
+with our own pattern tables (:mod:`ipt_hpc.templify_patterns`). Per text (one few-shot chain) a
+:class:`Style` is drawn: one pattern of each pair family, an options look, the separator between the
+chain's entries and a *layout*:
 
-* **intro**: how the text is introduced (none, "Read this article ...", a label, a trailing prompt);
-* **qa**: question/answer prefixes ("Q:"/"A:", "Question:"/"Answer:", "Input:"/"Output:", bare, ...)
-  and how a question is joined to its answer;
-* **options**: for multiple-choice questions (an ``Options:`` block in the synthesized question), the
-  option labels (letters, numbers, roman numerals, bullets), shuffled, and how the answer names the
-  right option; an unanswerable answer becomes a "none of the above"-style option;
-* **cot**: for answers with a rationale ("... so the answer is X"), rationale-first, answer-first or
-  labelled reasoning.
+* classic: [reading intro] text [lead-in] then the pairs, each in its family's pattern;
+* dialog: the text, then the pairs as turns of two speakers;
+* numbered: the text, then the questions numbered, then the answers numbered;
+* inline few-shot: all pairs but the last as solved examples, then the last as the test;
+* next turn: the text, a dialog of the first pairs, and the last pair as its next turn;
 
-One :class:`Format` is drawn per text from a seed derived from the text's id and a global seed
-(:func:`rng_for`), so a rerun gives the same bytes and different records get different formats. All
-entries of a few-shot chain share their text's format, as few-shot examples do.
+and *inversion* (the pairs first, then the text as what they were written from). Layout weights follow
+the reference: classic 95 / dialog 5 for a chain whose smallest entry has fewer than two pairs, else
+classic 80 and 5 each for dialog, numbered, inline and next turn; inversion 5% of the classic and dialog
+texts. Each pair is classified as the reference does: a reasoning pair (``\\nLet's think step by step.``
+ending its question, ``\\nTherefore, the answer is `` once in its answer) and a multiple-choice pair
+(``\\nOptions:\\n- `` once in its question, the answer one of the options or a none-of-these phrase);
+one that claims a shape it does not have is *malformed*: dropped by default, as the reference does, or
+kept as an open question with ``templify.malformed: keep``. Every draw comes from one generator per text
+(:func:`rng_for`), so a rerun gives the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-# (before the text, after the text)
-INTROS: dict[str, tuple[str, str]] = {
-    "none": ("", ""),
-    "read_answer": ("Read this article and answer the questions below.\n\n", ""),
-    "passage_label": ("Passage: ", ""),
-    "article_label": ("Article:\n", "\n\nNow answer these questions:"),
-    "context_label": ("Context: ", ""),
-    "based_on_above": ("", "\n\nAnswer the following questions using the text above."),
-    "consider": ("Consider the text below.\n\n", ""),
-    "document_label": ("Document:\n", ""),
-    "questions_follow": ("", "\n\nQuestions about this text follow."),
-    "test_reading": ("Test your reading comprehension with the following passage.\n\n", ""),
-}
+from . import templify_patterns as tp
 
-# (question prefix, answer prefix, joiner between question and answer); "{n}" is the pair's number
-QA_STYLES: dict[str, tuple[str, str, str]] = {
-    "q_a": ("Q: ", "A: ", "\n"),
-    "question_answer": ("Question: ", "Answer: ", "\n"),
-    "input_output": ("Input: ", "Output: ", "\n"),
-    "instruction_response": ("Instruction: ", "Response: ", "\n"),
-    "user_assistant": ("User: ", "Assistant: ", "\n"),
-    "query_reply": ("Query: ", "Reply: ", "\n"),
-    "problem_solution": ("Problem: ", "Solution: ", "\n"),
-    "bare": ("", "", "\n"),
-    "numbered": ("Q{n}. ", "A{n}. ", "\n"),
-    "bracketed": ("[Question] ", "[Answer] ", " "),
-    "inline_q_a": ("Q: ", "A: ", " "),
-}
+COT_QUESTION_CUE = "\nLet's think step by step."
+COT_ANSWER_CUE = "\nTherefore, the answer is "
+OPTIONS_MARK = "\nOptions:\n- "
+OPTION_SPLIT = "\n- "
 
-PAIR_SEPARATORS: dict[str, str] = {"blank_line": "\n\n", "newline": "\n"}
-
-# option label styles: a function of the option's position
-ROMAN = ["i", "ii", "iii", "iv", "v", "vi", "vii", "viii", "ix", "x", "xi", "xii"]
-OPTION_LABELS: dict[str, tuple[str, str]] = {  # (label kind, line pattern with {l} for the label)
-    "letter_dot": ("upper", "{l}. "),
-    "letter_paren": ("upper", "({l}) "),
-    "letter_close": ("upper", "{l}) "),
-    "lower_close": ("lower", "{l}) "),
-    "number_dot": ("number", "{l}. "),
-    "number_paren": ("number", "({l}) "),
-    "roman_dot": ("roman", "{l}. "),
-    "bullet": ("none", "- "),
-}
-OPTION_HEADERS = ["Options:\n", "Choices:\n", "Pick one:\n", "Select from the following.\n", ""]
-# how the answer to a multiple-choice question is written: label only, label + text, text only
-MC_ANSWERS = ["label", "label_text", "text"]
-NONE_OPTIONS = ["None of the above", "Not enough information", "It cannot be determined from the text"]
-
-COT_STYLES: dict[str, str] = {
-    "rationale_first": "{rationale} So the answer is {final}.",
-    "step_by_step": "Let's think step by step. {rationale} Therefore, the answer is {final}.",
-    "answer_first": "{final}\nExplanation: {rationale}",
-    "labelled": "Reasoning: {rationale}\nFinal answer: {final}",
-}
-
-_OPTIONS_HEAD = re.compile(
-    r"(?im)^[ \t]*(?:options|choices|choose from|select from|pick from|answer choices)[ \t]*:[ \t]*"
-)
-_OPTION_LINE = re.compile(r"^\s*(?:[-*•]|\(?[A-Za-z0-9]{1,4}[.)])\s+(.+?)\s*$")
-_FINAL = re.compile(
-    r"^(?P<rationale>.+?)[\s.,;]+(?:so|therefore|thus|hence),?\s+the (?:final )?answer is:?\s*(?P<final>.+?)\.?\s*$",
-    re.IGNORECASE | re.DOTALL,
-)
-_STEP_BY_STEP = re.compile(r"^\s*let'?s think step by step[.:]?\s*", re.IGNORECASE)
-# the released synthesizer marks a reasoning question with this line at its end (its answer then ends
-# "\nTherefore, the answer is X")
-_COT_TRIGGER = re.compile(r"\s*let'?s think step by step[.:]?\s*$", re.IGNORECASE)
-_UNANSWERABLE = re.compile(
-    r"^(?:none of the above|unanswerable|not answerable|no answer|not enough information|insufficient information"
-    r"|(?:it )?cannot be (?:determined|answered)(?: from the (?:text|passage|context))?"
-    r"|(?:it is )?not possible to (?:tell|say|determine)|the (?:text|passage|context) does not say)\.?$",
-    re.IGNORECASE,
-)
-
-
-@dataclass(frozen=True)
-class Format:
-    """One draw of every family: the look of one pre-training text."""
-
-    intro: str
-    qa: str
-    pair_sep: str
-    option_labels: str
-    option_header: int
-    mc_answer: str
-    cot: str
-
-    @property
-    def name(self) -> str:
-        """The format's identity for stats (the option and cot parts count only where used)."""
-        return f"{self.intro}/{self.qa}/{self.pair_sep}"
+FAMILIES = ("qa", "qa_options", "qa_cot", "qa_options_cot")
+KIND = {"qa": "open", "qa_options": "multiple_choice", "qa_cot": "cot", "qa_options_cot": "multiple_choice_cot"}
+LAYOUT_WEIGHTS_FEW = {"classic": 95, "dialog": 5}  # the chain's smallest entry has fewer than 2 pairs
+LAYOUT_WEIGHTS_MANY = {"classic": 80, "dialog": 5, "numbered": 5, "inline": 5, "next_turn": 5}
+INVERSION_SHARE = 0.05  # of classic and dialog texts (the layouts the reference inverts)
+MAX_NUMBERED = 26  # labels per numbering style: an entry with more pairs is not numbered
 
 
 def rng_for(record_id: str, seed: int) -> random.Random:
@@ -123,148 +51,208 @@ def rng_for(record_id: str, seed: int) -> random.Random:
     return random.Random(int.from_bytes(digest, "big"))
 
 
-def draw_format(rng: random.Random) -> Format:
-    return Format(
-        intro=rng.choice(sorted(INTROS)),
-        qa=rng.choice(sorted(QA_STYLES)),
-        pair_sep=rng.choice(sorted(PAIR_SEPARATORS)),
-        option_labels=rng.choice(sorted(OPTION_LABELS)),
-        option_header=rng.randrange(len(OPTION_HEADERS)),
-        mc_answer=rng.choice(MC_ANSWERS),
-        cot=rng.choice(sorted(COT_STYLES)),
-    )
+@dataclass
+class Pair:
+    """A synthesized pair, classified: its family and the fields its patterns use."""
 
+    family: str
+    fields: dict[str, str]
 
-# -- parsing a synthesized pair -----------------------------------------------------------------
-def split_options(question: str) -> tuple[str, list[str]]:
-    """``(stem, options)`` of a question with an ``Options:`` block; ``(question, [])`` otherwise.
-
-    Options are lines starting with a bullet or a label (``- x``, ``A. x``, ``(2) x``) after the
-    header, or `` - x - y`` on the header's own line.
-    """
-    m = _OPTIONS_HEAD.search(question)
-    if not m:
-        return question, []
-    stem, rest = question[: m.start()].rstrip(), question[m.end() :]
-    options: list[str] = []
-    lines = rest.splitlines()
-    if lines and lines[0].strip().startswith("- ") and lines[0].count(" - ") >= 1:
-        options = [o.strip() for o in ("\n" + lines[0].strip()).split("\n- ")[1].split(" - ")]
-        lines = lines[1:]
-    for line in lines:
-        if not line.strip():
-            continue
-        om = _OPTION_LINE.match(line)
-        if om is None:
-            return question, []  # not an options block we understand: keep the question as written
-        options.append(om.group(1))
-    options = [o for o in options if o]
-    if len(options) < 2 or not stem:
-        return question, []
-    return stem, options
-
-
-def split_rationale(answer: str) -> tuple[str, str] | None:
-    """``(rationale, final)`` of an answer that reasons before concluding, else None."""
-    m = _FINAL.match(answer.strip())
-    if m is None:
-        return None
-    rationale = _STEP_BY_STEP.sub("", m.group("rationale")).strip()
-    final = m.group("final").strip()
-    if not rationale or not final:
-        return None
-    if rationale[-1] not in ".!?":
-        rationale += "."
-    return rationale, final
-
-
-def is_unanswerable(answer: str) -> bool:
-    return bool(_UNANSWERABLE.match(answer.strip()))
-
-
-def _norm(s: str) -> str:
-    return " ".join(s.casefold().split()).rstrip(".")
-
-
-# -- rendering ----------------------------------------------------------------------------------
-def option_label(style: str, i: int) -> str:
-    kind, pattern = OPTION_LABELS[style]
-    label = {
-        "upper": chr(ord("A") + i) if i < 26 else str(i + 1),
-        "lower": chr(ord("a") + i) if i < 26 else str(i + 1),
-        "number": str(i + 1),
-        "roman": ROMAN[i] if i < len(ROMAN) else str(i + 1),
-        "none": "",
-    }[kind]
-    return pattern.format(l=label)
+    @property
+    def kind(self) -> str:
+        return KIND[self.family]
 
 
 @dataclass
-class RenderedPair:
-    """A pair as it appears in the text; for multiple choice, which option is right (for checks)."""
+class Style:
+    """Every draw of one text: the look of its pairs, options, layout and wrappers."""
 
-    question: str
-    answer: str
-    kind: str  # "open", "multiple_choice", "cot", "multiple_choice_cot"
-    options: list[tuple[str, str]] | None = None  # (label prefix, option text), in shown order
-    correct: int | None = None  # index into options
+    patterns: dict[str, int]  # family -> index into templify_patterns.PAIR_FAMILIES[family]
+    chain_sep: str
+    option_start: str
+    option_items: list[str]
+    option_ends: list[str]
+    none_phrase: str
+    layout: str = "classic"
+    inverted: bool = False
+    parts: dict[str, Any] = field(default_factory=dict)  # the layout's own draws
+
+    @property
+    def name(self) -> str:
+        return self.layout + ("+inverted" if self.inverted else "")
 
 
-def render_pair(q: str, a: str, fmt: Format, rng: random.Random) -> RenderedPair:
-    """Render one pair: options shuffled and relabelled, rationale restyled, answer mapped."""
-    cot = split_rationale(a)
-    if cot:  # our CoT styles word the reasoning cue themselves
-        q = _COT_TRIGGER.sub("", q)
-    stem, options = split_options(q)
-    final = cot[1] if cot else a
-    kind = "open"
-    shown: list[tuple[str, str]] | None = None
-    correct = None
-    question = q
-    if options:
-        order = options[:]
-        rng.shuffle(order)
-        match = [i for i, o in enumerate(order) if _norm(o) == _norm(final)]
-        if not match and is_unanswerable(final):
-            nota = [i for i, o in enumerate(order) if is_unanswerable(o)]
-            if nota:
-                match = nota[:1]
-            else:
-                order.append(rng.choice(NONE_OPTIONS))  # the synthesizer said no option fits
-                match = [len(order) - 1]
-        if match:
-            kind = "multiple_choice"
-            correct = match[0]
-            shown = [(option_label(fmt.option_labels, i), o) for i, o in enumerate(order)]
-            header = OPTION_HEADERS[fmt.option_header]
-            question = stem + "\n" + header + "\n".join(p + o for p, o in shown)
-            label = shown[correct][0].strip().strip("().")
-            if fmt.option_labels == "bullet" or fmt.mc_answer == "text":
-                final = order[correct]
-            elif fmt.mc_answer == "label":
-                final = label
-            else:
-                final = f"{shown[correct][0].strip()} {order[correct]}"
+def draw_style(rng: random.Random) -> Style:
+    """The draws made before the pairs are read (their options are shuffled with the same generator)."""
+    fam = tp.PAIR_FAMILIES
+    return Style(
+        patterns={f: rng.randrange(len(fam[f])) for f in FAMILIES},
+        chain_sep=rng.choice(fam["qa"]).example_separator,
+        option_start=rng.choice(tp.OPTION_STARTS),
+        option_items=rng.choice(tp.OPTION_ITEM_STYLES),
+        option_ends=rng.choice(tp.OPTION_ITEM_ENDS),
+        none_phrase=rng.choice(tp.NONE_OF_THESE),
+    )
+
+
+# -- classifying a pair (the reference's parse_QA_list) ---------------------------------------------
+class Malformed(ValueError):
+    """A pair that claims a reasoning or multiple-choice shape it does not have; ``reason`` names it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_NONE_OF_THESE = set(tp.NONE_OF_THESE)
+
+
+def classify(question: str, answer: str, style: Style, rng: random.Random) -> Pair:
+    """The pair's family and fields, or :class:`Malformed`."""
+    fields = {"question": question, "answer": answer}
+    cot = COT_QUESTION_CUE in question or COT_ANSWER_CUE in answer
     if cot:
-        kind = "multiple_choice_cot" if kind == "multiple_choice" else "cot"
-        answer = COT_STYLES[fmt.cot].format(rationale=cot[0], final=final)
+        if not question.endswith(COT_QUESTION_CUE):
+            raise Malformed("cot_question_cue")
+        question = question[: -len(COT_QUESTION_CUE)].strip()
+        parts = answer.split(COT_ANSWER_CUE)
+        if len(parts) != 2:
+            raise Malformed("cot_answer_cue")
+        rationale, final = parts[0].strip(), parts[1].strip()
+        if rationale.endswith("."):
+            rationale = rationale[:-1]
+        if not question or not rationale or not final:
+            raise Malformed("cot_empty_part")
+        fields = {"question": question, "answer": final, "cot": rationale}
+    if OPTIONS_MARK not in fields["question"]:
+        return Pair("qa_cot" if cot else "qa", fields)
+    if fields["question"].count(OPTIONS_MARK) != 1:
+        raise Malformed("options_marker_repeated")
+    stem, block = fields["question"].split(OPTIONS_MARK)
+    if not stem:
+        raise Malformed("options_without_question")
+    options = block.split(OPTION_SPLIT)
+    if len(options) > len(style.option_items):
+        raise Malformed("too_many_options")
+    rng.shuffle(options)  # the synthesizer puts the right option at a few positions too often
+    labels = style.option_items[: len(options)]
+    final = fields["answer"]
+    if final not in options and final in _NONE_OF_THESE:
+        option_answer = style.none_phrase
     else:
-        answer = final
-    return RenderedPair(question, answer, kind, shown, correct)
+        match = [i for i, o in enumerate(options) if o.strip() == final.strip()]
+        if not match:
+            raise Malformed("answer_not_an_option")
+        distinct = len(set(style.option_items)) == len(style.option_items)
+        option_answer = labels[match[0]].strip() if distinct else options[match[0]]
+    block_text = style.option_start + "".join(
+        label + option + end for label, option, end in zip(labels, options, style.option_ends, strict=False)
+    )
+    fields = {**fields, "question": stem, "options_": block_text, "option_answer": option_answer}
+    return Pair("qa_options_cot" if cot else "qa_options", fields)
 
 
-def render_entry(text: str, pairs: list[dict[str, str]], fmt: Format, rng: random.Random) -> tuple[str, list[str]]:
-    """One (text, pairs) entry as text, and the kinds of its rendered pairs; no pairs: the raw text."""
-    if not pairs:
-        return text, []
-    before, after = INTROS[fmt.intro]
-    qp, ap, join = QA_STYLES[fmt.qa]
-    blocks, kinds = [], []
-    for n, pair in enumerate(pairs, 1):
-        r = render_pair(pair["Q"], pair["A"], fmt, rng)
-        blocks.append(f"{qp.format(n=n)}{r.question}{join}{ap.format(n=n)}{r.answer}")
-        kinds.append(r.kind)
-    return f"{before}{text}{after}\n\n" + PAIR_SEPARATORS[fmt.pair_sep].join(blocks), kinds
+def classify_all(
+    pairs: list[dict[str, str]], style: Style, rng: random.Random, keep_malformed: bool, malformed: dict[str, int]
+) -> list[Pair]:
+    """An entry's pairs, classified; malformed ones counted by reason, then dropped or kept as open."""
+    out = []
+    for p in pairs:
+        try:
+            out.append(classify(p["Q"], p["A"], style, rng))
+        except Malformed as exc:
+            malformed[exc.reason] = malformed.get(exc.reason, 0) + 1
+            if keep_malformed:
+                out.append(Pair("qa", {"question": p["Q"], "answer": p["A"]}))
+    return out
 
 
-ENTRY_SEPARATOR = "\n\n"  # between the few-shot examples of a chain
+# -- layouts (the reference's get_patterns and format_one_pt_rc) ------------------------------------
+def draw_layout(style: Style, entries: list[list[Pair]], rng: random.Random) -> None:
+    """Layout, inversion and the layout's own draws, from the chain's classified entries."""
+    fewest = min(len(e) for e in entries)
+    weights = LAYOUT_WEIGHTS_MANY if fewest >= 2 else LAYOUT_WEIGHTS_FEW
+    layout = rng.choices(list(weights), weights=list(weights.values()))[0]
+    if layout == "numbered" and max(len(e) for e in entries) > MAX_NUMBERED:
+        layout = "classic"
+    inverted = rng.random() < INVERSION_SHARE and layout in ("classic", "dialog")
+    parts: dict[str, Any] = {}
+    if inverted:
+        parts |= {"qa_intro": rng.choice(tp.QA_INTROS), "qa_end": rng.choice(tp.QA_ENDS)}
+        parts["text_intro"] = rng.choice(tp.TEXT_INTROS)
+    if layout == "classic" and not inverted:
+        parts |= {"read_intro": rng.choice(tp.READ_INTROS), "read_end": rng.choice(tp.READ_ENDS)}
+        parts["lead"] = rng.choice(tp.COMPRE_LEADS)
+    if layout in ("dialog", "next_turn"):
+        asker, answerer = rng.choice(tp.SPEAKERS)
+        parts |= {"dialog_start": rng.choice(tp.DIALOG_SEPS) + rng.choice(tp.DIALOG_HEADERS)}
+        parts |= {"speakers": (asker, answerer), "turn_end": rng.choice(tp.DIALOG_ENDS)}
+        parts["turn_sep"] = rng.choice(tp.DIALOG_EXAMPLE_SEPS)
+    if layout == "next_turn":
+        parts["next_turn"] = rng.choice(tp.NEXT_TURN)
+    if layout == "numbered":
+        parts |= {"numbering": rng.choice(tp.NUMBERED_STYLES), "numbered": rng.choice(tp.NUMBERED_PATTERNS)}
+    if layout == "inline":
+        parts |= {"explain": rng.choice(tp.INLINE_EXPLAIN), "plain": rng.choice(tp.INLINE_PLAIN)}
+    style.layout, style.inverted, style.parts = layout, inverted, parts
+
+
+def pattern(style: Style, family: str) -> tp.PairPattern:
+    pat = tp.PAIR_FAMILIES[family][style.patterns[family]]
+    if style.layout in ("dialog", "next_turn"):  # the same wording, as two speakers' turns
+        asker, answerer = style.parts["speakers"]
+        turn_end, turn_sep = style.parts["turn_end"], style.parts["turn_sep"]
+        pat = replace(
+            pat, inputs_prefix=asker, targets_prefix=answerer, x_y_delimiter=turn_end, example_separator=turn_sep
+        )
+    return pat
+
+
+def render_entry(text: str, pairs: list[Pair], style: Style) -> str:
+    """One entry (its text and at least one classified pair) in the text's layout."""
+    parts = style.parts
+    pats = [pattern(style, p.family) for p in pairs]
+    sep = pats[-1].example_separator  # as the reference: the last pair's pattern separates them all
+    shown = [pat.render(p.fields) for pat, p in zip(pats, pairs, strict=True)]
+    if style.inverted:
+        demos = parts["qa_intro"].format(qa_demos=sep.join(shown))
+        return demos + parts["qa_end"] + parts["text_intro"].format(context=text)
+    if style.layout == "classic":
+        lead = parts["lead"]
+        return (
+            parts["read_intro"].format(context=text)
+            + (parts["read_end"] if lead else "")
+            + lead
+            + sep
+            + sep.join(shown)
+        )
+    if style.layout == "dialog":
+        return text + parts["dialog_start"] + sep + sep.join(shown)
+    if style.layout == "next_turn":
+        dialog = "".join(pats[k].example_separator + shown[k] for k in range(len(pairs) - 1))
+        return parts["next_turn"].format(context=text, dialog_=dialog, answer=shown[-1])
+    if style.layout == "numbered":
+        labels = parts["numbering"]
+        questions = "".join(labels[k] + pats[k].input_text(p.fields) for k, p in enumerate(pairs))
+        answers = "".join(labels[k] + pats[k].target_text(p.fields) for k, p in enumerate(pairs))
+        return parts["numbered"].format(context=text, numbered_questions=questions, numbered_answers=answers)
+    return _inline(text, pairs, style)
+
+
+def _inline(text: str, pairs: list[Pair], style: Style) -> str:
+    """Inline few-shot: the pairs in their families' plain (no reasoning) patterns, all but the last as
+    solved examples (with their reasoning as the explanation when every pair has one), the last as the
+    test; the explaining variant's patterns when every pair reasons, as the reference."""
+    explain = all("cot" in p.fields for p in pairs)
+    inline = style.parts["explain" if explain else "plain"]
+    out = inline["context"].format(context=text)
+    for k, p in enumerate(pairs):
+        pat = tp.PAIR_FAMILIES[p.family.replace("_cot", "")][style.patterns[p.family.replace("_cot", "")]]
+        given, wanted = pat.input_text(p.fields), pat.target_text(p.fields)
+        if k < len(pairs) - 1:
+            solved = {"output": wanted, "explanation": p.fields.get("cot", "")}
+            out += inline["ex_input"].format(input=given) + inline["ex_output"].format(**solved)
+            out += inline["example_separator"]
+        else:
+            out += inline["test_input"].format(input=given) + inline["test_output"].format(output=wanted)
+    return out

@@ -27,18 +27,20 @@ def rule_pairs(doc: int, rid: str, text: str) -> list[dict[str, str]]:
     w, n = (words + ["word"] * 4)[:4], len(words)
     pairs = [{"Q": f"What is the first word of document {rid}?", "A": w[0]}]
     kind = doc % 4
+    cue = "\nLet's think step by step."
     if kind == 1:
         options = f"\nOptions:\n- {w[1]}\n- zeta{doc}\n- eta{doc}"
         pairs.append({"Q": f"Which word comes second in {rid}?{options}", "A": w[1]})
     elif kind == 2:
         pairs.append({"Q": f"Is {rid} about dragons?\nOptions:\n- yes\n- maybe", "A": "None of the above"})
     elif kind == 3:
-        cue = "\nLet's think step by step."
         pairs.append({"Q": f"How long is {rid}?{cue}", "A": f"It has {n} words.\nTherefore, the answer is {n}"})
         options = "\nOptions:\n- yes\n- no"
         pairs.append(
             {"Q": f"Is {rid} long?{options}{cue}", "A": f"It has {n} words, not many.\nTherefore, the answer is no"}
         )
+    if doc % 7 == 3:  # a reasoning cue without the answer's conclusion: malformed (dropped by templify)
+        pairs.append({"Q": f"Why does {rid} exist?{cue}", "A": "Because someone wrote it."})
     return pairs
 
 

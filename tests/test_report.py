@@ -56,11 +56,11 @@ def test_broken_image_is_flagged_by_the_page(tmp_path: Path) -> None:
     run = make_synth(make_raw(tmp_path / "run", 1, docs=20), 1)
     templify.run(cfg(), run)
     out = report.build(run)
-    (run / "report" / "templify_formats.png").write_bytes(b"not a png")
+    (run / "report" / "templify_layouts.png").write_bytes(b"not a png")
     exe = browser()
     if exe is None:
         pytest.skip("no chromium on PATH")
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", Path(out["html"]).as_uri()]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
-    broken = [t for t in re.findall(r"<img [^>]*>", dom) if "templify_formats.png" in t]
+    broken = [t for t in re.findall(r"<img [^>]*>", dom) if "templify_layouts.png" in t]
     assert broken and 'data-loaded="no"' in broken[0]

@@ -3,7 +3,6 @@ nothing lost or duplicated, the raw split, resume, the execution backends, and t
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections import Counter
 from pathlib import Path
@@ -21,14 +20,12 @@ from ipt_hpc.execution.shards import prepare
 from ipt_hpc.mixture import blend, converted
 from ipt_hpc.records import RecordWriter, partial_path, read_records
 from ipt_hpc.templify_formats import (
-    NONE_OPTIONS,
-    OPTION_LABELS,
-    draw_format,
-    render_entry,
-    render_pair,
+    LAYOUT_WEIGHTS_FEW,
+    LAYOUT_WEIGHTS_MANY,
+    Malformed,
+    classify,
+    draw_style,
     rng_for,
-    split_options,
-    split_rationale,
 )
 
 
@@ -66,15 +63,17 @@ def test_chains_are_rebuilt_each_record_once(tmp_path: Path) -> None:
     job = templify.TemplifyJob(seed=0, raw_stage=None)
     stats: dict = {}
     out = list(templify.texts_of_shard(job, path, None, stats))
-    assert [o["docs"] for o in out] == ids
-    assert [o["pairs"] for o in out] == [0, 3, 3, 4]
-    assert out[0]["text"] == "Text of f." and out[0]["format"] == "plain"  # no pairs: the raw text as it is
-    abc = out[1]["text"]  # few-shot: a's text and pairs, then b's, then c's raw text
-    assert (
-        abc.index("Text of a.") < abc.index("Question 1 about a?") < abc.index("Text of b.") < abc.index("Text of c.")
-    )
-    assert abc.endswith("Text of c.")
-    assert stats["pairs_in"] == stats["pairs"] == 10 and stats["texts_without_pairs"] == 1
+    # an entry without pairs is cut out of its chain and becomes a plain text of its own (the reference)
+    assert [o["docs"] for o in out] == [["f"], ["a", "b"], ["c"], ["g", "h"], ["d", "e"]]
+    assert [o["pairs"] for o in out] == [0, 3, 0, 3, 4]
+    assert [o["id"] for o in out] == ["f", "b", "c", "h", "e"]
+    assert out[0]["text"] == "Text of f." and out[0]["format"] == "plain"
+    assert out[2]["text"] == "Text of c." and out[2]["format"] == "plain"
+    ab = out[1]["text"]  # few-shot: a's text and pairs, then b's
+    assert "Text of c." not in ab
+    if not out[1]["format"].endswith("inverted"):
+        assert ab.index("Text of a.") < ab.index("Question 1 about a?") < ab.index("Text of b.")
+    assert stats["pairs_in"] == stats["pairs"] == 10 and stats["texts_without_pairs"] == 2
 
 
 @pytest.mark.parametrize(
@@ -95,75 +94,133 @@ def test_inconsistent_chains_name_the_record(tmp_path: Path, broken: dict, reaso
     assert f"s.jsonl.zst:{line}:" in str(err.value) and reason in str(err.value)
 
 
-def test_formats_vary_and_are_deterministic() -> None:
-    names = {draw_format(rng_for(f"doc:{i}", 7)).name for i in range(1000)}
-    assert len(names) >= 20
-    pairs = [{"Q": "Why?", "A": "Because."}, {"Q": "What?\nOptions:\n- x\n- y", "A": "y"}]
-    one = [render_entry("T.", pairs, draw_format(r := rng_for("k", 1)), r) for _ in range(2)]
-    assert one[0] == one[1]
-    other = {render_entry("T.", pairs, draw_format(r := rng_for("k", s)), r)[0] for s in range(30)}
-    assert len(other) > 10
+def style(seed: int = 0):
+    return draw_style(random.Random(seed))
 
 
-def test_options_keep_the_right_answer_after_shuffling() -> None:
-    q = "Which city is the capital?\nOptions:\n- Lyon\n- Paris\n- Nice\n- Lille"
-    seen_positions = set()
-    for seed in range(200):
-        rng = rng_for(str(seed), 0)
-        fmt = draw_format(rng)
-        r = render_pair(q, "Paris", fmt, rng)
-        assert r.kind == "multiple_choice" and r.options is not None
-        assert sorted(o for _, o in r.options) == ["Lille", "Lyon", "Nice", "Paris"]
-        label, text = r.options[r.correct]
-        assert text == "Paris"
-        seen_positions.add(r.correct)
-        assert r.question.startswith("Which city is the capital?\n")
-        assert all(f"{p}{o}" in r.question for p, o in r.options)
-        if fmt.option_labels == "bullet" or fmt.mc_answer == "text":
-            assert r.answer == "Paris"
-        elif fmt.mc_answer == "label":
-            assert r.answer == label.strip().strip("().")
-        else:
-            assert r.answer == f"{label.strip()} Paris"
-        if r.answer != "Paris":  # the label the answer names is the one shown before "Paris"
-            shown = {p.strip().strip("().") for p, _ in r.options}
-            named = r.answer.split()[0].strip("().")
-            assert named in shown and named == label.strip().strip("().")
-    assert seen_positions == {0, 1, 2, 3}  # shuffled, not always in place
+def test_reasoning_pairs_need_both_cues_in_place() -> None:
+    st = style()
+    rng = random.Random(1)
+    ok = classify("How long is it?\nLet's think step by step.", "It has 3 words.\nTherefore, the answer is 3", st, rng)
+    assert ok.family == "qa_cot" and ok.kind == "cot"
+    assert ok.fields == {"question": "How long is it?", "answer": "3", "cot": "It has 3 words"}
+    cases = {
+        ("Let's think step by step.\nHow long?", "x\nTherefore, the answer is 3"): "cot_question_cue",
+        ("How long?\nLet's think step by step.", "It has 3 words, so 3."): "cot_answer_cue",
+        ("How long?", "a\nTherefore, the answer is 3\nTherefore, the answer is 4"): "cot_question_cue",
+        ("How long?\nLet's think step by step.", "a\nTherefore, the answer is 3\nTherefore, the answer is 4"): (
+            "cot_answer_cue"
+        ),
+        ("\nLet's think step by step.", "a\nTherefore, the answer is 3"): "cot_empty_part",
+    }
+    for (q, a), reason in cases.items():
+        with pytest.raises(Malformed) as err:
+            classify(q, a, st, rng)
+        assert err.value.reason == reason, (q, a)
 
 
-def test_option_label_styles_and_inline_options() -> None:
-    for style in OPTION_LABELS:
-        fmt = dataclasses.replace(draw_format(random.Random(0)), option_labels=style)
-        r = render_pair("Pick?\nOptions:\n- one\n- two\n- three", "two", fmt, random.Random(3))
-        assert r.options[r.correct][1] == "two"
-    assert split_options("Is it?\nOptions: - yes - no") == ("Is it?", ["yes", "no"])
-    assert split_options("Is it?\nOptions:\nA. yes\nB. no") == ("Is it?", ["yes", "no"])
-    assert split_options("Choices: are hard\nsometimes") == ("Choices: are hard\nsometimes", [])
+def test_multiple_choice_pairs_need_an_answer_among_the_options() -> None:
+    from ipt_hpc import templify_patterns as tp
+
+    for seed in range(30):
+        st = style(seed)
+        rng = random.Random(seed)
+        p = classify("Which is red?\nOptions:\n- grass\n- a tomato\n- the sky", "a tomato", st, rng)
+        assert p.family == "qa_options" and p.fields["question"] == "Which is red?"
+        block = p.fields["options_"]
+        assert all(o in block for o in ("grass", "a tomato", "the sky")) and block.startswith(st.option_start)
+        labels = st.option_items[:3]
+        shown = sorted(("grass", "a tomato", "the sky"), key=block.index)
+        right = labels[shown.index("a tomato")]
+        assert p.fields["option_answer"] == (right.strip() if len(set(st.option_items)) == 26 else "a tomato")
+        none = classify("Which is blue?\nOptions:\n- grass\n- fire", "None of the above", st, rng)
+        assert none.fields["option_answer"] == st.none_phrase and st.none_phrase in tp.NONE_OF_THESE
+        assert "None of the above" not in none.fields["options_"]  # the block is not extended
+    for q, a, reason in [
+        ("Which is red?\nOptions:\n- grass\n- sky", "a tomato", "answer_not_an_option"),
+        ("Red?\nOptions:\n- a\n- b\nOptions:\n- c", "a", "options_marker_repeated"),
+        ("\nOptions:\n- a\n- b", "a", "options_without_question"),
+    ]:
+        with pytest.raises(Malformed) as err:
+            classify(q, a, style(), random.Random(0))
+        assert err.value.reason == reason
+    both = classify(
+        "Red?\nOptions:\n- yes\n- no\nLet's think step by step.",
+        "Look.\nTherefore, the answer is no",
+        style(),
+        random.Random(0),
+    )
+    assert both.family == "qa_options_cot" and both.fields["cot"] == "Look"
 
 
-def test_unanswerable_becomes_a_none_option() -> None:
-    for seed in range(50):
-        rng = rng_for(str(seed), 1)
-        r = render_pair("Is the sky green?\nOptions:\n- yes\n- no", "None of the above.", draw_format(rng), rng)
-        assert r.kind == "multiple_choice" and len(r.options) == 3
-        assert r.correct == 2 and r.options[2][1] in NONE_OPTIONS
-    # an option that already says so is used, not duplicated
-    r = render_pair("Green?\nOptions:\n- yes\n- not enough information", "Unanswerable", draw_format(rng), rng)
-    assert len(r.options) == 2 and r.options[r.correct][1] == "not enough information"
-    # an answer that is neither an option nor unanswerable: the question stays open, as written
-    r = render_pair("Green?\nOptions:\n- yes\n- no", "purple", draw_format(rng), rng)
-    assert r.kind == "open" and r.options is None and r.answer == "purple" and r.question.endswith("- no")
+def test_malformed_pairs_are_dropped_or_kept_by_the_switch(tmp_path: Path) -> None:
+    bad = {"Q": "Why?\nLet's think step by step.", "A": "Because."}
+    records = [{"id": "a", "text": "Text of a.", "chain": [], "pairs": [bad, {"Q": "Fine?", "A": "Yes."}]}]
+    path = write_synth(tmp_path / "s.jsonl.zst", records)
+    for mode, rendered in (("drop", 1), ("keep", 2)):
+        stats: dict = {}
+        out = list(
+            templify.texts_of_shard(templify.TemplifyJob(seed=0, raw_stage=None, malformed=mode), path, None, stats)
+        )
+        assert out[0]["pairs"] == rendered and stats["malformed"] == {"cot_answer_cue": 1}
+        assert stats["pairs_dropped"] == 2 - rendered
+        assert ("Because." in out[0]["text"]) == (mode == "keep")
 
 
-def test_rationale_answers_are_restyled() -> None:
-    assert split_rationale("Let's think step by step. Two and two. So the answer is 4.") == ("Two and two.", "4")
-    assert split_rationale("The answer is 4.") is None
-    rng = rng_for("x", 0)
-    fmt = draw_format(rng)
-    r = render_pair("Sum?\nOptions:\n- 3\n- 4", "Two and two make four, so the answer is 4", fmt, rng)
-    assert r.kind == "multiple_choice_cot" and r.options[r.correct][1] == "4"
-    assert "Two and two make four." in r.answer
+def binomial_ok(hits: int, n: int, p: float, sigmas: float = 4.0) -> bool:
+    return abs(hits - n * p) <= sigmas * (n * p * (1 - p)) ** 0.5 + 1
+
+
+def test_layouts_inversion_and_drops_match_the_reference_over_10000_chains(tmp_path: Path) -> None:
+    """10,000 synthetic chains: layout shares per chain kind, inversion, malformed drops by reason, the
+    separator between entries and the spread over patterns, against the reference's probabilities."""
+    from ipt_hpc import templify_patterns as tp
+
+    rng = random.Random(5)
+    records, valid, planted = [], {}, Counter()
+    for c in range(10_000):
+        ids: list[str] = []
+        for e in range(rng.choice([1, 2, 2, 3])):
+            rid = f"c{c}e{e}"
+            valid[rid] = rng.choice([1, 1, 2, 3, 4])
+            pairs = [{"Q": f"Question {k} of {rid}?", "A": f"answer {k}"} for k in range(valid[rid])]
+            if rng.random() < 0.1:
+                pairs.insert(0, {"Q": f"Why {rid}?\nLet's think step by step.", "A": "No conclusion."})
+                planted["cot_answer_cue"] += 1
+            if rng.random() < 0.1:
+                pairs.append({"Q": f"Pick for {rid}?\nOptions:\n- x\n- y", "A": "z"})
+                planted["answer_not_an_option"] += 1
+            records.append({"id": rid, "text": f"Text {rid}.", "chain": list(ids), "pairs": pairs})
+            ids.append(rid)
+    path = write_synth(tmp_path / "s.jsonl.zst", records)
+    stats: dict = {}
+    out = list(templify.texts_of_shard(templify.TemplifyJob(seed=0, raw_stage=None), path, None, stats))
+    assert stats["malformed"] == dict(planted) and stats["pairs_dropped"] == sum(planted.values())
+    assert len(out) == 10_000 and stats["pairs"] == sum(valid.values())
+    kinds: dict[str, Counter[str]] = {"few": Counter(), "many": Counter()}
+    for o in out:
+        kinds["many" if min(valid[d] for d in o["docs"]) >= 2 else "few"][o["format"].split("+")[0]] += 1
+    for kind, weights in (("few", LAYOUT_WEIGHTS_FEW), ("many", LAYOUT_WEIGHTS_MANY)):
+        n = sum(kinds[kind].values())
+        assert n > 2000 and set(kinds[kind]) == set(weights), kinds[kind]
+        for layout, w in weights.items():
+            assert binomial_ok(kinds[kind][layout], n, w / sum(weights.values())), (kind, layout, kinds[kind])
+    invertible = [o for o in out if o["format"].split("+")[0] in ("classic", "dialog")]
+    assert binomial_ok(sum(o["format"].endswith("+inverted") for o in invertible), len(invertible), 0.05)
+    # the separator between a chain's entries: the reference's shares (36, 34, 7 and 2 of its 79 patterns)
+    styles = [draw_style(rng_for(f"id{i}", 0)) for i in range(10_000)]
+    seps = Counter(s.chain_sep for s in styles)
+    dashed = sum(v for k, v in seps.items() if "-" in k)
+    for got, want in ((seps["\n\n\n"], 36 / 79), (seps["\n\n"], 34 / 79), (seps["\n"], 7 / 79), (dashed, 2 / 79)):
+        assert abs(got / 10_000 - want) < 0.03, seps
+    # variety: no pattern of a family, no intro or lead-in but the bare ones, takes over 3% of the texts
+    for family in tp.PAIR_FAMILIES:
+        top = Counter(s.patterns[family] for s in styles).most_common(1)[0][1]
+        assert top / 10_000 < 0.03, family
+    for table, bare in ((tp.READ_INTROS, "{context}"), (tp.COMPRE_LEADS, "")):
+        draws = Counter(random.Random(i).choice(table) for i in range(10_000))
+        assert 0.45 < draws[bare] / 10_000 < 0.55
+        assert max(v for k, v in draws.items() if k != bare) / 10_000 < 0.03
 
 
 # -- the stage ----------------------------------------------------------------------------------------
@@ -190,18 +247,21 @@ def test_stage_renders_every_pair_once_and_splits_raw_by_id(tmp_path: Path) -> N
     for o in out:
         assert (o["group"] == "raw") == (not converted(o["id"], 0.6)), o["id"]
     synth = [r for k in range(2) for r in read_records(run / "synth" / shard_name(k, 2))]
-    questions = [p["Q"].split("\n")[0] for r in synth for p in r["pairs"]]
+    pairs_in = sum(len(r["pairs"]) for r in synth)
+    firsts = [p["Q"] for r in synth for p in r["pairs"] if p["Q"].startswith("What is the first word")]
     text = "\n".join(o["text"] for o in out)
-    assert all(text.count(q) == 1 for q in questions)
-    assert sum(o["pairs"] for o in out) == len(questions) > 50
+    assert all(text.count(q) == 1 for q in firsts) and len(firsts) > 50  # open questions: always rendered
     manifest = read_json(run / "augmented" / "manifest.json")
     t = manifest["totals"]
-    assert t["pairs"] == t["pairs_in"] == len(questions)
+    assert t["pairs"] + t["pairs_dropped"] == t["pairs_in"] == pairs_in
+    assert sum(o["pairs"] for o in out) == t["pairs"]
+    assert t["malformed"] == {"cot_answer_cue": t["pairs_dropped"]} and t["pairs_dropped"] > 0
     assert t["raw_texts"] == sum(o["group"] == "raw" for o in out) > 0
     assert set(t["pair_kinds"]) == {"multiple_choice", "multiple_choice_cot", "cot", "open"}
     for chart in manifest["charts"]:
         assert (run / "augmented" / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(manifest["charts"]) == ["formats.png", "pairs_per_text.png"]
+    assert sorted(manifest["charts"]) == ["layouts.png", "pairs_per_text.png"]
+    assert abs(sum(t["layouts"].values()) - 1) < 1e-3 and "classic" in t["layouts"]
 
 
 def test_reruns_are_byte_identical_and_seed_changes_formats(tmp_path: Path) -> None:
@@ -307,16 +367,6 @@ def test_groups_tokenize_separately_and_the_mixture_report_reads_them(tmp_path: 
     want = 2 * tokens["augmented"] / (2 * tokens["augmented"] + tokens["raw"])
     assert report["groups"]["augmented"]["weight"] == pytest.approx(want, abs=1e-6)
     assert report["data_path"][1] == str(run / "tokens" / "augmented")
-
-
-def test_the_synthesizers_reasoning_shape_is_recognised() -> None:
-    q = "Is it long?\nOptions:\n- yes\n- no\nLet's think step by step."
-    for seed in range(40):
-        rng = rng_for(str(seed), 3)
-        fmt = draw_format(rng)
-        r = render_pair(q, "It has 3 words.\nTherefore, the answer is no", fmt, rng)
-        assert r.kind == "multiple_choice_cot" and r.options[r.correct][1] == "no"
-        assert "It has 3 words." in r.answer and "Let's think step by step.\n" not in r.question
 
 
 def test_records_settings_reach_the_writers_of_every_stage(tmp_path: Path) -> None:

@@ -24,7 +24,15 @@ def main(run: Path) -> int:
     with_pairs = synth["docs"] - synth["docs_without_pairs"]
     check("pairs parsed on most documents", with_pairs > 0.5 * synth["docs"], f"{with_pairs}/{synth['docs']}")
     aug = json.loads((run / "augmented" / "manifest.json").read_text())["totals"]
-    check("every pair rendered once", aug["pairs"] == aug["pairs_in"] > 0, f"{aug['pairs']} of {aug['pairs_in']}")
+    rendered = aug["pairs"] + aug["pairs_dropped"] == aug["pairs_in"] and aug["pairs"] > 0
+    check(
+        "every pair rendered once or dropped as malformed",
+        rendered,
+        f"{aug['pairs']} + {aug['pairs_dropped']} dropped of {aug['pairs_in']}",
+    )
+    check(
+        "layout mix in the manifest", bool(aug["layouts"]), ", ".join(f"{k} {v:.1%}" for k, v in aug["layouts"].items())
+    )
     for group in ("augmented", "raw"):
         m = json.loads((run / "tokens" / group / "manifest.json").read_text())
         size = (run / "tokens" / f"{group}.bin").stat().st_size
@@ -39,6 +47,7 @@ def main(run: Path) -> int:
     html = run / "report" / "report.html"
     images = list((run / "report").glob("*.png"))
     check("report with charts", html.exists() and len(images) >= 4, f"{len(images)} PNG files")
+    check("report shows the layout mix", "layout mix" in html.read_text(encoding="utf-8"), str(html))
     for name, ok, detail in checks:
         print(f"{'ok ' if ok else 'FAIL'} {name}: {detail}")
     failed = sum(not ok for _, ok, _ in checks)
