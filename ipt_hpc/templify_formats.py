@@ -144,7 +144,7 @@ def classify(question: str, answer: str, style: Style, rng: random.Random) -> Pa
         if not match:
             raise Malformed("answer_not_an_option")
         distinct = len(set(style.option_items)) == len(style.option_items)
-        option_answer = labels[match[0]].strip() if distinct else options[match[0]]
+        option_answer = labels[match[0]].strip() if distinct else final  # bullets: the answer's own text
     block_text = style.option_start + "".join(
         label + option + end for label, option, end in zip(labels, options, style.option_ends, strict=False)
     )
