@@ -140,7 +140,10 @@ def context_ids(
     tokenized again so its ids stay exact) and the number of documents over the budget.
     """
     if room <= len(pieces.encode([fmt.context_text("")])[0]):
-        raise IptError(f"a budget of {room} tokens per context segment leaves no room for a document")
+        raise IptError(
+            f"a budget of {room} tokens per context segment (synth.max_model_len - synth.max_new_tokens - 1)"
+            " leaves no room for a document: raise synth.max_model_len or lower synth.max_new_tokens"
+        )
     ids: list[list[int] | None] = list(pieces.encode([fmt.context_text(t) for t in texts]))
     used = list(texts)
     cut = 0
