@@ -271,12 +271,21 @@ def _write_tokens(ctx: Context) -> Path:
     return run
 
 
+def _child_env() -> dict[str, str]:
+    """The environment for the doctor's subprocesses, which run in a scratch folder: ``ipt_hpc`` stays
+    importable there when it is used from a checkout (``PYTHONPATH=$PWD``, or started from the repository
+    root) rather than installed."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = [root, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def _torchrun(ctx: Context, run: Path, config: Path, nproc: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29431"]
     cmd += ["-m", "ipt_hpc.train", str(run), "--config", str(config)]
     log = ctx.work / f"{config.stem}.log"
     with open(log, "w") as out:
-        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ctx.work)
+        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ctx.work, env=_child_env())
     if rc != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-2000:]
         raise RuntimeError(f"training exited with {rc} (log: {log}):\n{tail}")
@@ -315,11 +324,28 @@ def check_train(ctx: Context) -> dict[str, Any]:
     }
 
 
+def hf_llama_config(m: dict[str, Any], seq_length: int, **extra: Any) -> Any:
+    """Hugging Face's ``LlamaConfig`` with the shapes of the doctor's model ``m`` (untied embeddings)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=m["vocab_size"],
+        hidden_size=m["hidden_size"],
+        intermediate_size=m["ffn_hidden_size"],
+        num_hidden_layers=m["num_layers"],
+        num_attention_heads=m["num_attention_heads"],
+        num_key_value_heads=m.get("num_query_groups") or m["num_attention_heads"],
+        max_position_embeddings=seq_length,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
 def check_hf_baseline(ctx: Context) -> dict[str, Any]:
     """Hugging Face transformers trains the same shapes on the same tokens: the reference for tokens/s."""
     import numpy as np
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from .indexed import dtype_for_vocab
     from .train.config import ModelConfig, TrainConfig
@@ -327,16 +353,7 @@ def check_hf_baseline(ctx: Context) -> dict[str, Any]:
 
     m, shape = ctx.model, ctx.shape
     device = "cuda" if ctx.gpu else "cpu"
-    config = LlamaConfig(
-        vocab_size=m["vocab_size"],
-        hidden_size=m["hidden_size"],
-        intermediate_size=m["ffn_hidden_size"],
-        num_hidden_layers=m["num_layers"],
-        num_attention_heads=m["num_attention_heads"],
-        num_key_value_heads=m.get("num_query_groups") or m["num_attention_heads"],
-        max_position_embeddings=shape["seq_length"],
-        tie_word_embeddings=False,
-    )
+    config = hf_llama_config(m, shape["seq_length"])
     torch.manual_seed(0)
     dtype = torch.bfloat16 if ctx.gpu else torch.float32
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
@@ -413,7 +430,7 @@ def check_export(ctx: Context) -> dict[str, Any]:
         "--config",
         ctx.results["resume"]["config"],
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ctx.work)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ctx.work, env=_child_env())
     if proc.returncode != 0:
         raise RuntimeError(f"export failed: {proc.stderr[-2000:]}")
     result = json.loads((out / "export.json").read_text()) if (out / "export.json").exists() else {}

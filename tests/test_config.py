@@ -61,6 +61,16 @@ def test_overrides_parse_yaml_values_and_win(tmp_path: Path) -> None:
     assert cfg.shard.text_field == "text"
 
 
+def test_unquoted_on_off_reach_the_on_off_fields(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare on/off as a bool: the GPU test's ``--set train.distributed_optimizer=on`` failed on
+    an H200 with "Input should be 'auto', 'on' or 'off'" before this."""
+    path = write(tmp_path, "train:\n  distributed_optimizer: off\n")
+    assert load_config(path).train.distributed_optimizer == "off"
+    assert load_config(path, ["train.distributed_optimizer=on"]).train.distributed_optimizer == "on"
+    with pytest.raises(ConfigError, match=r"train\.distributed_optimizer"):
+        load_config(path, ["train.distributed_optimizer=7"])
+
+
 def test_bad_override_is_attributed_to_set(tmp_path: Path) -> None:
     path = write(tmp_path, "shard:\n  num_shards: 4\n")
     with pytest.raises(ConfigError, match=r"--set: key 'shard\.num_shards': Input should be a valid integer"):

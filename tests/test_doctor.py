@@ -33,6 +33,21 @@ def test_gpu_dry_run_prints_the_plan() -> None:
     assert "348.7M parameters" in proc.stdout and "bf16, distributed optimizer" in proc.stdout
 
 
+def test_subprocesses_import_the_package_from_a_checkout(tmp_path: Path) -> None:
+    """The doctor's torchrun and export run in a scratch folder. On an H200 with ipt_hpc used from a checkout
+    (not installed), ``python -m ipt_hpc.train`` failed there with "No module named 'ipt_hpc'" before the
+    doctor passed the package root on. ``-S`` keeps site-packages (and an editable install) out."""
+    from ipt_hpc.doctor import _child_env
+
+    probe = [sys.executable, "-S", "-c", "import ipt_hpc; print(ipt_hpc.__file__)"]
+    bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    assert subprocess.run(probe, cwd=tmp_path, env=bare, capture_output=True).returncode != 0
+    env = _child_env()
+    proc = subprocess.run(probe, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).parent == REPO / "ipt_hpc"
+
+
 @pytest.mark.slow
 def test_cpu_doctor_passes_without_the_heavy_dependencies(tmp_path: Path) -> None:
     block = tmp_path / "block"

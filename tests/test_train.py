@@ -53,7 +53,8 @@ def make_tokens(run: Path) -> None:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep carried wheels
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
     env.pop("IPT_TRAIN_TEST_STEP_SLEEP", None)
     env.update(extra)
     return env

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -86,6 +86,12 @@ class TrainConfig(_Section):
         " first checkpoint iter_0000000 (model only) when the run has none; later resumes use the run's checkpoints",
     )
     peak_flops: float = Field(989e12, gt=0, description="per-device peak for MFU (H100 SXM dense bf16: 989 TFLOP/s)")
+
+    @field_validator("distributed_optimizer", mode="before")
+    @classmethod
+    def _on_off(cls, value: object) -> object:
+        # YAML 1.1 reads an unquoted on/off (in a config file or --set train.distributed_optimizer=on) as a bool
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
