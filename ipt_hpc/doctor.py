@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from .atomic import write_json_atomic
+from .layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SYNTH = REPO / "models" / "tiny-synthesizer"
@@ -264,10 +265,10 @@ def _write_tokens(ctx: Context) -> Path:
         doc = (start + (np.arange(length) % period) * 7) % (vocab - 2) + 2
         docs.append(np.append(doc, EOD))
         total += length + 1
-    writer = IndexedWriter(run / "tokens" / "probe", dtype_for_vocab(vocab))
+    writer = IndexedWriter(RunLayout.of(run).token_group("probe"), dtype_for_vocab(vocab))
     writer.add(np.concatenate(docs), np.array([len(d) for d in docs]))
     writer.close()
-    write_json_atomic(run / "tokens" / "probe" / "manifest.json", {"config": {"eod_id": EOD}})
+    write_json_atomic(RunLayout.of(run).token_group("probe") / "manifest.json", {"config": {"eod_id": EOD}})
     return run
 
 
@@ -295,7 +296,7 @@ def _train_log(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(steps in iteration order, events) of ``RUN/train/log.jsonl``; a step redone after a resume counts once."""
     from .train.metrics import read_steps
 
-    log = run / "train" / "log.jsonl"
+    log = RunLayout.of(run).train_log
     steps = read_steps(log)
     events = [r for r in map(json.loads, log.read_text(encoding="utf-8").splitlines()) if r.get("kind") == "event"]
     return [steps[i] for i in sorted(steps)], events
@@ -359,7 +360,8 @@ def check_hf_baseline(ctx: Context) -> dict[str, Any]:
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
-    data = np.memmap(ctx.work / "run" / "tokens" / "probe.bin", mode="r", dtype=dtype_for_vocab(m["vocab_size"]))
+    probe = RunLayout.of(ctx.work / "run").token_group("probe").with_suffix(".bin")
+    data = np.memmap(probe, mode="r", dtype=dtype_for_vocab(m["vocab_size"]))
     seq, mbs = shape["seq_length"], shape["micro_batch_size"]
     micro = shape["global_batch_size"] // (mbs * ctx.ranks)
     steps, times, pos = shape["train_iters"], [], 0
@@ -404,7 +406,7 @@ def check_resume(ctx: Context) -> dict[str, Any]:
     if not resumed or resumed[-1]["iteration"] != first:
         raise RuntimeError(f"no resume from iteration {first}: events {[e.get('event') for e in events]}")
     last = steps[-1]
-    meta = json.loads((run / "train" / "checkpoints" / f"iter_{last['iteration']:07d}" / "meta.json").read_text())
+    meta = json.loads((RunLayout.of(run).checkpoints / f"iter_{last['iteration']:07d}" / "meta.json").read_text())
     return {
         "resumed_from": first,
         "iteration": last["iteration"],
@@ -416,14 +418,14 @@ def check_resume(ctx: Context) -> dict[str, Any]:
 
 def check_export(ctx: Context) -> dict[str, Any]:
     run = ctx.work / "run"
-    out = ctx.work / "hf"
+    out = ctx.work / "hf-export"
     cmd = [
         sys.executable,
         "-m",
         "ipt_hpc.launch",
         "export",
         "--checkpoint",
-        str(run / "train" / "checkpoints"),
+        str(RunLayout.of(run).checkpoints),
         "--out",
         str(out),
         "--force",

@@ -26,6 +26,7 @@ from typing import Any
 from .atomic import atomic_write_bytes, read_json, write_json_atomic
 from .config import EvalConfig, config_hash
 from .errors import IptError
+from .layout import state_dir
 
 GEN_KWARGS = {"do_sample": False}  # greedy, as the model card's --gen_kwargs do_sample=False
 PACKAGED_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "imagefolder", "audiofolder"}
@@ -409,8 +410,8 @@ def run(
 
 def _file_log(out: Path) -> logging.Handler:
     """lm-eval's and our log lines also go to ``RUN/eval/_state/eval.log``."""
-    (out / "_state").mkdir(exist_ok=True)
-    handler = logging.FileHandler(out / "_state" / "eval.log", encoding="utf-8")
+    state_dir(out).mkdir(exist_ok=True)
+    handler = logging.FileHandler(state_dir(out) / "eval.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()

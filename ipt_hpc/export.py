@@ -25,6 +25,7 @@ from typing import Any, Literal
 from . import __version__
 from .atomic import fsync_dir, read_json, write_json_atomic
 from .errors import IptError
+from .layout import RunLayout
 from .train.config import TrainConfig
 
 Arch = Literal["llama", "mistral"]
@@ -67,8 +68,8 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
         if not (path / "meta.json").exists():
             raise IptError(f"export: {path} has no meta.json: the save did not complete; use an earlier iter_N")
         return path
-    if (path / "train" / "checkpoints").is_dir():
-        path = path / "train" / "checkpoints"
+    if RunLayout.of(path).checkpoints.is_dir():
+        path = RunLayout.of(path).checkpoints
     found = latest(path)
     if found is None:
         raise IptError(
@@ -78,22 +79,19 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     return found
 
 
-def run_of(checkpoint: Path) -> Path | None:
-    """The run folder of ``RUN/train/checkpoints/iter_N``, if the checkpoint lives in that layout."""
-    if checkpoint.parent.name == "checkpoints" and checkpoint.parent.parent.name == "train":
-        return checkpoint.parent.parent.parent
-    return None
+def run_of(checkpoint: Path) -> RunLayout | None:
+    """The run of ``RUN/train/checkpoints/iter_N``, if the checkpoint lives in that layout."""
+    return RunLayout.of_checkpoint(checkpoint)
 
 
 def train_config(checkpoint: Path, config: str | os.PathLike[str] | None = None) -> TrainConfig:
     """The train config the checkpoint was made with: ``config`` if given, else the run's frozen
     ``RUN/train/config.yaml`` (written by ``launch train``)."""
     from .config import load_config
-    from .train.stage import resolved_config_path
 
     if config is None:
         run = run_of(checkpoint)
-        frozen = resolved_config_path(run) if run is not None else None
+        frozen = run.train_config if run is not None else None
         if frozen is None or not frozen.exists():
             raise IptError(
                 f"export: cannot find the train config of {checkpoint} (looked for"
@@ -307,7 +305,7 @@ def find_tokenizer(checkpoint: Path, cfg: TrainConfig, tokenizer: str | os.PathL
         return Path(tokenizer)
     run = run_of(checkpoint)
     for group in cfg.data.groups:
-        candidate = run / "tokens" / group / "tokenizer" if run else None
+        candidate = run.token_group(group) / "tokenizer" if run else None
         if candidate is not None and candidate.is_dir():
             return candidate
     return None
@@ -317,7 +315,7 @@ def _training_bos(checkpoint: Path, cfg: TrainConfig) -> int | None:
     """BOS id the tokenize stage put before every training document (its manifests), or None."""
     run = run_of(checkpoint)
     for group in cfg.data.groups:
-        manifest = run / "tokens" / group / "manifest.json" if run else None
+        manifest = run.token_group(group) / "manifest.json" if run else None
         if manifest is not None and manifest.exists():
             bos = read_json(manifest).get("config", {}).get("bos_id")
             if bos is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import __version__
 from .errors import IptError
+from .layout import RunLayout, state_dir
 
 EPILOG_SHARD = """\
 examples:
@@ -471,7 +472,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, flags)
     if not (args.out or args.run):
         raise IptError("shard: say where to write: --out DIR or --run RUN")
-    out = Path(args.out) if args.out else Path(args.run) / "raw"
+    out = Path(args.out) if args.out else RunLayout.of(args.run).raw
     console = _console()
     if args.dry_run:
         inputs = discover_inputs(cfg.shard.inputs, cfg.shard.format)
@@ -685,7 +686,7 @@ def cmd_mixture(args: argparse.Namespace) -> int:
     console = _console()
     console.print(table)
     console.print(f"Megatron blend (data_path): {' '.join(report['data_path'])}")
-    console.print(f"written to {Path(args.run) / 'mixture.json'}")
+    console.print(f"written to {RunLayout.of(args.run).mixture}")
     return 0
 
 
@@ -733,7 +734,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .execution.shards import load_stage_run
     from .tokenize import merge_group
 
-    manifest = merge_group(load_stage_run(Path(args.run) / "tokens" / args.group))
+    manifest = merge_group(load_stage_run(RunLayout.of(args.run).token_group(args.group)))
     print(f"{manifest['dataset']}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens")
     return 0
 
@@ -882,7 +883,7 @@ def _wait_for_pipeline(console: Any, run: str, job_ids: list[str]) -> int:
         console.print(f"[bold red]pipeline failed[/] after {time.time() - started:,.0f} s; later steps were cancelled")
         print_failures(console, report)
         return 1
-    final = Path(run) / "report" / "report.md"
+    final = RunLayout.of(run).report / "report.md"
     if not final.exists() or final.stat().st_mtime < started:
         console.print(
             f"[bold red]pipeline did not finish[/]: no shard failed, so a job step did (train, export, eval, mixture or"
@@ -942,11 +943,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         console.print(f"datasets cache: {datasets.config.HF_DATASETS_CACHE}")
         return 0
     plans = evaluate.plan(cfg.eval, groups)
-    out = Path(cfg.eval.out) if cfg.eval.out else Path(args.run) / "eval" if args.run else None
+    out = Path(cfg.eval.out) if cfg.eval.out else RunLayout.of(args.run).eval if args.run else None
     if out is None:
         if not Path(cfg.eval.model or "").is_dir():
             raise IptError("eval: say where to write: --run RUN (results in RUN/eval) or --out DIR")
-        out = Path(cfg.eval.model).resolve().parent / "eval"
+        out = RunLayout.of(Path(cfg.eval.model).resolve().parent).eval  # RUN/hf -> RUN/eval
     execution = cfg.execution
     if execution.backend == "slurm" and execution.slurm.gpus_per_node is None:
         execution = execution.model_copy(
@@ -977,7 +978,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             groups,
             args.force,
             cfg=execution,
-            log_dir=out / "_state" / "logs",
+            log_dir=state_dir(out) / "logs",
             job_name="ipt-eval",
         )
         console.print(f"submitted Slurm job {job}; results will be in {out / 'results.md'}")

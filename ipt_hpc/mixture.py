@@ -15,6 +15,7 @@ from typing import Any
 
 from .atomic import read_json, write_json_atomic
 from .errors import ConfigError, IptError
+from .layout import RunLayout
 
 
 def converted(doc_id: str, share: float, seed: int = 0) -> bool:
@@ -28,7 +29,7 @@ def converted(doc_id: str, share: float, seed: int = 0) -> bool:
 def group_tokens(run_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Tokens, documents and dataset prefix of every merged group under ``RUN/tokens``."""
     out: dict[str, dict[str, Any]] = {}
-    tokens_dir = Path(run_dir) / "tokens"
+    tokens_dir = RunLayout.of(run_dir).tokens
     for manifest in sorted(tokens_dir.glob("*/manifest.json")):
         m = read_json(manifest)
         if m.get("stage") == "tokenize" and "dataset" in m:
@@ -80,5 +81,5 @@ def blend(groups: dict[str, Any], tokens: dict[str, dict[str, Any]], train_token
 def write_report(run_dir: str | Path, groups: dict[str, Any], train_tokens: int | None) -> dict[str, Any]:
     """Compute the blend for a run's tokenized groups and keep it as ``RUN/mixture.json``."""
     report = blend(groups, group_tokens(run_dir), train_tokens)
-    write_json_atomic(Path(run_dir) / "mixture.json", report)
+    write_json_atomic(RunLayout.of(run_dir).mixture, report)
     return report

@@ -19,6 +19,7 @@ from .config import Config, ExecutionConfig
 from .errors import IptError
 from .execution import StageRun, StageState, launch
 from .execution.backends import submit_job
+from .layout import RunLayout
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,8 @@ def submit(
 
     ``progress(step, shards_done, shards)`` is called as the shards of a local per-shard step finish.
     """
-    run_dir = Path(run_dir)
-    log_dir = run_dir / "_state" / "logs" / "pipeline"
+    layout = RunLayout.of(run_dir)
+    log_dir = layout.pipeline_logs
     results: list[dict[str, Any]] = []
     dependency: str | None = None
     for step in steps:
@@ -102,7 +103,7 @@ def submit(
         if ids:
             dependency = "afterok:" + ":".join(ids)
     if cfg.backend == "slurm":
-        write_json_atomic(run_dir / "_state" / f"pipeline-{time.strftime('%Y%m%dT%H%M%S')}.json", {"steps": results})
+        write_json_atomic(layout.state / f"pipeline-{time.strftime('%Y%m%dT%H%M%S')}.json", {"steps": results})
     return results
 
 
@@ -121,7 +122,7 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
     run_dir = Path(run_dir)
     n = cfg.shard.num_shards
     inner = cfg.model_copy(deep=True)
-    steps: list[Step] = [Coordinator("shard", shard.run, (inner, str(run_dir / "raw")))]
+    steps: list[Step] = [Coordinator("shard", shard.run, (inner, str(RunLayout.of(run_dir).raw)))]
     if cfg.synth.model:
         steps.append(ShardStage(synthesize.stage_run(cfg, run_dir, num_shards=n)))
         steps.append(ShardStage(templify.stage_run(cfg, run_dir, num_shards=n)))
@@ -130,7 +131,7 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
             groups = [g for g in ("augmented", "raw") if g != "raw" or cfg.synth.convert_share < 1]
             variants = [{"input_stage": cfg.templify.output_folder, "record_group": g, "group": g} for g in groups]
         else:
-            variants = [{"input_stage": "raw", "record_group": None, "group": "raw"}]
+            variants = [{"input_stage": RunLayout.of(run_dir).raw.name, "record_group": None, "group": "raw"}]
         for v in variants:
             tcfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update=v)})
             steps.append(ShardStage(tokenize.stage_run(tcfg, run_dir, num_shards=n)[0]))
@@ -146,19 +147,20 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
 
 def outputs(run_dir: str | Path) -> list[tuple[str, Path]]:
     """Where a run's results lie (those that exist), for the summary after a pipeline."""
-    run = Path(run_dir)
+    run = RunLayout.of(run_dir)
+    groups = sorted(p for p in run.tokens.glob("*") if p.is_dir())
     wanted = [
-        ("raw shards", run / "raw"),
-        ("synthesized pairs", run / "synth"),
-        ("instruction-augmented texts", run / "augmented"),
-        *[(f"token group {p.name}", p.with_suffix(".bin")) for p in sorted((run / "tokens").glob("*")) if p.is_dir()],
-        ("mixture (blend weights)", run / "mixture.json"),
-        ("training log", run / "train" / "log.jsonl"),
-        ("loss curve", run / "train" / "loss.png"),
-        ("checkpoints", run / "train" / "checkpoints"),
-        ("Hugging Face model", run / "hf"),
-        ("evaluation", run / "eval" / "results.md"),
-        ("report", run / "report" / "report.html"),
+        ("raw shards", run.raw),
+        ("synthesized pairs", run.synth),
+        ("instruction-augmented texts", run.augmented),
+        *[(f"token group {p.name}", p.with_suffix(".bin")) for p in groups],
+        ("mixture (blend weights)", run.mixture),
+        ("training log", run.train_log),
+        ("loss curve", run.train / "loss.png"),
+        ("checkpoints", run.checkpoints),
+        ("Hugging Face model", run.hf),
+        ("evaluation", run.eval / "results.md"),
+        ("report", run.report / "report.html"),
     ]
     return [(what, path) for what, path in wanted if path.exists()]
 
@@ -173,11 +175,12 @@ def training_steps(cfg: Config, run_dir: Path) -> list[Step]:
     tcfg = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"data": cfg.train.data.model_copy(update={"mixture": True})})}
     )
-    hf = run_dir / "hf"
+    run = RunLayout.of(run_dir)
+    hf = run.hf
     ecfg = cfg.eval.model_copy(update={"model": str(hf)})
     return [
         Job("train", partial(train_stage.run_local, tcfg, run_dir), partial(train_stage.submit_slurm, tcfg, run_dir)),
         # the latest complete checkpoint; the tokenizer is the one the token groups were made with
-        Coordinator("export", partial(export.export, force=True), (str(run_dir / "train" / "checkpoints"), str(hf))),
-        Coordinator("eval", evaluate.run, (ecfg, str(run_dir / "eval"))),
+        Coordinator("export", partial(export.export, force=True), (str(run.checkpoints), str(hf))),
+        Coordinator("eval", evaluate.run, (ecfg, str(run.eval))),
     ]

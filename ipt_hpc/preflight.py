@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from .errors import IptError
+from .layout import RunLayout
 
 # Output bytes per input byte of each stage, measured on the demo run (`make demo`, docs/execution.md
 # "Preflight"): synthesize 0.72 (half the documents converted), templify 1.52 (it also copies the
@@ -227,9 +228,10 @@ def pipeline(cfg: Any, run_dir: str | Path, steps: Sequence[Any]) -> None:
     if "train" in names and cfg.train.init_from_hf:
         problems += [p for p in [model_folder("train.init_from_hf", cfg.train.init_from_hf)] if p]
     problems += slurm_request(cfg.execution)
-    raw_done = (run_dir / "raw" / "manifest.json").exists()
+    raw = RunLayout.of(run_dir).raw
+    raw_done = (raw / "manifest.json").exists()
     if raw_done:
-        corpus = float(_sizes(sorted((run_dir / "raw").glob("shard-*.jsonl.zst"))))
+        corpus = float(_sizes(sorted(raw.glob("shard-*.jsonl.zst"))))
     else:
         try:
             corpus = sum(i.size for i in discover_inputs(cfg.shard.inputs, cfg.shard.format)) * RATIOS["shard"]

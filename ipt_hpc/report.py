@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .atomic import atomic_write_bytes, read_json
 from .charts import pyplot, save
+from .layout import RunLayout, state_dir
 from .status import find_stages
 
 Block = tuple[Any, ...]  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", file, alt)
@@ -24,7 +25,7 @@ Block = tuple[Any, ...]  # ("h2", text) | ("p", text) | ("table", headers, rows)
 
 # -- gathering ---------------------------------------------------------------------------------------
 def _shards(stage_dir: Path) -> list[dict[str, Any]]:
-    done = stage_dir / "_state" / "done"
+    done = state_dir(stage_dir) / "done"
     return [read_json(p) for p in sorted(done.glob("*.json"))] if done.is_dir() else []
 
 
@@ -32,7 +33,7 @@ def stage_rows(run: Path) -> list[list[str]]:
     """One row per stage folder: shards done, records, tokens, summed task time, wall span, records/s."""
     rows = []
     for folder in find_stages(run):
-        info = read_json(folder / "_state" / "stage.json")
+        info = read_json(state_dir(folder) / "stage.json")
         shards = _shards(folder)
         records = sum(s.get("records", s.get("docs", 0)) for s in shards)
         tokens = sum(s.get("tokens", 0) for s in shards)
@@ -69,7 +70,7 @@ def _bar_chart(path: Path, labels: list[str], values: list[float], title: str, x
 
 
 def synthesis_blocks(run: Path, out: Path) -> list[Block]:
-    manifest = run / "synth" / "manifest.json"
+    manifest = RunLayout.of(run).synth / "manifest.json"
     if not manifest.exists():
         return []
     t = read_json(manifest)["totals"]
@@ -99,7 +100,7 @@ def synthesis_blocks(run: Path, out: Path) -> list[Block]:
 
 
 def templify_blocks(run: Path, out: Path) -> list[Block]:
-    manifest = run / "augmented" / "manifest.json"
+    manifest = RunLayout.of(run).augmented / "manifest.json"
     if not manifest.exists():
         return []
     m = read_json(manifest)
@@ -115,13 +116,13 @@ def templify_blocks(run: Path, out: Path) -> list[Block]:
     ]
     blocks: list[Block] = [("h2", "Instruction-augmented texts"), ("table", ["", "value"], rows)]
     for chart in m.get("charts", []):
-        shutil.copyfile(run / "augmented" / chart, out / f"templify_{chart}")
+        shutil.copyfile(manifest.parent / chart, out / f"templify_{chart}")
         blocks.append(("img", f"templify_{chart}", chart.removesuffix(".png").replace("_", " ")))
     return blocks
 
 
 def mixture_blocks(run: Path, out: Path) -> list[Block]:
-    path = run / "mixture.json"
+    path = RunLayout.of(run).mixture
     if not path.exists():
         return []
     groups = read_json(path)["groups"]
@@ -149,7 +150,7 @@ def training_blocks(run: Path, out: Path) -> list[Block]:
     """Last and first loss, throughput and the loss curve, from the train stage's own log and plot."""
     from .train.metrics import plot_loss, read_steps
 
-    log = run / "train" / "log.jsonl"
+    log = RunLayout.of(run).train_log
     by_iteration = read_steps(log) if log.exists() else {}  # a step redone after a resume counts once
     if not by_iteration:
         return []
@@ -169,7 +170,7 @@ def training_blocks(run: Path, out: Path) -> list[Block]:
 
 
 def evaluation_blocks(run: Path) -> list[Block]:
-    folder = run / "eval"
+    folder = RunLayout.of(run).eval
     files = [p for p in sorted(folder.glob("*.json")) if p.name != "manifest.json"] if folder.is_dir() else []
     rows = []
     for path in files:
@@ -244,7 +245,7 @@ def build(run_dir: str | Path) -> dict[str, Any]:
         from .errors import IptError
 
         raise IptError(f"report: {run} is not a run folder")
-    out = run / "report"
+    out = RunLayout.of(run).report
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     blocks: list[Block] = [("p", f"Run folder {run.resolve()}; generated {stamp} by ipt_hpc {__version__}.")]

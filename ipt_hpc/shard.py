@@ -32,6 +32,7 @@ from .config import Config, RecordsConfig, ShardConfig, config_hash
 from .errors import IptError, RecordError
 from .execution import StageState, run_tasks, shard_name
 from .execution.shards import in_flight, record_submission, wait_for
+from .layout import state_dir
 from .records import RecordWriter
 from .sources import BLANK, InputFile, Row, discover_inputs, iter_rows
 
@@ -259,8 +260,8 @@ def fingerprint(cfg: Config, inputs: list[InputFile]) -> str:
 def _clear(out: Path) -> None:
     for p in out.glob("shard-*.jsonl.zst*"):
         p.unlink()
-    for sub in ("_state", "quarantine"):
-        shutil.rmtree(out / sub, ignore_errors=True)
+    for sub in (state_dir(out), out / "quarantine"):
+        shutil.rmtree(sub, ignore_errors=True)
     (out / "manifest.json").unlink(missing_ok=True)
 
 

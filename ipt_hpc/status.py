@@ -9,15 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from .execution.monitor import resume_command, stage_status
+from .layout import STATE, RunLayout, state_dir
 
 
 def find_stages(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Stage folders of a run (those with ``_state/stage.json``), in pipeline order."""
-    order = ["raw", "synth", "augmented", "tokens", "checkpoints"]
     run = Path(run_dir)
-    if (run / "_state" / "stage.json").exists():
+    layout = RunLayout.of(run)
+    order = [p.name for p in (layout.raw, layout.synth, layout.augmented, layout.tokens, layout.checkpoints)]
+    if (state_dir(run) / "stage.json").exists():
         return [run]
-    found = [p.parent.parent for p in [*run.glob("*/_state/stage.json"), *run.glob("tokens/*/_state/stage.json")]]
+    marker = f"{STATE}/stage.json"
+    found = [p.parent.parent for p in [*run.glob(f"*/{marker}"), *layout.tokens.glob(f"*/{marker}")]]
 
     def rank(p: Path) -> tuple[int, str]:
         top = p.relative_to(run).parts[0]

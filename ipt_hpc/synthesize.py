@@ -23,6 +23,7 @@ from .config import Config
 from .errors import IptError
 from .execution import ShardContext, StageRun, StageState, launch
 from .execution.shards import record_options
+from .layout import RunLayout
 from .mixture import converted
 from .records import read_records
 from .synth_engines import Generation, get_engine
@@ -424,17 +425,26 @@ def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -
         raise IptError("synthesize: no synthesizer model (--model PATH_OR_NAME or synth.model)")
     run_dir = Path(run_dir)
     if num_shards is None:
-        info = StageState(run_dir / "raw").read_stage()
+        raw = RunLayout.of(run_dir).raw
+        info = StageState(raw).read_stage()
         if info is None:
-            raise IptError(f"synthesize: {run_dir / 'raw'} holds no shards; run the shard stage first")
+            raise IptError(f"synthesize: {raw} holds no shards; run the shard stage first")
         num_shards = info["num_shards"]
     job = SynthJob(**s.model_dump())  # the same fields, model now known to be set
     if job.backend == "vllm" and job.no_repeat_ngram_size:
         raise IptError(
             "synth.no_repeat_ngram_size is a transformers-backend option; with vllm use synth.repetition_penalty"
         )
+    layout = RunLayout.of(run_dir)
     return StageRun(
-        STAGE, str(run_dir), "synth", "raw", num_shards, synthesize_shard, job, **record_options(cfg.records)
+        STAGE,
+        str(run_dir),
+        layout.synth.name,
+        layout.raw.name,
+        num_shards,
+        synthesize_shard,
+        job,
+        **record_options(cfg.records),
     )
 
 

@@ -25,6 +25,7 @@ from .config import Config
 from .errors import IptError, RecordError
 from .execution import ShardContext, StageRun, StageState, launch
 from .execution.shards import manifest_of, record_options
+from .layout import RunLayout
 from .records import read_records
 from .synth_format import stats_histogram
 from .templify_formats import classify_all, draw_layout, draw_style, render_entry, rng_for
@@ -157,7 +158,7 @@ def texts_of_shard(
 
 def templify_shard(job: TemplifyJob, ctx: ShardContext) -> dict[str, Any]:
     """Templify one shard (a task of the execution layer); resumes after the last durable record."""
-    raw_path = Path(ctx.run.run_dir) / job.raw_stage / ctx.name if job.raw_stage else None
+    raw_path = RunLayout.of(ctx.run.run_dir).stage(job.raw_stage) / ctx.name if job.raw_stage else None
     if raw_path is not None and not raw_path.exists():
         raise IptError(f"{ctx.name}: raw shard {raw_path} is missing (templify.raw_stage={job.raw_stage!r})")
     writer = ctx.open_output()

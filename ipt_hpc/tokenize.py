@@ -36,6 +36,7 @@ from .errors import IptError, RecordError
 from .execution import ShardContext, StageRun, StageState, launch, shard_name
 from .execution.shards import record_options
 from .indexed import IndexedWriter, dtype_for_vocab, merge
+from .layout import RunLayout
 from .records import PARTIAL_SUFFIX, RecordWriter, iter_lines, zstd_frames
 from .tokenize_worker import (  # a light module: spawned workers import little
     LineProblem,
@@ -390,8 +391,9 @@ def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -
             raise IptError(f"tokenize: {run_dir / t.input_stage} holds no stage output (run that stage first)")
         num_shards = in_state["num_shards"]
     group = t.group or t.record_group or t.input_stage
-    out_folder = f"tokens/{group}"
-    tok_dir = run_dir / out_folder / "tokenizer"
+    group_dir = RunLayout.of(run_dir).token_group(group)
+    out_folder = str(group_dir.relative_to(run_dir))
+    tok_dir = group_dir / "tokenizer"
     tok, sha = prepare_tokenizer(t.tokenizer, tok_dir)
     bos, eod = special_ids(tok, t.prepend_bos, t.append_eod)
     vocab = len(tok)
@@ -423,7 +425,7 @@ def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -
         finalize_fn=merge_group,
         **record_options(cfg.records),
     )
-    return run, run_dir / "tokens" / group
+    return run, group_dir
 
 
 def merge_group(run: StageRun) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..layout import state_dir
 from . import backends
 from .shards import shard_name
 from .state import StageState
@@ -71,7 +72,7 @@ def resume_command(stage_dir: str | os.PathLike[str]) -> str:
 
     from ..atomic import read_json
 
-    path = Path(stage_dir) / "_state" / "stage-run.json"
+    path = state_dir(stage_dir) / "stage-run.json"
     if not path.exists():  # the shard stage: a rerun resumes it
         return "rerun the same command (done shards are kept)"
     run = read_json(path)

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..config import ExecutionConfig
 from ..errors import IptError
+from ..layout import RunLayout, state_dir
 from .shards import ShardRunner, load_stage_run
 
 SIGNAL_SPEC = "B:USR2@{delay}"
@@ -68,7 +69,7 @@ def sbatch_lines(options: dict[str, Any]) -> list[str]:
 def render(stage_dir: str | os.PathLike[str], cfg: ExecutionConfig, *, array: str, python: str | None = None) -> str:
     """A complete sbatch script running ``run-shard`` for each array task of ``array``."""
     run = load_stage_run(stage_dir)
-    logs = Path(stage_dir).resolve() / "_state" / "logs"
+    logs = state_dir(Path(stage_dir).resolve()) / "logs"
     logs.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output
     s = cfg.slurm
     options: dict[str, Any] = {
@@ -158,7 +159,7 @@ def render_train(
     except OSError as exc:
         raise IptError(f"{TRAIN_TEMPLATE}: cannot read the training job template ({exc.strerror})") from exc
     last = max(i for i, line in enumerate(template) if line.startswith("#SBATCH"))
-    logs = Path(run_dir).resolve() / "train" / "logs"
+    logs = RunLayout.of(Path(run_dir).resolve()).train / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     s = cfg.slurm
     options: dict[str, Any] = {

@@ -24,6 +24,7 @@ from typing import Any
 from ..atomic import read_json, write_json_atomic
 from ..config import ExecutionConfig, config_hash
 from ..errors import IptError
+from ..layout import state_dir
 from ..records import RecordWriter
 from . import backends
 from .selection import compress_ids, parse_shards
@@ -440,7 +441,7 @@ def prepare(run: StageRun, *, force: bool = False) -> StageState:
 
 def load_stage_run(stage_dir: str | os.PathLike[str]) -> StageRun:
     """The :class:`StageRun` a stage folder was prepared for (read by ``run-shard``)."""
-    path = Path(stage_dir) / "_state" / "stage-run.json"
+    path = state_dir(stage_dir) / "stage-run.json"
     if not path.exists():
         raise IptError(f"{stage_dir}: not a prepared stage folder (no {path.name}); submit the stage once first")
     return StageRun.from_json(read_json(path))

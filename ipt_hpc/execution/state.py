@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from ..atomic import read_json, write_json_atomic
+from ..layout import state_dir
 
 KINDS = ("done", "failed", "running")
 
@@ -36,7 +37,7 @@ class StageState:
 
     def __init__(self, stage_dir: str | os.PathLike[str]) -> None:
         self.stage_dir = Path(stage_dir)
-        self.root = self.stage_dir / "_state"
+        self.root = state_dir(self.stage_dir)
 
     # -- paths ---------------------------------------------------------------------------
     def marker(self, kind: str, name: str) -> Path:

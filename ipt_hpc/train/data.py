@@ -18,6 +18,7 @@ import torch
 
 from ..atomic import read_json
 from ..errors import IptError
+from ..layout import RunLayout
 from .config import TrainConfig
 
 
@@ -35,12 +36,12 @@ def group_prefixes(cfg: TrainConfig, run_dir: Path) -> tuple[list[str], list[flo
     prefixes, weights, eods = [], [], set()
     groups = cfg.data.groups
     if cfg.data.mixture:
-        report = run_dir / "mixture.json"
+        report = RunLayout.of(run_dir).mixture
         if not report.exists():
             raise IptError(f"train: train.data.mixture is set but {report} is missing; run: mixture --run {run_dir}")
         groups = {g: row["weight"] for g, row in read_json(report)["groups"].items()}
     for group, weight in groups.items():
-        prefix = run_dir / "tokens" / group
+        prefix = RunLayout.of(run_dir).token_group(group)
         if not Path(f"{prefix}.idx").exists():
             raise IptError(
                 f"train: {prefix}.idx not found; tokenize and merge group {group!r} first"

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..atomic import fsync_dir, write_json_atomic
 from ..errors import IptError
+from ..layout import RunLayout
 from . import checkpoint
 from .config import TrainConfig
 
@@ -268,7 +269,7 @@ def ensure_imported(cfg: TrainConfig, run_dir: Path, poll_s: float = 1.0) -> Non
     imports it (a CPU subprocess) while the other ranks wait for ``iter_0000000`` to appear."""
     if not cfg.init_from_hf:
         return
-    root = Path(run_dir) / "train" / "checkpoints"
+    root = RunLayout.of(run_dir).checkpoints
     if checkpoint.latest(root) is not None:
         return  # the run's own checkpoints (or an earlier import) take precedence
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))

@@ -24,6 +24,7 @@ import torch
 
 from ..atomic import write_json_atomic
 from ..errors import IptError
+from ..layout import RunLayout
 from . import checkpoint, cpu_shims, early, hf_init
 from .config import TrainConfig
 from .data import build_dataset, micro_batches
@@ -137,12 +138,12 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     torch.manual_seed(cfg.seed)
     if on_gpu:  # each pipeline stage its own stream (Megatron-LM's offset); TP ranks are offset inside
         tensor_parallel.model_parallel_cuda_manual_seed(rank_seed(cfg.seed, ps.get_pipeline_model_parallel_rank()))
-    out = run_dir / "train"
+    out = RunLayout.of(run_dir).train
     log = MetricsLog(out, enabled=rank == 0)
     if rank == 0:
         (out / "done.json").unlink(missing_ok=True)  # from an earlier, shorter run of this folder
 
-    ckpt_root = out / "checkpoints"
+    ckpt_root = RunLayout.of(run_dir).checkpoints
     resume_from = checkpoint.latest(ckpt_root)
     init_from = None
     model = build_model(cfg, profile, device="cuda" if on_gpu else "cpu")

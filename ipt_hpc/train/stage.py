@@ -14,17 +14,18 @@ import yaml
 
 from ..config import Config
 from ..errors import IptError
+from ..layout import RunLayout
 
 
 def resolved_config_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "train" / "config.yaml"
+    return RunLayout.of(run_dir).train_config
 
 
 def needs_import(cfg: Config, run_dir: Path) -> bool:
     """True if the run will import ``train.init_from_hf`` (it is set and the run has no checkpoint yet)."""
     from .checkpoint import latest
 
-    return bool(cfg.train.init_from_hf) and latest(Path(run_dir) / "train" / "checkpoints") is None
+    return bool(cfg.train.init_from_hf) and latest(RunLayout.of(run_dir).checkpoints) is None
 
 
 def freeze_config(cfg: Config, run_dir: Path) -> Path:
@@ -68,10 +69,10 @@ def outcome(run_dir: Path, rc: int) -> int:
     """0 if ``RUN/train/done.json`` says training finished, 75 if the last logged event is a clean early exit."""
     from .loop import EXIT_RESUME
 
-    out = Path(run_dir) / "train"
-    if (out / "done.json").exists():
+    run = RunLayout.of(run_dir)
+    if (run.train / "done.json").exists():
         return 0
-    log = out / "log.jsonl"
+    log = run.train_log
     if log.exists():
         events = [line for line in log.read_text(encoding="utf-8").splitlines() if '"kind":"event"' in line]
         if events and '"event":"exit"' in events[-1]:
@@ -146,5 +147,5 @@ def submit_slurm(cfg: Config, run_dir: Path, dependency: str | None = None) -> s
 
     freeze_config(cfg, run_dir)
     script = slurm_script(cfg, run_dir)
-    path = Path(run_dir) / "train" / "slurm" / f"train-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    path = RunLayout.of(run_dir).train / "slurm" / f"train-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     return submit_script(script, path, dependency)
