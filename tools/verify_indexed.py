@@ -41,7 +41,8 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from ipt_hpc.atomic import read_json
-    from ipt_hpc.execution.shards import load_stage_run, shard_name
+    from ipt_hpc.execution import shard_name
+    from ipt_hpc.execution.shards import load_stage_run
     from ipt_hpc.indexed import paths
 
     group = Path(args.group)

@@ -7,8 +7,8 @@ or ``slurm`` (job arrays, split at MaxArraySize, packed, throttled, checkpointed
 
 from .backends import Submission, slurm_available
 from .selection import compress_ids, parse_shards
-from .shards import ShardContext, StageRun, launch, shard_name
-from .state import StageState
+from .shards import ShardContext, StageRun, launch
+from .state import StageState, shard_name
 from .tasks import PackRunner, TaskFailures, run_tasks
 
 __all__ = [

@@ -19,8 +19,7 @@ from typing import Any
 
 from ..layout import state_dir
 from . import backends
-from .shards import shard_name
-from .state import StageState
+from .state import StageState, shard_name
 
 STATES = ("done", "running", "pending", "failed", "never_submitted")
 ALIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}

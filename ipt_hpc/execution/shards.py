@@ -28,15 +28,10 @@ from ..layout import state_dir
 from ..records import RecordWriter
 from . import backends
 from .selection import compress_ids, parse_shards
-from .state import StageState, now
+from .state import StageState, now, shard_name
 from .tasks import PackRunner, TaskFailures, run_tasks
 
 REPORT_EVERY_S = 1.0
-
-
-def shard_name(k: int, num_shards: int) -> str:
-    """File name of shard ``k`` (zero-padded to at least 5 digits), the same in every stage."""
-    return f"shard-{k:0{max(5, len(str(num_shards - 1)))}d}.jsonl.zst"
 
 
 def record_options(records: Any) -> dict[str, Any]:

@@ -32,6 +32,11 @@ def now() -> float:
     return round(time.time(), 3)
 
 
+def shard_name(k: int, num_shards: int) -> str:
+    """File name of shard ``k`` (zero-padded to at least 5 digits), the same in every stage."""
+    return f"shard-{k:0{max(5, len(str(num_shards - 1)))}d}.jsonl.zst"
+
+
 class StageState:
     """Markers of one stage folder (see the module docstring)."""
 

@@ -281,7 +281,6 @@ def _save(
 def main(argv: list[str] | None = None) -> int:
     """Rank entry point: ``python -m ipt_hpc.train RUN [--config FILE] [--set KEY=VALUE ...]``."""
     from ..config import load_config
-    from .stage import resolved_config_path
 
     p = argparse.ArgumentParser(prog="python -m ipt_hpc.train", description="one training rank (use launch train)")
     p.add_argument("run", help="run folder (reads RUN/tokens, writes RUN/train)")
@@ -289,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     run_dir = Path(args.run)
-    cfg = load_config(args.config or resolved_config_path(run_dir), args.overrides).train
+    cfg = load_config(args.config or RunLayout.of(run_dir).train_config, args.overrides).train
     try:
         return train(cfg, run_dir)
     except IptError as exc:  # a user's error (e.g. no CUDA for train.device=cuda): one line, no traceback
