@@ -27,6 +27,7 @@ from .atomic import fsync_dir, read_json, write_json_atomic
 from .errors import IptError
 from .layout import RunLayout
 from .train.config import TrainConfig
+from .train.hf_mapping import to_hf
 
 Arch = Literal["llama", "mistral"]
 Dtype = Literal["float32", "bfloat16"]
@@ -197,42 +198,6 @@ def megatron_logits(model: Any, tokens: Any) -> Any:
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():
         return model(tokens, positions, None).float()
-
-
-# -- the mapping -------------------------------------------------------------------------------------
-def to_hf(megatron: dict[str, Any], cfg: TrainConfig, vocab_rows: int | None = None) -> dict[str, Any]:
-    """Hugging Face Llama/Mistral tensors from a TP=1 ``GPTModel`` state dict.
-
-    ``linear_qkv`` rows are grouped per query group: the group's query heads, then its key head, then
-    its value head (``get_query_key_value_tensors``). ``linear_fc1`` is ``[gate; up]`` (SwiGLU's
-    ``silu(x W_gate) * (x W_up)``). ``vocab_rows`` keeps the first rows of the (padded) vocabulary.
-    """
-    m = cfg.model
-    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    head, hidden, ffn = m.hidden_size // heads, m.hidden_size, m.ffn_hidden_size
-    per_group = heads // groups
-    rows = vocab_rows or m.vocab_size
-    out = {
-        "model.embed_tokens.weight": megatron["embedding.word_embeddings.weight"][:rows],
-        "model.norm.weight": megatron["decoder.final_layernorm.weight"],
-        "lm_head.weight": megatron["output_layer.weight"][:rows],
-    }
-    for i in range(m.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = megatron[src + "self_attention.linear_qkv.weight"].view(groups, per_group + 2, head, hidden)
-        fc1 = megatron[src + "mlp.linear_fc1.weight"]
-        out |= {
-            dst + "input_layernorm.weight": megatron[src + "input_layernorm.weight"],
-            dst + "self_attn.q_proj.weight": qkv[:, :per_group].reshape(heads * head, hidden),
-            dst + "self_attn.k_proj.weight": qkv[:, per_group].reshape(groups * head, hidden),
-            dst + "self_attn.v_proj.weight": qkv[:, per_group + 1].reshape(groups * head, hidden),
-            dst + "self_attn.o_proj.weight": megatron[src + "self_attention.linear_proj.weight"],
-            dst + "post_attention_layernorm.weight": megatron[src + "pre_mlp_layernorm.weight"],
-            dst + "mlp.gate_proj.weight": fc1[:ffn],
-            dst + "mlp.up_proj.weight": fc1[ffn:],
-            dst + "mlp.down_proj.weight": megatron[src + "mlp.linear_fc2.weight"],
-        }
-    return out
 
 
 def hf_config(cfg: TrainConfig, arch: Arch, vocab_size: int, dtype: Dtype, bos: int | None, eos: int | None) -> Any:

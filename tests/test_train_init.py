@@ -19,7 +19,7 @@ from test_train import REPO, TINY, events, finish, losses, make_tokens, start, t
 
 from ipt_hpc.config import load_config
 from ipt_hpc.errors import IptError
-from ipt_hpc.train import hf_init
+from ipt_hpc.train import hf_init, hf_mapping
 
 HF_VOCAB = 500  # < train.model.vocab_size 512: the import pads 12 rows
 ITERS = 8
@@ -178,6 +178,21 @@ def test_export_of_iteration_0_gives_back_the_hf_weights_exactly(hf: Path, run_t
     assert config["num_key_value_heads"] == 2 and config["hidden_size"] == 32
 
 
+def test_the_weight_mapping_round_trips_both_ways() -> None:
+    """HF -> Megatron -> HF and Megatron -> HF -> Megatron give back the same tensors (GQA: 4 heads, 2 groups)."""
+    cfg = load_config(TINY, [*MODEL, "train.model.vocab_size=512"]).train
+    gen = torch.Generator().manual_seed(0)
+    hf = {k: torch.randn(shape, generator=gen) for k, shape in hf_mapping.expected_shapes(cfg, 500).items()}
+    megatron = hf_mapping.from_hf(hf, cfg)
+    assert megatron["embedding.word_embeddings.weight"].shape[0] == 512  # padded to vocab_size
+    back = hf_mapping.to_hf(megatron, cfg, vocab_rows=500)
+    assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf)
+    full = hf_mapping.to_hf(megatron, cfg)  # all 512 rows: Megatron -> HF -> Megatron is exact too
+    again = hf_mapping.from_hf(full, cfg)
+    assert again.keys() == megatron.keys() and all(torch.equal(again[k], megatron[k]) for k in megatron)
+    assert len({t.data_ptr() for t in megatron.values()}) == len(megatron)  # no tensor reused by mistake
+
+
 def test_misfits_fail_with_clear_errors(tmp_path: Path, hf: Path) -> None:
     cfg = load_config(TINY, sets(hf, "train.model.hidden_size=64")).train
     with pytest.raises(IptError, match=r"train\.model\.hidden_size is 64, the checkpoint has 32"):
@@ -189,10 +204,10 @@ def test_misfits_fail_with_clear_errors(tmp_path: Path, hf: Path) -> None:
     tensors = hf_init.load_hf_tensors(hf)
     bad = {**tensors, "model.layers.1.mlp.up_proj.weight": torch.zeros(65, 32)}
     with pytest.raises(IptError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \(65, 32\)"):
-        hf_init.from_hf(bad, cfg)
+        hf_mapping.from_hf(bad, cfg)
     no_head = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     with pytest.raises(IptError, match=r"no lm_head\.weight"):
-        hf_init.from_hf(no_head, cfg)
+        hf_mapping.from_hf(no_head, cfg)
     small = load_config(TINY, sets(hf, "train.model.vocab_size=256")).train
     with pytest.raises(IptError, match="vocab_size is 256, below the checkpoint's 500"):
         hf_init.check_hf_config(small, hf)
