@@ -233,32 +233,19 @@ def hf_config(cfg: TrainConfig, arch: Arch, vocab_size: int, dtype: Dtype, bos: 
 
 # -- writing -------------------------------------------------------------------------------------------
 def write_safetensors(tensors: dict[str, Any], folder: Path, shard_bytes: int = SHARD_BYTES) -> list[str]:
-    """``model.safetensors`` (or numbered shards plus ``model.safetensors.index.json`` past ``shard_bytes``)."""
+    """``model.safetensors`` (or numbered shards plus ``model.safetensors.index.json`` past ``shard_bytes``),
+    split as ``huggingface_hub`` splits a state dict, written with ``safetensors``."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}  # q/k/v are views of one buffer
-    shards: list[dict[str, Any]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards, strict=True):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, name)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    write_json_atomic(
-        folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
-    )
-    return names
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=shard_bytes)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        write_json_atomic(folder / "model.safetensors.index.json", index)
+    return list(split.filename_to_tensors)
 
 
 def find_tokenizer(checkpoint: Path, cfg: TrainConfig, tokenizer: str | os.PathLike[str] | None) -> Path | None:

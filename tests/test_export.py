@@ -265,3 +265,19 @@ def test_cli_errors_say_what_to_do(runs: dict[str, Path], tmp_path: Path) -> Non
     assert "tokens/augmented/tokenizer" in plan.stdout and not (tmp_path / "o2").exists()
     help_text = cli("export", "--help").stdout
     assert "examples:" in help_text and "--checkpoint" in help_text
+
+
+def test_large_models_are_written_in_shards_with_an_index(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from ipt_hpc.export import write_safetensors
+
+    tensors = {f"model.layers.{i}.w": torch.randn(64, 64) for i in range(5)}
+    names = write_safetensors(tensors, tmp_path, shard_bytes=2 * 64 * 64 * 4 + 1)  # two tensors per file
+    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 64 * 64 * 4 and set(index["weight_map"].values()) == set(names)
+    back = {k: v for name in names for k, v in load_file(str(tmp_path / name)).items()}
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    (tmp_path / "one").mkdir()
+    assert write_safetensors(tensors, tmp_path / "one") == ["model.safetensors"]

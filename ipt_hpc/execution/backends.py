@@ -117,9 +117,6 @@ class Submission:
     def sbatch_calls(self) -> int:
         return len(self.arrays)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"backend": self.backend, "arrays": self.arrays}
-
 
 def submit_arrays(
     runner: Any,

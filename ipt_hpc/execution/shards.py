@@ -405,6 +405,10 @@ def _shard_lock(state: StageState, name: str) -> Iterator[None]:
 
 
 def _job_id() -> str:
+    """The Slurm job (``ARRAY_TASK``) or submitit local job running this task, else this process.
+
+    Not ``submitit.JobEnvironment().job_id``: that needs ``SUBMITIT_EXECUTOR``, which a hand-written
+    sbatch running ``run-shard`` (slurm/*.sbatch) does not set."""
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     if array:
         return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
