@@ -8,6 +8,14 @@ from typing import Any
 
 import orjson
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: str | os.PathLike[str]) -> Path:
+    """The in-progress name of ``path``: written there, renamed to ``path`` once complete."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a rename or file creation inside ``path`` durable."""
@@ -41,3 +49,19 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file written by :func:`write_json_atomic`."""
     with open(path, "rb") as fh:
         return orjson.loads(fh.read())
+
+
+def publish_folder(partial: Path, out: Path) -> None:
+    """Make the folder written as ``partial`` (:func:`partial_path`) appear as ``out``: every file fsynced,
+    then one rename (an ``out`` from before is replaced), so ``out`` is never seen half written."""
+    import shutil
+
+    for path in sorted(partial.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(partial)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    fsync_dir(out.parent)

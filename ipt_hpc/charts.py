@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .atomic import fsync_dir
+from .atomic import fsync_dir, partial_path
 
 
 def pyplot() -> Any | None:
@@ -25,7 +25,7 @@ def save(fig: Any, path: Path) -> str:
     """Write ``fig`` as ``path`` (temp + fsync + rename), close it, and return the file name."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.name + ".partial")
+    tmp = partial_path(path)
     with open(tmp, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
         f.flush()

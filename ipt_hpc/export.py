@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import __version__
-from .atomic import fsync_dir, read_json, write_json_atomic
+from .atomic import partial_path, publish_folder, read_json, write_json_atomic
 from .errors import IptError
 from .layout import RunLayout
 from .train.config import TrainConfig
@@ -354,7 +354,7 @@ def export(
     tok_dir = find_tokenizer(ckpt, cfg, tokenizer)
     if tok_dir is None and vocab == "tokenizer":
         raise IptError("export: --vocab tokenizer needs a tokenizer (--tokenizer DIR)")
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)  # an earlier failed export
     partial.mkdir(parents=True)
     try:
@@ -409,9 +409,6 @@ def export(
             seconds=round(time.time() - started, 2),
         )
         write_json_atomic(partial / "export.json", asdict(result))
-        for f in partial.iterdir():  # durable before the rename publishes the folder
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
     except IptError as exc:
         if "kept for inspection" not in str(exc):
             shutil.rmtree(partial, ignore_errors=True)
@@ -419,8 +416,5 @@ def export(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if out.exists():  # --force
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    fsync_dir(out.parent)
+    publish_folder(partial, out)  # --force replaces an earlier export
     return result

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from .atomic import fsync_dir, write_json_atomic
+from .atomic import partial_path, publish_folder, write_json_atomic
 from .config import Config, FinetuneSynthConfig
 from .errors import IptError
 from .synth_format import ANS, CON_CLOSE, CON_OPEN, END, QUE, context_text, parse_pairs, render_pairs
@@ -351,7 +351,7 @@ def run(cfg: Config, command: str, force: bool = False, log: Callable[[str], Non
     if not fc.steps and not fc.max_minutes:
         raise IptError("finetune-synthesizer: give --steps N or --max-minutes M (or both)")
     out = Path(fc.out)
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_path(out)
     if out.exists() and not force:
         raise IptError(f"{out} exists; pass --force to replace it")
     shutil.rmtree(partial, ignore_errors=True)  # a killed earlier attempt
@@ -413,8 +413,5 @@ def run(cfg: Config, command: str, force: bool = False, log: Callable[[str], Non
         "torch": torch.__version__,
     }
     write_json_atomic(partial / "finetune.json", summary)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    fsync_dir(out.parent)
+    publish_folder(partial, out)
     return summary

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .atomic import fsync_dir
+from .atomic import fsync_dir, partial_path
 from .errors import IptError
 
 HEADER = b"MMIDIDX\x00\x00"
@@ -39,10 +39,6 @@ def paths(prefix: str | os.PathLike[str]) -> tuple[Path, Path]:
     return Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
 
 
-def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
 class IndexedWriter:
     """Streaming writer of one indexed dataset: ``add(ids, lengths)`` appends documents."""
 
@@ -53,7 +49,7 @@ class IndexedWriter:
             raise ValueError(f"unsupported token dtype {self.dtype}")
         self.bin_path, self.idx_path = paths(self.prefix)
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        self._bin = open(_partial(self.bin_path), "wb")  # noqa: SIM115 - closed in close()/discard()
+        self._bin = open(partial_path(self.bin_path), "wb")  # noqa: SIM115 - closed in close()/discard()
         self._lengths: list[np.ndarray] = []
         self.documents = 0
         self.tokens = 0
@@ -72,7 +68,7 @@ class IndexedWriter:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        os.replace(_partial(self.bin_path), self.bin_path)
+        os.replace(partial_path(self.bin_path), self.bin_path)
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
         write_index(self.idx_path, lengths, self.dtype)
         fsync_dir(self.prefix.parent)
@@ -81,7 +77,7 @@ class IndexedWriter:
     def discard(self) -> None:
         if not self._bin.closed:
             self._bin.close()
-        _partial(self.bin_path).unlink(missing_ok=True)
+        partial_path(self.bin_path).unlink(missing_ok=True)
 
 
 def write_index(path: Path, lengths: np.ndarray, dtype: np.dtype) -> None:
@@ -91,7 +87,7 @@ def write_index(path: Path, lengths: np.ndarray, dtype: np.dtype) -> None:
     if n:
         np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(dtype).itemsize, out=pointers[1:])
     documents = np.arange(n + 1, dtype=np.int64)
-    tmp = _partial(path)
+    tmp = partial_path(path)
     with open(tmp, "wb") as fh:
         fh.write(HEADER)
         fh.write(struct.pack("<Q", VERSION))
@@ -156,7 +152,7 @@ def merge(prefixes: Sequence[str | os.PathLike[str]], out_prefix: str | os.PathL
     idx_path.unlink(missing_ok=True)  # the old index must not describe the new .bin
     dtype = None
     all_lengths = []
-    with open(_partial(bin_path), "wb") as dst:
+    with open(partial_path(bin_path), "wb") as dst:
         for prefix in prefixes:
             p_bin, p_idx = paths(prefix)
             d, lengths, _, docs = read_index(p_idx)
@@ -175,7 +171,7 @@ def merge(prefixes: Sequence[str | os.PathLike[str]], out_prefix: str | os.PathL
             all_lengths.append(np.array(lengths))
         dst.flush()
         os.fsync(dst.fileno())
-    os.replace(_partial(bin_path), bin_path)
+    os.replace(partial_path(bin_path), bin_path)
     lengths = np.concatenate(all_lengths)
     assert dtype is not None
     write_index(idx_path, lengths, dtype)

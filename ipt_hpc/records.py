@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import orjson
 import zstandard
 
-from .atomic import fsync_dir
+from .atomic import PARTIAL_SUFFIX, fsync_dir, partial_path
 from .errors import IptError, RecordError
 
 DEFAULT_LEVEL = 3
@@ -35,14 +35,7 @@ DEFAULT_FRAME_BYTES = 1 << 20
 # a finished file. So far down zstd stores raw blocks at memcpy speed instead of recompressing the tail.
 TAIL_LEVEL = -1000
 READ_CHUNK = 1 << 20
-PARTIAL_SUFFIX = ".partial"
 _DUMPS_OPTS = orjson.OPT_APPEND_NEWLINE
-
-
-def partial_path(path: str | os.PathLike[str]) -> Path:
-    """The in-progress name of ``path``."""
-    path = Path(path)
-    return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
 @dataclass(frozen=True)

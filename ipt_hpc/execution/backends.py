@@ -64,7 +64,8 @@ def split(packs: list[list[int]], limit: int) -> list[list[list[int]]]:
     return [packs[i : i + limit] for i in range(0, len(packs), limit)]
 
 
-def _mem(gb: float) -> str:
+def slurm_mem(gb: float) -> str:
+    """``--mem`` for ``gb`` GiB, in whole MiB rounded up (a request never falls below what was asked)."""
     return f"{math.ceil(gb * 1024)}M"
 
 
@@ -91,7 +92,7 @@ def slurm_executor(cfg: ExecutionConfig, log_dir: Path, job_name: str, *, depend
         "qos": s.qos,
         "cpus_per_task": s.cpus_per_task,
         "gpus_per_node": s.gpus_per_node,
-        "mem": _mem(s.mem_gb) if s.mem_gb else None,
+        "mem": slurm_mem(s.mem_gb) if s.mem_gb else None,
         "constraint": s.constraint,
         "dependency": dependency,
     }.items():

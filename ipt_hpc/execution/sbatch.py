@@ -23,6 +23,7 @@ from typing import Any
 from ..config import ExecutionConfig
 from ..errors import IptError
 from ..layout import RunLayout, state_dir
+from .backends import slurm_mem
 from .shards import ShardRunner, load_stage_run
 
 SIGNAL_SPEC = "B:USR2@{delay}"
@@ -51,7 +52,7 @@ def cluster_options(s: Any) -> dict[str, Any]:
         "qos": s.qos,
         "cpus-per-task": s.cpus_per_task,
         "gpus-per-node": s.gpus_per_node,
-        "mem": f"{int(s.mem_gb * 1024)}M" if s.mem_gb else None,
+        "mem": slurm_mem(s.mem_gb) if s.mem_gb else None,
         "constraint": s.constraint,
         **{k.replace("_", "-"): v for k, v in s.extra_sbatch.items()},
     }
