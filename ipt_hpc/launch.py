@@ -567,12 +567,13 @@ def _launch_stage(args: argparse.Namespace, stage: Any, cfg: Any, label: str) ->
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from . import synthesize
     from .config import load_config
+    from .execution import build
     from .execution.shards import prepare
 
     flags = _flag_values(args, {"model": "synth.model", "backend": "synth.backend"})
     cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
     _preflight_early(args, cfg, "synthesize")
-    stage = synthesize.stage_run(cfg, args.run)
+    stage = build(synthesize.STAGE, cfg, args.run)
     if args.dry_run:  # prepares the stage folder (for hand-written sbatch arrays) and submits nothing
         prepare(stage)
         job = stage.stage_config
@@ -588,12 +589,13 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 def cmd_templify(args: argparse.Namespace) -> int:
     from . import templify
     from .config import load_config
+    from .execution import build
     from .execution.shards import prepare
 
     flags = _flag_values(args, {"seed": "templify.seed", "input_stage": "templify.input_stage"})
     cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
     _preflight_early(args, cfg, "templify")
-    stage = templify.stage_run(cfg, args.run)
+    stage = build(templify.STAGE, cfg, args.run)
     if args.dry_run:
         prepare(stage)
         job = stage.stage_config
@@ -693,6 +695,7 @@ def cmd_mixture(args: argparse.Namespace) -> int:
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from . import tokenize
     from .config import load_config
+    from .execution import build, run_stage
 
     flags = _flag_values(
         args,
@@ -707,17 +710,24 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     console = _console()
     _preflight_early(args, cfg, "tokenize")
     if args.dry_run:
-        stage, group = tokenize.stage_run(cfg, args.run)
-        job = stage.stage_config
+        stage = build(tokenize.STAGE, cfg, args.run)
+        group, job = stage.out_dir, stage.stage_config
         console.print(f"tokenize {stage.num_shards} shards of {stage.in_dir} -> {group} on {cfg.execution.backend}")
         console.print(f"dtype {job.dtype}, BOS {job.bos_id}, EOD {job.eod_id}, {job.workers} tokenizer processes")
         return 0
     prog, update = _progress_reporter(console)
     with prog:
-        result = tokenize.run(
-            cfg, args.run, args.shards, force=args.force, wait=args.wait, progress=update, check=_preflight(args, cfg)
+        result = run_stage(
+            tokenize.STAGE,
+            cfg,
+            args.run,
+            args.shards,
+            force=args.force,
+            wait=args.wait,
+            progress=update,
+            check=_preflight(args, cfg),
         )
-    merged = result.pop("merged", None)
+    merged = result.pop("manifest", None)
     console.print(result)
     if merged:
         rate = sum(s.get("tokens_per_s") or 0 for s in merged["shards"]) / max(1, len(merged["shards"]))

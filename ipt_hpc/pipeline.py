@@ -17,7 +17,7 @@ from typing import Any
 from .atomic import write_json_atomic
 from .config import Config, ExecutionConfig
 from .errors import IptError
-from .execution import StageRun, StageState, launch
+from .execution import StageRun, StageState, build, launch
 from .execution.backends import submit_job
 from .layout import RunLayout
 
@@ -124,8 +124,8 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
     inner = cfg.model_copy(deep=True)
     steps: list[Step] = [Coordinator("shard", shard.run, (inner, str(RunLayout.of(run_dir).raw)))]
     if cfg.synth.model:
-        steps.append(ShardStage(synthesize.stage_run(cfg, run_dir, num_shards=n)))
-        steps.append(ShardStage(templify.stage_run(cfg, run_dir, num_shards=n)))
+        steps.append(ShardStage(build(synthesize.STAGE, cfg, run_dir, n)))
+        steps.append(ShardStage(build(templify.STAGE, cfg, run_dir, n)))
     if cfg.tokenize.tokenizer:
         if cfg.synth.model:
             groups = [g for g in ("augmented", "raw") if g != "raw" or cfg.synth.convert_share < 1]
@@ -134,7 +134,7 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
             variants = [{"input_stage": RunLayout.of(run_dir).raw.name, "record_group": None, "group": "raw"}]
         for v in variants:
             tcfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update=v)})
-            steps.append(ShardStage(tokenize.stage_run(tcfg, run_dir, num_shards=n)[0]))
+            steps.append(ShardStage(build(tokenize.STAGE, tcfg, run_dir, n)))
         groups = {g: spec for g, spec in cfg.mixture.groups.items() if g in {v["group"] for v in variants}}
         if groups:
             args = (str(run_dir), groups, cfg.mixture.train_tokens)

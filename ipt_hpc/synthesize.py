@@ -21,15 +21,13 @@ from pydantic import BaseModel, ConfigDict
 from . import synth_format as fmt
 from .config import Config
 from .errors import IptError
-from .execution import ShardContext, StageRun, StageState, launch
-from .execution.shards import record_options
+from .execution import ShardContext
+from .execution.stage import Stage
 from .layout import RunLayout
 from .mixture import converted
 from .records import read_records
 from .synth_engines import Generation, get_engine
 from .synth_format import Entry, Slot, advance, build_prompt, parse_pairs, rounds_of, stats_histogram
-
-STAGE = "synthesize"
 
 
 class SynthJob(BaseModel):
@@ -418,35 +416,24 @@ def shard_stats(path: Path, over_budget: int, wait_s: float, engine_s: float, to
     }
 
 
-def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -> StageRun:
-    """The stage for ``run_dir``; ``num_shards`` when the shard stage has not run yet (pipeline)."""
+def synth_job(cfg: Config, layout: RunLayout) -> SynthJob:
+    """The stage's job: ``synth.*`` with the model known to be set and the backend's options checked."""
     s = cfg.synth
     if not s.model:
         raise IptError("synthesize: no synthesizer model (--model PATH_OR_NAME or synth.model)")
-    run_dir = Path(run_dir)
-    if num_shards is None:
-        raw = RunLayout.of(run_dir).raw
-        info = StageState(raw).read_stage()
-        if info is None:
-            raise IptError(f"synthesize: {raw} holds no shards; run the shard stage first")
-        num_shards = info["num_shards"]
     job = SynthJob(**s.model_dump())  # the same fields, model now known to be set
     if job.backend == "vllm" and job.no_repeat_ngram_size:
         raise IptError(
             "synth.no_repeat_ngram_size is a transformers-backend option; with vllm use synth.repetition_penalty"
         )
-    layout = RunLayout.of(run_dir)
-    return StageRun(
-        STAGE,
-        str(run_dir),
-        layout.synth.name,
-        layout.raw.name,
-        num_shards,
-        synthesize_shard,
-        job,
-        **record_options(cfg.records),
-    )
+    return job
 
 
-def run(cfg: Config, run_dir: str | Path, spec: str = "all", **kw: Any) -> dict[str, Any]:
-    return launch(stage_run(cfg, run_dir), spec, cfg.execution, **kw)
+STAGE = Stage(
+    name="synthesize",
+    upstream="the shard stage",
+    input=lambda cfg, layout: layout.raw,
+    output=lambda cfg, layout: layout.synth,
+    shard_fn=synthesize_shard,
+    job=synth_job,
+)

@@ -23,14 +23,14 @@ from .atomic import write_json_atomic
 from .charts import pyplot, save
 from .config import Config
 from .errors import IptError, RecordError
-from .execution import ShardContext, StageRun, StageState, launch
-from .execution.shards import manifest_of, record_options
+from .execution import ShardContext, StageRun
+from .execution.shards import manifest_of
+from .execution.stage import Stage
 from .layout import RunLayout
 from .records import read_records
 from .synth_format import stats_histogram
 from .templify_formats import classify_all, draw_layout, draw_style, render_entry, rng_for
 
-STAGE = "templify"
 FLUSH_EVERY = 1000
 
 
@@ -219,28 +219,17 @@ def write_charts(out_dir: Path, totals: dict[str, Any]) -> list[str]:
 
 
 # -- coordinator ------------------------------------------------------------------------------------
-def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -> StageRun:
-    """The stage for ``run_dir``; ``num_shards`` when synthesize has not run yet (pipeline)."""
+def templify_job(cfg: Config, layout: RunLayout) -> TemplifyJob:
     t = cfg.templify
-    run_dir = Path(run_dir)
-    if num_shards is None:
-        info = StageState(run_dir / t.input_stage).read_stage()
-        if info is None:
-            raise IptError(f"templify: {run_dir / t.input_stage} holds no stage output; run synthesize first")
-        num_shards = info["num_shards"]
-    job = TemplifyJob(seed=t.seed, raw_stage=t.raw_stage, malformed=t.malformed)
-    return StageRun(
-        STAGE,
-        str(run_dir),
-        t.output_folder,
-        t.input_stage,
-        num_shards,
-        templify_shard,
-        job,
-        finalize_fn=finalize_stage,
-        **record_options(cfg.records),
-    )
+    return TemplifyJob(seed=t.seed, raw_stage=t.raw_stage, malformed=t.malformed)
 
 
-def run(cfg: Config, run_dir: str | Path, spec: str = "all", **kw: Any) -> dict[str, Any]:
-    return launch(stage_run(cfg, run_dir), spec, cfg.execution, **kw)
+STAGE = Stage(
+    name="templify",
+    upstream="synthesize",
+    input=lambda cfg, layout: layout.stage(cfg.templify.input_stage),
+    output=lambda cfg, layout: layout.stage(cfg.templify.output_folder),
+    shard_fn=templify_shard,
+    job=templify_job,
+    finalize=finalize_stage,
+)

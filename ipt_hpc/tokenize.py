@@ -23,18 +23,18 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from .atomic import read_json, write_json_atomic
+from .atomic import write_json_atomic
 from .config import Config
 from .errors import IptError, RecordError
-from .execution import ShardContext, StageRun, StageState, launch, shard_name
-from .execution.shards import record_options
+from .execution import ShardContext, StageRun, StageState, shard_name
+from .execution.stage import Stage
 from .indexed import IndexedWriter, dtype_for_vocab, merge
 from .layout import RunLayout
 from .records import PARTIAL_SUFFIX, RecordWriter, iter_lines, zstd_frames
@@ -47,7 +47,6 @@ from .tokenize_worker import (  # a light module: spawned workers import little
     select_texts,
 )
 
-STAGE = "tokenize"
 SHARD_SUFFIX = ".jsonl.zst"
 
 
@@ -376,31 +375,28 @@ def _workers(cfg: Config) -> int:
     return cfg.tokenize.workers or cfg.execution.slurm.cpus_per_task or os.cpu_count() or 1
 
 
-def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -> tuple[StageRun, Path]:
-    """The StageRun of ``tokenize`` for this config (loads the tokenizer, keeps a copy in the run).
+def group_dir(cfg: Config, layout: RunLayout) -> Path:
+    """The token group's stage folder ``tokens/<group>`` (its merged dataset: ``tokens/<group>.bin/.idx``)."""
+    t = cfg.tokenize
+    return layout.token_group(t.group or t.record_group or t.input_stage)
 
-    ``num_shards`` when the input stage has not run yet (pipeline); else read from its state.
-    """
+
+def tokenize_job(cfg: Config, layout: RunLayout) -> TokenizeJob:
+    """The stage's job: loads the tokenizer and keeps a copy of it in the token group's folder."""
     t = cfg.tokenize
     if not t.tokenizer:
         raise IptError("tokenize: no tokenizer given (--tokenizer PATH_OR_NAME or tokenize.tokenizer)")
-    run_dir = Path(run_dir)
-    if num_shards is None:
-        in_state = StageState(run_dir / t.input_stage).read_stage()
-        if in_state is None:
-            raise IptError(f"tokenize: {run_dir / t.input_stage} holds no stage output (run that stage first)")
-        num_shards = in_state["num_shards"]
-    group = t.group or t.record_group or t.input_stage
-    group_dir = RunLayout.of(run_dir).token_group(group)
-    out_folder = str(group_dir.relative_to(run_dir))
-    tok_dir = group_dir / "tokenizer"
+    if cfg.execution.backend == "debug":  # shards run in this process: start the workers while the tokenizer loads
+        source = Path(t.tokenizer) / "tokenizer.json"
+        _pool(_workers(cfg), str(source) if source.is_file() else None)
+    tok_dir = group_dir(cfg, layout) / "tokenizer"
     tok, sha = prepare_tokenizer(t.tokenizer, tok_dir)
     bos, eod = special_ids(tok, t.prepend_bos, t.append_eod)
     vocab = len(tok)
     dtype = str(dtype_for_vocab(vocab)) if t.dtype == "auto" else t.dtype
     if dtype == "uint16" and vocab >= 65536:
         raise IptError(f"tokenize.dtype=uint16 cannot hold a vocabulary of {vocab} tokens")
-    job = TokenizeJob(
+    return TokenizeJob(
         tokenizer_dir=str(tok_dir.resolve()),
         tokenizer_sha256=sha,
         text_field=t.text_field,
@@ -413,19 +409,6 @@ def stage_run(cfg: Config, run_dir: str | Path, num_shards: int | None = None) -
         batch_docs=t.batch_docs,
         record_group=t.record_group,
     )
-    run = StageRun(
-        stage=STAGE,
-        run_dir=str(run_dir),
-        out_folder=out_folder,
-        in_folder=t.input_stage,
-        num_shards=num_shards,
-        shard_fn=tokenize_shard,
-        stage_config=job,
-        out_suffix=".idx",
-        finalize_fn=merge_group,
-        **record_options(cfg.records),
-    )
-    return run, group_dir
 
 
 def merge_group(run: StageRun) -> dict[str, Any]:
@@ -440,7 +423,7 @@ def merge_group(run: StageRun) -> dict[str, Any]:
     stats = merge(prefixes, out_prefix)
     shards = [state.read("done", n) for n in names]
     manifest = {
-        "stage": STAGE,
+        "stage": run.stage,
         "group": run.out_dir.name,
         "dataset": str(out_prefix),
         "config_hash": run.config_hash(),
@@ -457,27 +440,13 @@ def merge_group(run: StageRun) -> dict[str, Any]:
     return manifest
 
 
-def run(
-    cfg: Config,
-    run_dir: str | Path,
-    spec: str = "all",
-    *,
-    force: bool = False,
-    wait: bool = False,
-    progress: Callable[[str, int, int], None] | None = None,
-    check: Callable[[StageRun, list[int]], None] | None = None,
-) -> dict[str, Any]:
-    """Tokenize the selected shards; on the blocking backends also merge when the group is complete.
-
-    ``check``: the preflight run on the selected shards before anything starts."""
-    if cfg.execution.backend == "debug":  # shards run in this process: start the workers while the tokenizer loads
-        source = Path(cfg.tokenize.tokenizer or "") / "tokenizer.json"
-        _pool(_workers(cfg), str(source) if source.is_file() else None)
-    stage, group_dir = stage_run(cfg, run_dir)
-    state = StageState(group_dir)
-    on_progress = progress and (lambda: progress(STAGE, len(state.names("done")), stage.num_shards))
-    result = launch(stage, spec, cfg.execution, force=force, wait=wait, on_progress=on_progress, check=check)
-    manifest = group_dir / "manifest.json"  # the last shard's task merged the group (finalize step)
-    if manifest.exists():
-        result["merged"] = read_json(manifest)
-    return result
+STAGE = Stage(
+    name="tokenize",
+    upstream="its input stage (tokenize.input_stage)",
+    input=lambda cfg, layout: layout.stage(cfg.tokenize.input_stage),
+    output=group_dir,
+    shard_fn=tokenize_shard,
+    job=tokenize_job,
+    finalize=merge_group,
+    out_suffix=".idx",
+)

@@ -14,7 +14,7 @@ from test_fanout import make_raw
 from test_templify import cfg, make_synth
 
 from ipt_hpc import report, templify
-from ipt_hpc.execution import shard_name
+from ipt_hpc.execution import run_stage, shard_name
 from ipt_hpc.records import read_records
 
 
@@ -27,7 +27,7 @@ def browser() -> str | None:
 
 def test_report_lists_the_stages_and_renders_its_charts_in_a_browser(tmp_path: Path) -> None:
     run = make_synth(make_raw(tmp_path / "run", 2, docs=60), 2, share=0.7)
-    templify.run(cfg(), run)
+    run_stage(templify.STAGE, cfg(), run)
     proc = run_cli("report", "--run", str(run))
     assert proc.returncode == 0, proc.stderr
     md = (run / "report" / "report.md").read_text()
@@ -54,7 +54,7 @@ def test_report_lists_the_stages_and_renders_its_charts_in_a_browser(tmp_path: P
 
 def test_broken_image_is_flagged_by_the_page(tmp_path: Path) -> None:
     run = make_synth(make_raw(tmp_path / "run", 1, docs=20), 1)
-    templify.run(cfg(), run)
+    run_stage(templify.STAGE, cfg(), run)
     out = report.build(run)
     (run / "report" / "templify_layouts.png").write_bytes(b"not a png")
     exe = browser()

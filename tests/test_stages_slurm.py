@@ -12,13 +12,16 @@ from test_templify import cfg, make_synth, outputs
 
 from ipt_hpc import templify
 from ipt_hpc.atomic import read_json
+from ipt_hpc.execution import run_stage
 
 pytestmark = pytest.mark.slurm
 
 
 def test_templify_on_slurm(tmp_path: Path) -> None:
     run = make_synth(make_raw(tmp_path / "run", 3, docs=60), 3)
-    result = templify.run(cfg(**{"execution.backend": "slurm", "execution.slurm.time_min": 10}), run, wait=True)
+    result = run_stage(
+        templify.STAGE, cfg(**{"execution.backend": "slurm", "execution.slurm.time_min": 10}), run, wait=True
+    )
     assert result["submitted"] == 3
     manifest = read_json(run / "augmented" / "manifest.json")
     assert len(outputs(run, 3)) == manifest["totals"]["records"] > 0

@@ -10,7 +10,7 @@ from tiny_model import tiny_llama
 
 from ipt_hpc import synthesize
 from ipt_hpc.config import load_config
-from ipt_hpc.execution import StageState, shard_name
+from ipt_hpc.execution import StageState, build, run_stage, shard_name
 from ipt_hpc.records import RecordWriter, partial_path, read_records
 
 pytest.importorskip("transformers")
@@ -38,7 +38,7 @@ def test_prompts_are_token_exact_and_records_complete(tmp_path: Path, model_dir:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     run = make_raw(tmp_path / "run", 2, docs=10)
-    synthesize.run(cfg_for(model_dir), run)
+    run_stage(synthesize.STAGE, cfg_for(model_dir), run)
     for k in range(2):
         name = shard_name(k, 2)
         recs = list(read_records(run / "synth" / name))
@@ -68,26 +68,26 @@ def test_rejected_and_too_long_prompts_become_record_errors(tmp_path: Path, mode
     (run / "raw" / shard_name(0, 1)).unlink()
     with RecordWriter(run / "raw" / shard_name(0, 1)) as w:
         w.write_many([*recs[:2], long_doc, *recs[2:]])
-    synthesize.run(cfg_for(model_dir, max_model_len=4096, max_new_tokens=12), run)
+    run_stage(synthesize.STAGE, cfg_for(model_dir, max_model_len=4096, max_new_tokens=12), run)
     out = list(read_records(run / "synth" / shard_name(0, 1)))
     bad = next(r for r in out if r["id"] == "x:1")
     assert bad["error"] and "exceeds" in bad["error"] and bad["pairs"] == []
     assert all(r["error"] is None for r in out if r["id"] != "x:1")
     # skip policy: a document over the budget is not sent at all, and counted
-    synthesize.run(cfg_for(model_dir, max_model_len=300, too_long="skip"), run, force=True)
+    run_stage(synthesize.STAGE, cfg_for(model_dir, max_model_len=300, too_long="skip"), run, force=True)
     done = StageState(run / "synth").read("done", shard_name(0, 1))
     assert done["over_budget"] == 1 and done["errors"] == 1
 
 
 def test_interrupted_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_dir: Path) -> None:
     ref = make_raw(tmp_path / "ref", 1, docs=14)
-    synthesize.run(cfg_for(model_dir), ref)
+    run_stage(synthesize.STAGE, cfg_for(model_dir), ref)
     want = (ref / "synth" / shard_name(0, 1)).read_bytes()
     run = make_raw(tmp_path / "run", 1, docs=14)
     # an attempt that died after 2 durable chunks: keep those records in a .partial
     durable = list(read_records(ref / "synth" / shard_name(0, 1)))[:6]
     out = run / "synth" / shard_name(0, 1)
-    stage = synthesize.stage_run(cfg_for(model_dir), run)
+    stage = build(synthesize.STAGE, cfg_for(model_dir), run)
     from ipt_hpc.execution.shards import prepare
 
     prepare(stage)
@@ -96,7 +96,7 @@ def test_interrupted_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_
     w.flush()
     w.abandon()
     assert partial_path(out).exists()
-    synthesize.run(cfg_for(model_dir), run)
+    run_stage(synthesize.STAGE, cfg_for(model_dir), run)
     assert out.read_bytes() == want
     events = [e["event"] for e in StageState(run / "synth").events(shard_name(0, 1))]
     assert "resumed" in events
@@ -115,13 +115,13 @@ def test_sigkilled_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_di
 
     cfg = cfg_for(model_dir, max_new_tokens=24, chunk_docs=2)
     ref = make_raw(tmp_path / "ref", 1, docs=200)
-    synthesize.run(cfg, ref)
+    run_stage(synthesize.STAGE, cfg, ref)
     want = (ref / "synth" / shard_name(0, 1)).read_bytes()
     seq = make_raw(tmp_path / "seq", 1, docs=200)
-    synthesize.run(cfg_for(model_dir, max_new_tokens=24, chunk_docs=2, max_in_flight=1), seq)
+    run_stage(synthesize.STAGE, cfg_for(model_dir, max_new_tokens=24, chunk_docs=2, max_in_flight=1), seq)
     assert (seq / "synth" / shard_name(0, 1)).read_bytes() == want  # streamed == one document at a time
     run = make_raw(tmp_path / "run", 1, docs=200)
-    prepare(synthesize.stage_run(cfg, run))
+    prepare(build(synthesize.STAGE, cfg, run))
     proc = subprocess.Popen(
         [sys.executable, "-m", "ipt_hpc.launch", "run-shard", "--stage-dir", str(run / "synth")],
         cwd=REPO,
@@ -136,7 +136,7 @@ def test_sigkilled_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_di
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert not (run / "synth" / name).exists() and partial_path(run / "synth" / name).exists()
-    synthesize.run(cfg, run, "failed")
+    run_stage(synthesize.STAGE, cfg, run, "failed")
     assert (run / "synth" / name).read_bytes() == want
     resumed = next(e for e in state.events(name) if e["event"] == "resumed")
     assert 6 <= resumed["records"] < 200
@@ -161,7 +161,7 @@ def test_convert_share_sends_only_chosen_documents(tmp_path: Path, model_dir: Pa
     from ipt_hpc.mixture import converted
 
     run = make_raw(tmp_path / "run", 1, docs=30)
-    synthesize.run(cfg_for(model_dir, convert_share=0.5, max_new_tokens=4), run)
+    run_stage(synthesize.STAGE, cfg_for(model_dir, convert_share=0.5, max_new_tokens=4), run)
     src = [r["id"] for r in read_records(run / "raw" / shard_name(0, 1))]
     got = [r["id"] for r in read_records(run / "synth" / shard_name(0, 1))]
     assert got == [i for i in src if converted(i, 0.5)] and 0 < len(got) < len(src)
@@ -204,8 +204,8 @@ def test_repetition_guard_reaches_generate(tmp_path: Path, model_dir: Path) -> N
 
     run = make_raw(tmp_path / "run", 1, docs=4)
     with pytest.raises(IptError, match="no_repeat_ngram_size"):  # not a vLLM option
-        synthesize.stage_run(cfg_for(model_dir, backend="vllm", no_repeat_ngram_size=4), run)
-    synthesize.run(cfg_for(model_dir, max_new_tokens=24, no_repeat_ngram_size=2, keep_raw=True), run)
+        build(synthesize.STAGE, cfg_for(model_dir, backend="vllm", no_repeat_ngram_size=4), run)
+    run_stage(synthesize.STAGE, cfg_for(model_dir, max_new_tokens=24, no_repeat_ngram_size=2, keep_raw=True), run)
     for rec in read_records(run / "synth" / shard_name(0, 1)):
         grams = list(zip(rec["gen_ids"], rec["gen_ids"][1:], strict=False))
         assert len(grams) == len(set(grams))  # no bigram of the answer repeats
@@ -230,7 +230,7 @@ def test_streaming_equals_the_sequential_loop_with_chains(tmp_path: Path) -> Non
     outs = {}
     for window in (1, 7, None):  # one document at a time; a small window; the engine's own bound (16)
         run = make_raw(tmp_path / f"w{window}", 1, docs=36)
-        synthesize.run(cfg_for(model, **sets, max_in_flight=window), run)
+        run_stage(synthesize.STAGE, cfg_for(model, **sets, max_in_flight=window), run)
         outs[window] = (run / "synth" / shard_name(0, 1)).read_bytes()
     assert outs[1] == outs[7] == outs[None]
     recs = list(read_records(tmp_path / "wNone" / "synth" / shard_name(0, 1)))
@@ -240,10 +240,10 @@ def test_streaming_equals_the_sequential_loop_with_chains(tmp_path: Path) -> Non
 
     run = make_raw(tmp_path / "resumed", 1, docs=36)
     cfg = cfg_for(model, **sets)
-    prepare(synthesize.stage_run(cfg, run))
+    prepare(build(synthesize.STAGE, cfg, run))
     w = RecordWriter(run / "synth" / shard_name(0, 1))
     w.write_many(recs[:14])
     w.flush()
     w.abandon()
-    synthesize.run(cfg, run)
+    run_stage(synthesize.STAGE, cfg, run)
     assert (run / "synth" / shard_name(0, 1)).read_bytes() == outs[None]

@@ -15,7 +15,7 @@ from ipt_hpc import templify
 from ipt_hpc.atomic import read_json
 from ipt_hpc.config import MixGroup, load_config
 from ipt_hpc.errors import ConfigError, IptError, RecordError
-from ipt_hpc.execution import StageRun, StageState, launch, shard_name
+from ipt_hpc.execution import StageRun, StageState, build, launch, run_stage, shard_name
 from ipt_hpc.execution.shards import prepare
 from ipt_hpc.mixture import blend, converted
 from ipt_hpc.records import RecordWriter, partial_path, read_records
@@ -239,7 +239,7 @@ def outputs(run: Path, n: int, folder: str = "augmented") -> list[dict]:
 
 def test_stage_renders_every_pair_once_and_splits_raw_by_id(tmp_path: Path) -> None:
     run = make_synth(make_raw(tmp_path / "run", 2, docs=160), 2, share=0.6)
-    templify.run(cfg(), run)
+    run_stage(templify.STAGE, cfg(), run)
     out = outputs(run, 2)
     raw_ids = [r["id"] for k in range(2) for r in read_records(run / "raw" / shard_name(k, 2))]
     covered = Counter(d for o in out for d in o["docs"])
@@ -267,26 +267,26 @@ def test_stage_renders_every_pair_once_and_splits_raw_by_id(tmp_path: Path) -> N
 def test_reruns_are_byte_identical_and_seed_changes_formats(tmp_path: Path) -> None:
     runs = [make_synth(make_raw(tmp_path / name, 1, docs=60), 1) for name in ("one", "two")]
     for run in runs:
-        templify.run(cfg(), run)
+        run_stage(templify.STAGE, cfg(), run)
     files = [(run / "augmented" / shard_name(0, 1)).read_bytes() for run in runs]
     assert files[0] == files[1]
-    templify.run(cfg(**{"templify.seed": 5}), runs[1], force=True)
+    run_stage(templify.STAGE, cfg(**{"templify.seed": 5}), runs[1], force=True)
     assert (runs[1] / "augmented" / shard_name(0, 1)).read_bytes() != files[0]
 
 
 def test_interrupted_templify_resumes_to_identical_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ref = make_synth(make_raw(tmp_path / "ref", 1, docs=80), 1)
-    templify.run(cfg(), ref)
+    run_stage(templify.STAGE, cfg(), ref)
     want = (ref / "augmented" / shard_name(0, 1)).read_bytes()
     run = make_synth(make_raw(tmp_path / "run", 1, docs=80), 1)
-    prepare(templify.stage_run(cfg(), run))
+    prepare(build(templify.STAGE, cfg(), run))
     out = run / "augmented" / shard_name(0, 1)
     w = RecordWriter(out)
     w.write_many(list(read_records(ref / "augmented" / shard_name(0, 1)))[:20])
     w.flush()
     w.abandon()
     assert partial_path(out).exists()
-    templify.run(cfg(), run)
+    run_stage(templify.STAGE, cfg(), run)
     assert out.read_bytes() == want
     assert any(e["event"] == "resumed" and e["records"] == 20 for e in StageState(run / "augmented").events(out.name))
 
@@ -304,7 +304,7 @@ def test_templify_on_the_local_executor_and_cli(tmp_path: Path) -> None:
 def test_missing_synth_output_is_a_clear_error(tmp_path: Path) -> None:
     run = make_raw(tmp_path / "run", 1, docs=5)
     with pytest.raises(IptError, match="run synthesize first"):
-        templify.run(cfg(), run)
+        run_stage(templify.STAGE, cfg(), run)
 
 
 # -- mixture ------------------------------------------------------------------------------------------
@@ -350,12 +350,12 @@ def test_groups_tokenize_separately_and_the_mixture_report_reads_them(tmp_path: 
 
     tok = train_tokenizer(tmp_path / "tok")
     run = make_synth(make_raw(tmp_path / "run", 2, docs=80), 2, share=0.5)
-    templify.run(cfg(), run)
+    run_stage(templify.STAGE, cfg(), run)
     out = outputs(run, 2)
     for group in ("augmented", "raw"):
         sets = {"tokenize.tokenizer": str(tok), "tokenize.record_group": group, "tokenize.workers": 1}
-        result = tokenize.run(cfg(**sets), run)
-        merged = result["merged"]
+        result = run_stage(tokenize.STAGE, cfg(**sets), run)
+        merged = result["manifest"]
         assert merged["group"] == group
         assert merged["documents"] == sum(o["group"] == group for o in out) > 0
         assert merged["other_group"] == len(out) - merged["documents"]
@@ -375,8 +375,8 @@ def test_records_settings_reach_the_writers_of_every_stage(tmp_path: Path) -> No
 
     sets = {"records.level": 19, "records.frame_bytes": 4096, "records.fsync": False}
     runs = {name: make_synth(make_raw(tmp_path / name, 1, docs=120), 1) for name in ("default", "set")}
-    templify.run(cfg(), runs["default"])
-    templify.run(cfg(**sets), runs["set"])
+    run_stage(templify.STAGE, cfg(), runs["default"])
+    run_stage(templify.STAGE, cfg(**sets), runs["set"])
     files = {name: run / "augmented" / shard_name(0, 1) for name, run in runs.items()}
     assert list(read_records(files["set"])) == list(read_records(files["default"]))
     frames = {name: zstd_frames(f) for name, f in files.items()}
@@ -387,5 +387,5 @@ def test_records_settings_reach_the_writers_of_every_stage(tmp_path: Path) -> No
 
     tok = train_tokenizer(tmp_path / "tok")
     c = cfg(**sets, **{"synth.model": "m", "tokenize.tokenizer": str(tok)})
-    for run in (synthesize.stage_run(c, runs["set"]), tokenize.stage_run(c, runs["set"])[0]):
+    for run in (build(synthesize.STAGE, c, runs["set"]), build(tokenize.STAGE, c, runs["set"])):
         assert (run.level, run.frame_bytes, run.fsync) == (19, 4096, False)

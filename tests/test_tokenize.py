@@ -18,7 +18,7 @@ from tokenizer_fixture import train_tokenizer
 from ipt_hpc import tokenize
 from ipt_hpc.config import load_config
 from ipt_hpc.errors import IptError
-from ipt_hpc.execution import StageState, TaskFailures, shard_name
+from ipt_hpc.execution import StageState, TaskFailures, build, run_stage, shard_name
 from ipt_hpc.indexed import merge, paths
 from ipt_hpc.records import RecordWriter, read_records
 
@@ -68,7 +68,7 @@ def fake_stage(run: Path, folder: str, shards: list[list[dict]], frame_bytes: in
 @pytest.mark.parametrize("dtype", ["auto", "int32"])
 def test_megatron_reads_exactly_the_tokenizer_output(tmp_path: Path, tok_dir: Path, dtype: str) -> None:
     run = make_raw(tmp_path / "run", 3, docs=60)
-    result = tokenize.run(cfg_for(tok_dir, dtype=dtype), run)
+    result = run_stage(tokenize.STAGE, cfg_for(tok_dir, dtype=dtype), run)
     assert result["submitted"] == 3
     group = run / "tokens" / "raw"
     for k in range(3):
@@ -78,7 +78,7 @@ def test_megatron_reads_exactly_the_tokenizer_output(tmp_path: Path, tok_dir: Pa
         assert got == [expected_ids(tok_dir, t) for t in texts]
     ds = IndexedDataset(str(run / "tokens" / "raw"))
     assert ds.index.dtype == (np.uint16 if dtype == "auto" else np.int32)
-    manifest = result["merged"]
+    manifest = result["manifest"]
     assert manifest["documents"] == 60 == len(ds)
     assert manifest["tokens"] == int(ds.sequence_lengths.sum())
 
@@ -86,8 +86,8 @@ def test_megatron_reads_exactly_the_tokenizer_output(tmp_path: Path, tok_dir: Pa
 def test_merge_equals_tokenizing_the_concatenation(tmp_path: Path, tok_dir: Path) -> None:
     many = make_raw(tmp_path / "many", 4, docs=80)
     one = make_raw(tmp_path / "one", 1, docs=80)
-    tokenize.run(cfg_for(tok_dir), many)
-    tokenize.run(cfg_for(tok_dir), one)
+    run_stage(tokenize.STAGE, cfg_for(tok_dir), many)
+    run_stage(tokenize.STAGE, cfg_for(tok_dir), one)
     for ext in (0, 1):
         a = paths(many / "tokens" / "raw")[ext].read_bytes()
         b = paths(one / "tokens" / "raw" / "shard-00000")[ext].read_bytes()
@@ -118,13 +118,13 @@ def test_unicode_and_policies(tmp_path: Path, tok_dir: Path) -> None:
     run = tmp_path / "run"
     fake_stage(run, "aug", [[{"id": str(i), "text": t} for i, t in enumerate(texts)]])
     with pytest.raises(TaskFailures, match=r"shard-00000\.jsonl\.zst:5: empty text"):
-        tokenize.run(cfg_for(tok_dir, input_stage="aug"), run)
+        run_stage(tokenize.STAGE, cfg_for(tok_dir, input_stage="aug"), run)
     assert not paths(run / "tokens" / "aug" / "shard-00000")[1].exists()
-    res = tokenize.run(cfg_for(tok_dir, input_stage="aug", empty_text="skip"), run, force=True)
+    res = run_stage(tokenize.STAGE, cfg_for(tok_dir, input_stage="aug", empty_text="skip"), run, force=True)
     got = docs_of(run / "tokens" / "aug" / "shard-00000")
     assert got == [expected_ids(tok_dir, t) for t in texts if t]
-    assert res["merged"]["skipped_empty"] == 1
-    tokenize.run(cfg_for(tok_dir, input_stage="aug", empty_text="keep", group="kept"), run)
+    assert res["manifest"]["skipped_empty"] == 1
+    run_stage(tokenize.STAGE, cfg_for(tok_dir, input_stage="aug", empty_text="keep", group="kept"), run)
     got = docs_of(run / "tokens" / "kept" / "shard-00000")
     assert got[4] == expected_ids(tok_dir, "") and len(got) == len(texts)
 
@@ -132,10 +132,10 @@ def test_unicode_and_policies(tmp_path: Path, tok_dir: Path) -> None:
 def test_bos_and_eod_options(tmp_path: Path, tok_dir: Path) -> None:
     run = make_raw(tmp_path / "run", 1, docs=5)
     text = next(read_records(run / "raw" / shard_name(0, 1)))["text"]
-    tokenize.run(cfg_for(tok_dir, prepend_bos="never", append_eod=False, group="bare"), run)
+    run_stage(tokenize.STAGE, cfg_for(tok_dir, prepend_bos="never", append_eod=False, group="bare"), run)
     assert docs_of(run / "tokens" / "bare" / "shard-00000")[0] == expected_ids(tok_dir, text, bos=False, eod=False)
     plain = train_tokenizer(tmp_path / "nobos", add_bos=False)  # a GPT-2 style tokenizer adds no BOS itself
-    tokenize.run(cfg_for(plain, group="gpt2style"), run)
+    run_stage(tokenize.STAGE, cfg_for(plain, group="gpt2style"), run)
     assert docs_of(run / "tokens" / "gpt2style" / "shard-00000")[0] == expected_ids(plain, text, bos=False)
 
 
@@ -143,10 +143,10 @@ def test_bad_records_follow_the_policy(tmp_path: Path, tok_dir: Path) -> None:
     run = tmp_path / "run"
     fake_stage(run, "aug", [[{"text": "good"}, {"body": "no text"}, {"text": 5}, {"text": "also good"}]])
     with pytest.raises(TaskFailures, match=r":2: text field 'text' is missing or not a string"):
-        tokenize.run(cfg_for(tok_dir, input_stage="aug"), run)
+        run_stage(tokenize.STAGE, cfg_for(tok_dir, input_stage="aug"), run)
     cfg = cfg_for(tok_dir, input_stage="aug", **{"records.on_bad_record": "quarantine"})
-    res = tokenize.run(cfg, run, force=True)
-    assert res["merged"]["bad"] == 2 and res["merged"]["documents"] == 2
+    res = run_stage(tokenize.STAGE, cfg, run, force=True)
+    assert res["manifest"]["bad"] == 2 and res["manifest"]["documents"] == 2
     q = list(read_records(run / "tokens" / "aug" / "quarantine" / "shard-00000.jsonl.zst"))
     assert [r["line"] for r in q] == [2, 3]
 
@@ -176,12 +176,12 @@ def test_workers_reading_frames_equal_reading_here(tmp_path: Path, tok_dir: Path
 
     monkeypatch.setattr(tokenize, "_tokenize_read_here", not_here)
     monkeypatch.setattr(tokenize, "TASK_BYTES", 2000)  # several ranges of a few frames each
-    fast = tokenize.run(cfg, run)["merged"]
+    fast = run_stage(tokenize.STAGE, cfg, run)["manifest"]
     monkeypatch.undo()
     outputs = [paths(run / "tokens" / "aug")[e].read_bytes() for e in (0, 1)]
     quarantined = list(read_records(run / "tokens" / "aug" / "quarantine" / "shard-00000.jsonl.zst"))
     monkeypatch.setattr(tokenize, "MAX_TASK_BYTES", 0)  # every frame too large: the general path
-    here = tokenize.run(cfg, run, force=True)["merged"]
+    here = run_stage(tokenize.STAGE, cfg, run, force=True)["manifest"]
     assert [paths(run / "tokens" / "aug")[e].read_bytes() for e in (0, 1)] == outputs
     assert list(read_records(run / "tokens" / "aug" / "quarantine" / "shard-00000.jsonl.zst")) == quarantined
     assert [r["line"] for r in quarantined] == [i + 1 for i in range(700) if i % 37 == 5]
@@ -189,9 +189,14 @@ def test_workers_reading_frames_equal_reading_here(tmp_path: Path, tok_dir: Path
         assert fast[key] == here[key], key
     monkeypatch.undo()
     with pytest.raises(TaskFailures, match=r"shard-00000\.jsonl\.zst:6: text field"):
-        tokenize.run(cfg_for(tok_dir, input_stage="aug", empty_text="skip"), run, force=True)
+        run_stage(tokenize.STAGE, cfg_for(tok_dir, input_stage="aug", empty_text="skip"), run, force=True)
     with pytest.raises(TaskFailures, match=r"shard-00000\.jsonl\.zst:8: empty text"):
-        tokenize.run(cfg_for(tok_dir, input_stage="aug", **{"records.on_bad_record": "quarantine"}), run, force=True)
+        run_stage(
+            tokenize.STAGE,
+            cfg_for(tok_dir, input_stage="aug", **{"records.on_bad_record": "quarantine"}),
+            run,
+            force=True,
+        )
 
 
 def test_next_shard_starts_early_and_gives_the_same_bytes(tmp_path: Path, tok_dir: Path, monkeypatch) -> None:
@@ -214,13 +219,13 @@ def test_next_shard_starts_early_and_gives_the_same_bytes(tmp_path: Path, tok_di
     monkeypatch.setattr(tokenize, "_take_ahead", spy)
     cfg = cfg_for(tok_dir, input_stage="aug")
     with pytest.raises(TaskFailures, match=r"shard-00002\.jsonl\.zst:51: empty text") as failed:
-        tokenize.run(cfg, tmp_path / "run")
+        run_stage(tokenize.STAGE, cfg, tmp_path / "run")
     assert "shard-00001" not in str(failed.value) and "shard-00003" not in str(failed.value)
     # shard 3 may or may not have been started early: that depends on when shard 2's error came back
     assert taken[:3] == [(shard_name(k, 4), k > 0) for k in range(3)] and taken[3][0] == shard_name(3, 4)
     taken.clear()
     for k in (0, 1, 3):  # one shard per call: nothing runs next, nothing is started early
-        tokenize.run(cfg, tmp_path / "ref", str(k))
+        run_stage(tokenize.STAGE, cfg, tmp_path / "ref", str(k))
     assert taken == [(shard_name(k, 4), False) for k in (0, 1, 3)]
     for k in (0, 1, 3):
         for ext in (".bin", ".idx"):
@@ -230,7 +235,7 @@ def test_next_shard_starts_early_and_gives_the_same_bytes(tmp_path: Path, tok_di
             ).read_bytes()
     assert not (tmp_path / "run/tokens/aug/shard-00002.idx").exists()
 
-    job = tokenize.stage_run(cfg, tmp_path / "ref")[0].stage_config
+    job = build(tokenize.STAGE, cfg, tmp_path / "ref").stage_config
     path = tmp_path / "ref" / "aug" / shard_name(2, 4)
     pool = tokenize._pool(job.workers)
     tokenize._AHEAD[str(path)] = feed = tokenize._Feed(job, path, tokenize._range_tasks(job, path, True), pool)
@@ -281,7 +286,7 @@ def test_frames_cut_inside_a_record_are_read_here(tmp_path: Path, tok_dir: Path)
     (run / "aug" / shard_name(0, 1)).write_bytes(
         b"".join(c.compress(data[k : k + 333]) for k in range(0, len(data), 333))
     )
-    tokenize.run(cfg_for(tok_dir, input_stage="aug"), run)
+    run_stage(tokenize.STAGE, cfg_for(tok_dir, input_stage="aug"), run)
     assert docs_of(run / "tokens" / "aug" / "shard-00000") == [expected_ids(tok_dir, t) for t in texts]
 
 
@@ -290,7 +295,8 @@ def test_killed_task_leaves_no_complete_dataset_and_rerun_completes(tmp_path: Pa
     rng_docs = make_docs(6000, seed=5, max_words=300)
     fake_stage(run, "aug", [[{"text": d["content"]} for d in rng_docs]])
     cfg = cfg_for(tok_dir, input_stage="aug", workers=1, batch_docs=64)
-    stage, group = tokenize.stage_run(cfg, run)
+    stage = build(tokenize.STAGE, cfg, run)
+    group = stage.out_dir
     from ipt_hpc.execution.shards import prepare
 
     prepare(stage)
@@ -310,7 +316,7 @@ def test_killed_task_leaves_no_complete_dataset_and_rerun_completes(tmp_path: Pa
     bin_path, idx_path = paths(prefix)
     assert not idx_path.exists() and not bin_path.exists(), "a killed task must not leave a complete-looking dataset"
     assert not StageState(group).is_done("shard-00000.jsonl.zst")
-    res = tokenize.run(cfg, run, "failed")
+    res = run_stage(tokenize.STAGE, cfg, run, "failed")
     assert res["submitted"] == 1
     assert docs_of(prefix)[:3] == [expected_ids(tok_dir, d["content"]) for d in rng_docs[:3]]
     assert len(IndexedDataset(str(prefix))) == 6000
@@ -319,11 +325,11 @@ def test_killed_task_leaves_no_complete_dataset_and_rerun_completes(tmp_path: Pa
 def test_missing_tokenizer_or_input_is_a_clear_error(tmp_path: Path, tok_dir: Path) -> None:
     run = make_raw(tmp_path / "run", 1, docs=3)
     with pytest.raises(IptError, match="no tokenizer given"):
-        tokenize.run(load_config(None, None, {"tokenize.input_stage": "raw"}), run)
+        run_stage(tokenize.STAGE, load_config(None, None, {"tokenize.input_stage": "raw"}), run)
     with pytest.raises(IptError, match="holds no stage output"):
-        tokenize.run(cfg_for(tok_dir, input_stage="augmented"), run)
+        run_stage(tokenize.STAGE, cfg_for(tok_dir, input_stage="augmented"), run)
     with pytest.raises(IptError, match="cannot load tokenizer"):
-        tokenize.run(cfg_for(tmp_path / "nope"), run)
+        run_stage(tokenize.STAGE, cfg_for(tmp_path / "nope"), run)
 
 
 class _MegatronTokenizer:
@@ -346,8 +352,8 @@ def test_megatron_builds_blended_gpt_samples_from_merged_groups(tmp_path: Path, 
 
     run = make_raw(tmp_path / "run", 2, docs=200)
     fake_stage(run, "aug", [[{"text": f"Q: what is {i}? A: {i}."} for i in range(300)]])
-    tokenize.run(cfg_for(tok_dir), run)
-    tokenize.run(cfg_for(tok_dir, input_stage="aug"), run)
+    run_stage(tokenize.STAGE, cfg_for(tok_dir), run)
+    run_stage(tokenize.STAGE, cfg_for(tok_dir, input_stage="aug"), run)
     groups = [str(run / "tokens" / "raw"), str(run / "tokens" / "aug")]
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)

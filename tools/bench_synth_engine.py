@@ -42,7 +42,7 @@ sys.path.insert(0, str(TOOLS))
 from ipt_hpc import shard, synthesize  # noqa: E402
 from ipt_hpc.atomic import read_json  # noqa: E402
 from ipt_hpc.config import load_config  # noqa: E402
-from ipt_hpc.execution import shard_name  # noqa: E402
+from ipt_hpc.execution import build, run_stage, shard_name  # noqa: E402
 from ipt_hpc.records import read_records  # noqa: E402
 from ipt_hpc.synth_format import context_text, example_text, rounds_of  # noqa: E402
 
@@ -127,7 +127,7 @@ def main() -> None:
     cfg = load_config(None, args.overrides, sets)
     docs = documents(args.docs)
     with tempfile.TemporaryDirectory(prefix="ipt-bench-synth-") as tmp:
-        job = synthesize.stage_run(cfg, Path(tmp) / "unused", num_shards=1).stage_config
+        job = build(synthesize.STAGE, cfg, Path(tmp) / "unused", num_shards=1).stage_config
         load_s, engine = timed(lambda: synthesize._engine(job))  # the stage's cache reuses this engine
         warm_s, _ = timed(lambda: engine.generate([[engine.tokenizer.bos_token_id, 5, 6, 7]] * 8, 16))
         print(f"{args.backend}: model loaded in {load_s:.1f} s, warm-up {warm_s:.1f} s (not counted);"
@@ -138,7 +138,7 @@ def main() -> None:
         for rep in range(args.repeats):
             run = Path(tmp) / f"run{rep}"
             make_shard(run, docs)
-            stage_s, _ = timed(lambda run=run: synthesize.run(cfg, run), engine)
+            stage_s, _ = timed(lambda run=run: run_stage(synthesize.STAGE, cfg, run), engine)
             records = list(read_records(run / "synth" / shard_name(0, 1)))
             tokens["stage"] = sum(r["gen_tokens"] for r in records)
             prompts = prompts_of(records, job, engine.tokenizer)

@@ -11,7 +11,7 @@ MB/s, docs/s and tokens/s side by side (MB = 10**6 UTF-8 bytes of the documents'
 
 1. ``ipt_hpc``: the real stage end to end. The input is a finished run stage folder (``raw/``) of
    ``--shards`` zstd JSONL shards written with :class:`ipt_hpc.records.RecordWriter`; the timed call
-   is ``ipt_hpc.tokenize.run(cfg, run)`` with ``execution.backend=debug`` and
+   is ``run_stage(ipt_hpc.tokenize.STAGE, cfg, run)`` with ``execution.backend=debug`` and
    ``tokenize.workers=--cores``: tokenizer load and copy, worker start, reading, tokenizing, writing
    per-shard ``.bin/.idx`` and merging them into ``tokens/raw.{bin,idx}``.
 2. ``limit``: ``--cores`` fresh (spawned) single-threaded processes, each running
@@ -312,6 +312,7 @@ def write_input(ctx: Ctx, shards: int) -> None:
 def run_ipt(ctx: Ctx) -> Result:
     from ipt_hpc import tokenize
     from ipt_hpc.config import load_config
+    from ipt_hpc.execution import run_stage
 
     shutil.rmtree(ctx.run_dir / "tokens", ignore_errors=True)
     sets: dict[str, Any] = {
@@ -325,10 +326,10 @@ def run_ipt(ctx: Ctx) -> Result:
     cfg = load_config(None, None, sets)
     tokenize._close_pools()  # start cold: worker start-up is part of the stage
     start = time.perf_counter()
-    result = tokenize.run(cfg, ctx.run_dir)
+    result = run_stage(tokenize.STAGE, cfg, ctx.run_dir)
     seconds = time.perf_counter() - start
     tokenize._close_pools()
-    merged = result["merged"]
+    merged = result["manifest"]
     return Result(seconds, merged["documents"], merged["tokens"])
 
 

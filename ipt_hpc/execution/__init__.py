@@ -8,19 +8,23 @@ or ``slurm`` (job arrays, split at MaxArraySize, packed, throttled, checkpointed
 from .backends import Submission, slurm_available
 from .selection import compress_ids, parse_shards
 from .shards import ShardContext, StageRun, launch
+from .stage import Stage, build, run_stage
 from .state import StageState, shard_name
 from .tasks import PackRunner, TaskFailures, run_tasks
 
 __all__ = [
     "PackRunner",
     "ShardContext",
+    "Stage",
     "StageRun",
     "StageState",
     "Submission",
     "TaskFailures",
+    "build",
     "compress_ids",
     "launch",
     "parse_shards",
+    "run_stage",
     "run_tasks",
     "shard_name",
     "slurm_available",
