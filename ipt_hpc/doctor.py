@@ -9,7 +9,7 @@ each timed and reported, and write one JSON file:
 * ``records``: a zstd JSON Lines file written and read back;
 * ``synthesis``: the transformers engine on the shipped tiny synthesizer (``models/tiny-synthesizer``) over a
   few documents: parsed pairs, generated tokens/s (vLLM is not part of it: its wheel is too large to carry);
-* ``train``: ``python -m ipt_hpc.train`` (torchrun, one rank per GPU) on synthetic token data with the
+* ``train``: ``python -m ipt_hpc.model.train`` (torchrun, one rank per GPU) on synthetic token data with the
   configuration a real run gets (on GPU: bf16, the distributed optimizer, its ``dp_reshardable`` checkpoint);
   tokens/s and MFU over the steps after the first;
 * ``hf_baseline``: Hugging Face transformers training the same model on the same tokens (AdamW, same
@@ -107,7 +107,7 @@ def check_environment(ctx: Context) -> dict[str, Any]:
     import torch
     import transformers
 
-    from .train.profile import te_available
+    from .model.train.profile import te_available
 
     versions = {
         "python": platform.python_version(),
@@ -200,8 +200,8 @@ def check_records(ctx: Context) -> dict[str, Any]:
 
 
 def check_synthesis(ctx: Context) -> dict[str, Any]:
-    from .synth_engines import TransformersEngine
-    from .synth_format import context_text, parse_pairs
+    from .stages.synth_engines import TransformersEngine
+    from .stages.synth_format import context_text, parse_pairs
 
     engine = TransformersEngine(
         str(TINY_SYNTH), device="cuda" if ctx.gpu else "cpu", dtype="float32", batch_size=len(SYNTH_DOCS)
@@ -283,7 +283,7 @@ def _child_env() -> dict[str, str]:
 
 def _torchrun(ctx: Context, run: Path, config: Path, nproc: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29431"]
-    cmd += ["-m", "ipt_hpc.train", str(run), "--config", str(config)]
+    cmd += ["-m", "ipt_hpc.model.train", str(run), "--config", str(config)]
     log = ctx.work / f"{config.stem}.log"
     with open(log, "w") as out:
         rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ctx.work, env=_child_env())
@@ -294,7 +294,7 @@ def _torchrun(ctx: Context, run: Path, config: Path, nproc: int) -> None:
 
 def _train_log(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(steps in iteration order, events) of ``RUN/train/log.jsonl``; a step redone after a resume counts once."""
-    from .train.metrics import read_steps
+    from .model.train.metrics import read_steps
 
     log = RunLayout.of(run).train_log
     steps = read_steps(log)
@@ -308,8 +308,8 @@ def check_train(ctx: Context) -> dict[str, Any]:
     all_steps, events = _train_log(run)
     first, steps = all_steps[0], all_steps[1:]  # the first step compiles and allocates
     start = next(e for e in events if e["event"] == "start")
-    from .train.config import ModelConfig, TrainConfig
-    from .train.model import num_parameters
+    from .config import ModelConfig, TrainConfig
+    from .model.train.model import num_parameters
 
     params = num_parameters(TrainConfig(model=ModelConfig(**ctx.model)))
     mfu = [s["mfu"] for s in steps if s.get("mfu") is not None]
@@ -348,9 +348,9 @@ def check_hf_baseline(ctx: Context) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM
 
+    from .config import ModelConfig, TrainConfig
     from .indexed import dtype_for_vocab
-    from .train.config import ModelConfig, TrainConfig
-    from .train.model import flops_per_token
+    from .model.train.model import flops_per_token
 
     m, shape = ctx.model, ctx.shape
     device = "cuda" if ctx.gpu else "cpu"
@@ -462,8 +462,8 @@ CHECKS = [
 def plan(gpu: bool) -> list[str]:
     """What ``doctor`` would run, one line per check (``--dry-run``)."""
     m, shape = (GPU_MODEL, GPU_RUN) if gpu else (CPU_MODEL, CPU_RUN)
-    from .train.config import ModelConfig, TrainConfig
-    from .train.model import num_parameters
+    from .config import ModelConfig, TrainConfig
+    from .model.train.model import num_parameters
 
     params = num_parameters(TrainConfig(model=ModelConfig(**m)))
     lines = [f"doctor{' --gpu' if gpu else ''}: {sum(1 for c in CHECKS if gpu or not c.gpu_only)} checks"]

@@ -453,9 +453,9 @@ def _progress_reporter(console: Any) -> tuple[Any, Callable[[str, int, int], Non
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from . import shard
     from .config import load_config
-    from .sources import discover_inputs
+    from .stages import shard
+    from .stages.sources import discover_inputs
 
     flags = _flag_values(
         args,
@@ -504,7 +504,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 def _print_shard_summary(console: Any, manifest: dict[str, Any], out: Path, seconds: float) -> None:
     from rich.table import Table
 
-    from .shard import imbalance
+    from .stages.shard import imbalance
 
     t = manifest["totals"]
     table = Table(title=f"shard -> {out}", show_header=True)
@@ -565,10 +565,10 @@ def _launch_stage(args: argparse.Namespace, stage: Any, cfg: Any, label: str) ->
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    from . import synthesize
     from .config import load_config
     from .execution import build
     from .execution.shards import prepare
+    from .stages import synthesize
 
     flags = _flag_values(args, {"model": "synth.model", "backend": "synth.backend"})
     cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
@@ -587,10 +587,10 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def cmd_templify(args: argparse.Namespace) -> int:
-    from . import templify
     from .config import load_config
     from .execution import build
     from .execution.shards import prepare
+    from .stages import templify
 
     flags = _flag_values(args, {"seed": "templify.seed", "input_stage": "templify.input_stage"})
     cfg = load_config(args.config, args.overrides, {**flags, **_flag_values(args, EXECUTION_FLAGS)})
@@ -631,8 +631,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_finetune_synthesizer(args: argparse.Namespace) -> int:
     import shlex
 
-    from . import finetune_synthesizer
     from .config import load_config
+    from .model import finetune_synthesizer
 
     flags = _flag_values(
         args,
@@ -675,7 +675,7 @@ def cmd_mixture(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .config import load_config
-    from .mixture import write_report
+    from .stages.mixture import write_report
 
     cfg = load_config(args.config, args.overrides)
     report = write_report(args.run, cfg.mixture.groups, cfg.mixture.train_tokens)
@@ -693,9 +693,9 @@ def cmd_mixture(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from . import tokenize
     from .config import load_config
     from .execution import build, run_stage
+    from .stages import tokenize
 
     flags = _flag_values(
         args,
@@ -742,7 +742,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .execution.shards import load_stage_run
-    from .tokenize import merge_group
+    from .stages.tokenize import merge_group
 
     manifest = merge_group(load_stage_run(RunLayout.of(args.run).token_group(args.group)))
     print(f"{manifest['dataset']}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens")
@@ -751,7 +751,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import stage
+    from .model.train import stage
 
     flags = _flag_values(
         args,
@@ -769,7 +769,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = Path(args.run)
     backend = cfg.execution.backend
     if cfg.train.init_from_hf and stage.needs_import(cfg, run):  # fail here, not in the job, on a misfit
-        from .train.hf_init import check_hf_config
+        from .model.train.hf_init import check_hf_config
 
         check_hf_config(cfg.train, cfg.train.init_from_hf)
     if args.dry_run:
@@ -799,7 +799,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if "torch" not in sys.modules:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # export runs on the CPU, even on a GPU node
-    from .export import export, find_checkpoint, find_tokenizer, train_config
+    from .model.export import export, find_checkpoint, find_tokenizer, train_config
 
     if args.dry_run:
         ckpt = find_checkpoint(args.checkpoint)
@@ -918,8 +918,8 @@ def _print_outputs(console: Any, run: str, seconds: float) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import evaluate
     from .config import load_config
+    from .model import evaluate
 
     flags = _flag_values(
         args,

@@ -117,7 +117,8 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
     (the shard stage writes exactly that many), so every step can be submitted at once behind its
     predecessor.
     """
-    from . import mixture, report, shard, synthesize, templify, tokenize
+    from . import report
+    from .stages import mixture, shard, synthesize, templify, tokenize
 
     run_dir = Path(run_dir)
     n = cfg.shard.num_shards
@@ -169,8 +170,8 @@ def training_steps(cfg: Config, run_dir: Path) -> list[Step]:
     """train (groups and weights from the mixture report), export to RUN/hf, eval of RUN/hf."""
     from functools import partial
 
-    from . import evaluate, export
-    from .train import stage as train_stage
+    from .model import evaluate, export
+    from .model.train import stage as train_stage
 
     tcfg = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"data": cfg.train.data.model_copy(update={"mixture": True})})}

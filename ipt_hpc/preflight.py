@@ -217,7 +217,7 @@ def stage_checker(cfg: Any) -> Callable[[Any, list[int]], None]:
 
 def pipeline(cfg: Any, run_dir: str | Path, steps: Sequence[Any]) -> None:
     """Everything a whole pipeline needs, before its first job: raises :class:`PreflightFailed`."""
-    from .sources import discover_inputs
+    from .stages.sources import discover_inputs
 
     run_dir = Path(run_dir)
     problems: list[Problem] = []
@@ -251,7 +251,7 @@ def pipeline(cfg: Any, run_dir: str | Path, steps: Sequence[Any]) -> None:
 
 def shard(cfg: Any, out: str | Path) -> None:
     """The shard stage's preflight: room for the shards, and the Slurm request."""
-    from .sources import discover_inputs
+    from .stages.sources import discover_inputs
 
     corpus = sum(i.size for i in discover_inputs(cfg.shard.inputs, cfg.shard.format))
     problems = slurm_request(cfg.execution)

@@ -148,7 +148,7 @@ def mixture_blocks(run: Path, out: Path) -> list[Block]:
 
 def training_blocks(run: Path, out: Path) -> list[Block]:
     """Last and first loss, throughput and the loss curve, from the train stage's own log and plot."""
-    from .train.metrics import plot_loss, read_steps
+    from .model.train.metrics import plot_loss, read_steps
 
     log = RunLayout.of(run).train_log
     by_iteration = read_steps(log) if log.exists() else {}  # a step redone after a resume counts once

@@ -20,10 +20,10 @@ import torch.distributed as dist
 def main(run: str, ckpt: str, tokens_path: str, out_path: str, tp: int, pp: int) -> None:
     warnings.filterwarnings("ignore")
     from ipt_hpc.config import load_config
-    from ipt_hpc.train import cpu_shims
-    from ipt_hpc.train.model import build_model
-    from ipt_hpc.train.profile import cpu_profile
-    from ipt_hpc.train.stage import resolved_config_path
+    from ipt_hpc.model.train import cpu_shims
+    from ipt_hpc.model.train.model import build_model
+    from ipt_hpc.model.train.profile import cpu_profile
+    from ipt_hpc.model.train.stage import resolved_config_path
 
     cfg = load_config(resolved_config_path(Path(run))).train
     cfg = cfg.model_copy(update={"tensor_parallel": tp, "pipeline_parallel": pp})

@@ -1,7 +1,7 @@
 """A rule-made stand-in for the synthesizer's *output files*, for testing what comes after synthesis.
 
 ``rule_synth`` writes records shaped exactly like the synthesize stage's (id, text, round, slot, chain,
-pairs, ...), with chains decided by the real :mod:`ipt_hpc.synth_format` logic (``rounds_of``,
+pairs, ...), with chains decided by the real :mod:`ipt_hpc.stages.synth_format` logic (``rounds_of``,
 ``build_prompt``, ``advance``) and pairs made by rule from each text: open questions, multiple-choice
 questions with an ``Options:`` block, answers with a rationale, unanswerable ones, and every fifth
 document without pairs. It runs through the real execution layer as a stage of its own. It never
@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from ipt_hpc.execution import ShardContext
-from ipt_hpc.mixture import converted
 from ipt_hpc.records import read_records
-from ipt_hpc.synth_format import Entry, Slot, advance, build_prompt, rounds_of
+from ipt_hpc.stages.mixture import converted
+from ipt_hpc.stages.synth_format import Entry, Slot, advance, build_prompt, rounds_of
 
 
 def rule_pairs(doc: int, rid: str, text: str) -> list[dict[str, str]]:

@@ -20,8 +20,8 @@ from test_failures import demo_sets
 from test_local_slurm import slurm_cluster  # noqa: F401 - module fixture: skip/fail without a cluster
 
 from ipt_hpc.atomic import read_json
+from ipt_hpc.model.train.metrics import read_steps
 from ipt_hpc.status import run_status
-from ipt_hpc.train.metrics import read_steps
 
 pytestmark = pytest.mark.slurm
 

@@ -35,7 +35,7 @@ def test_gpu_dry_run_prints_the_plan() -> None:
 
 def test_subprocesses_import_the_package_from_a_checkout(tmp_path: Path) -> None:
     """The doctor's torchrun and export run in a scratch folder. On an H200 with ipt_hpc used from a checkout
-    (not installed), ``python -m ipt_hpc.train`` failed there with "No module named 'ipt_hpc'" before the
+    (not installed), ``python -m ipt_hpc.model.train`` failed there with "No module named 'ipt_hpc'" before the
     doctor passed the package root on. ``-S`` keeps site-packages (and an editable install) out."""
     from ipt_hpc.doctor import _child_env
 

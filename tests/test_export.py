@@ -167,7 +167,7 @@ def test_bfloat16_mistral_with_the_vocabulary_sliced_to_the_tokenizer(runs: dict
 
 TORN = """
 import os, signal, sys
-import ipt_hpc.export as ex
+import ipt_hpc.model.export as ex
 real = ex.write_safetensors
 def torn(*args, **kwargs):
     real(*args, **kwargs)
@@ -193,7 +193,7 @@ def test_killed_or_failed_export_leaves_no_output_folder(runs: dict[str, Path]) 
 BF16_SAVE = """
 import shutil, sys, torch
 from pathlib import Path
-from ipt_hpc import export as ex
+from ipt_hpc.model import export as ex
 
 def main(src, dst):
     ckpt = ex.find_checkpoint(src)
@@ -270,7 +270,7 @@ def test_cli_errors_say_what_to_do(runs: dict[str, Path], tmp_path: Path) -> Non
 def test_large_models_are_written_in_shards_with_an_index(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from ipt_hpc.export import write_safetensors
+    from ipt_hpc.model.export import write_safetensors
 
     tensors = {f"model.layers.{i}.w": torch.randn(64, 64) for i in range(5)}
     names = write_safetensors(tensors, tmp_path, shard_bytes=2 * 64 * 64 * 4 + 1)  # two tensors per file

@@ -221,9 +221,9 @@ def test_a_rerun_shard_coordinator_leaves_shards_held_by_a_live_job_to_it(tmp_pa
     from conftest import make_docs, write_jsonl
     from test_shard import cfg_for
 
-    from ipt_hpc import shard
     from ipt_hpc.atomic import read_json, write_json_atomic
     from ipt_hpc.execution.shards import record_submission
+    from ipt_hpc.stages import shard
 
     inp = write_jsonl(tmp_path / "in.jsonl", make_docs(60, seed=2, max_words=30))
     cfg = cfg_for([inp], **{"shard.num_shards": 3})

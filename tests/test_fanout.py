@@ -14,7 +14,6 @@ import pytest
 from conftest import make_docs, write_jsonl
 from fanout_stage import slow_upper
 
-from ipt_hpc import shard
 from ipt_hpc.config import load_config
 from ipt_hpc.errors import IptError
 from ipt_hpc.execution import StageRun, StageState, TaskFailures, launch, parse_shards, shard_name
@@ -22,6 +21,7 @@ from ipt_hpc.execution.backends import pack, split
 from ipt_hpc.execution.monitor import stage_status
 from ipt_hpc.execution.selection import compress_ids
 from ipt_hpc.records import read_records
+from ipt_hpc.stages import shard
 from ipt_hpc.status import run_status
 
 

@@ -178,9 +178,9 @@ def test_hand_submitted_array_with_nasty_paths(tmp_path: Path, how: str) -> None
 
 
 def _pipeline_steps(run: Path, n: int, inputs: list[Path]):
-    from ipt_hpc import shard
     from ipt_hpc.config import load_config
     from ipt_hpc.pipeline import Coordinator, ShardStage
+    from ipt_hpc.stages import shard
 
     cfg = load_config(
         None,

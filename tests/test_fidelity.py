@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from ipt_hpc import synthesize
 from ipt_hpc.config import load_config
-from ipt_hpc.synth_engines import Generation
+from ipt_hpc.stages import synthesize
+from ipt_hpc.stages.synth_engines import Generation
 
 pytest.importorskip("transformers")
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-from ipt_hpc import shard, synthesize
 from ipt_hpc.atomic import read_json
 from ipt_hpc.config import load_config
 from ipt_hpc.execution import shard_name
 from ipt_hpc.records import read_records
+from ipt_hpc.stages import shard, synthesize
 
 pytest.importorskip("transformers")
 

@@ -49,7 +49,7 @@ def test_the_walk_sees_imports() -> None:
     known = modules()
     graph = {name: imports(name, path, known) for name, path in known.items()}
     assert "ipt_hpc.execution.state" in graph["ipt_hpc.execution.shards"]  # module level, relative
-    assert "ipt_hpc.train.loop" in graph["ipt_hpc.train.stage"]  # inside a function
+    assert "ipt_hpc.model.train.loop" in graph["ipt_hpc.model.train.stage"]  # inside a function
     assert cycle_through("a", {"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
 
 
@@ -58,3 +58,33 @@ def test_no_import_circles() -> None:
     graph = {name: imports(name, path, known) for name, path in known.items()}
     circles = [" -> ".join(c) for name in sorted(graph) if (c := cycle_through(name, graph))]
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+# the layers, lowest first: a module imports from its own layer or the ones below it, never above
+LAYERS = [
+    ("base", ("ipt_hpc", "atomic", "errors", "config", "layout", "records", "indexed", "charts")),
+    ("execution", ("execution",)),
+    ("stages", ("stages",)),
+    ("model", ("model",)),
+    ("above the stages", ("pipeline", "status", "report", "preflight", "doctor")),
+    ("cli", ("cli", "launch")),
+]
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1] if "." in module else module
+    for rank, (_, names) in enumerate(LAYERS):
+        if top in names:
+            return rank
+    raise AssertionError(f"{module}: in no layer; add it to LAYERS")
+
+
+def test_imports_point_down() -> None:
+    known = modules()
+    upward = [
+        f"{name} ({LAYERS[layer_of(name)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})"
+        for name, path in sorted(known.items())
+        for dep in sorted(imports(name, path, known))
+        if layer_of(dep) > layer_of(name)
+    ]
+    assert not upward, "imports pointing up:\n" + "\n".join(upward)

@@ -13,9 +13,10 @@ from conftest import run_cli
 from test_fanout import make_raw
 from test_templify import cfg, make_synth
 
-from ipt_hpc import report, templify
+from ipt_hpc import report
 from ipt_hpc.execution import run_stage, shard_name
 from ipt_hpc.records import read_records
+from ipt_hpc.stages import templify
 
 
 def browser() -> str | None:

@@ -10,12 +10,12 @@ import pytest
 import zstandard
 from conftest import make_docs, run_cli, write_jsonl
 
-from ipt_hpc import shard
 from ipt_hpc.atomic import read_json
 from ipt_hpc.config import load_config
 from ipt_hpc.errors import IptError, RecordError
 from ipt_hpc.execution import TaskFailures
 from ipt_hpc.records import file_checksum, read_records
+from ipt_hpc.stages import shard
 
 
 def cfg_for(inputs: list[Path], **sets: object):

@@ -10,9 +10,9 @@ from test_fanout import make_raw
 from test_local_slurm import slurm_cluster  # noqa: F401 - module fixture: skip/fail without a cluster
 from test_templify import cfg, make_synth, outputs
 
-from ipt_hpc import templify
 from ipt_hpc.atomic import read_json
 from ipt_hpc.execution import run_stage
+from ipt_hpc.stages import templify
 
 pytestmark = pytest.mark.slurm
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipt_hpc.synth_format import (
+from ipt_hpc.stages.synth_format import (
     Entry,
     Slot,
     advance,

@@ -8,10 +8,10 @@ import pytest
 from test_fanout import make_raw
 from tiny_model import tiny_llama
 
-from ipt_hpc import synthesize
 from ipt_hpc.config import load_config
 from ipt_hpc.execution import StageState, build, run_stage, shard_name
 from ipt_hpc.records import RecordWriter, partial_path, read_records
+from ipt_hpc.stages import synthesize
 
 pytest.importorskip("transformers")
 
@@ -158,7 +158,7 @@ def test_cli_synthesize_dry_run_then_run(tmp_path: Path, model_dir: Path) -> Non
 
 
 def test_convert_share_sends_only_chosen_documents(tmp_path: Path, model_dir: Path) -> None:
-    from ipt_hpc.mixture import converted
+    from ipt_hpc.stages.mixture import converted
 
     run = make_raw(tmp_path / "run", 1, docs=30)
     run_stage(synthesize.STAGE, cfg_for(model_dir, convert_share=0.5, max_new_tokens=4), run)
@@ -188,7 +188,7 @@ def test_background_context_ids_equal_one_eager_call(model_dir: Path) -> None:
 def test_repetition_guard_bans_only_repeats_of_the_answer() -> None:
     import torch
 
-    from ipt_hpc.synth_engines import AnswerNoRepeatNGram
+    from ipt_hpc.stages.synth_engines import AnswerNoRepeatNGram
 
     # prompt 7 8 9 7 8 (not looked at), answer 1 2 3 1 2: with n=3, token 3 would repeat "1 2 3"
     ids = torch.tensor([[7, 8, 9, 7, 8, 1, 2, 3, 1, 2]])
@@ -213,7 +213,7 @@ def test_repetition_guard_reaches_generate(tmp_path: Path, model_dir: Path) -> N
 
 def test_vllm_tensor_parallel_needs_as_many_visible_gpus() -> None:
     from ipt_hpc.errors import IptError
-    from ipt_hpc.synth_engines import _check_gpus
+    from ipt_hpc.stages.synth_engines import _check_gpus
 
     _check_gpus(1)  # one GPU (or the CPU build) is vLLM's own business
     with pytest.raises(IptError, match=r"tensor_parallel_size=4 needs as many GPUs per task, this task sees 0"):

@@ -11,15 +11,15 @@ import pytest
 from synth_stage import rule_synth
 from test_fanout import make_raw
 
-from ipt_hpc import templify
 from ipt_hpc.atomic import read_json
 from ipt_hpc.config import MixGroup, load_config
 from ipt_hpc.errors import ConfigError, IptError, RecordError
 from ipt_hpc.execution import StageRun, StageState, build, launch, run_stage, shard_name
 from ipt_hpc.execution.shards import prepare
-from ipt_hpc.mixture import blend, converted
 from ipt_hpc.records import RecordWriter, partial_path, read_records
-from ipt_hpc.templify_formats import (
+from ipt_hpc.stages import templify
+from ipt_hpc.stages.mixture import blend, converted
+from ipt_hpc.stages.templify_formats import (
     LAYOUT_WEIGHTS_FEW,
     LAYOUT_WEIGHTS_MANY,
     Malformed,
@@ -120,7 +120,7 @@ def test_reasoning_pairs_need_both_cues_in_place() -> None:
 
 
 def test_multiple_choice_pairs_need_an_answer_among_the_options() -> None:
-    from ipt_hpc import templify_patterns as tp
+    from ipt_hpc.stages import templify_patterns as tp
 
     for seed in range(30):
         st = style(seed)
@@ -174,7 +174,7 @@ def binomial_ok(hits: int, n: int, p: float, sigmas: float = 4.0) -> bool:
 def test_layouts_inversion_and_drops_match_the_reference_over_10000_chains(tmp_path: Path) -> None:
     """10,000 synthetic chains: layout shares per chain kind, inversion, malformed drops by reason, the
     separator between entries and the spread over patterns, against the reference's probabilities."""
-    from ipt_hpc import templify_patterns as tp
+    from ipt_hpc.stages import templify_patterns as tp
 
     rng = random.Random(5)
     records, valid, planted = [], {}, Counter()
@@ -346,7 +346,7 @@ def test_groups_tokenize_separately_and_the_mixture_report_reads_them(tmp_path: 
     from conftest import run_cli
     from tokenizer_fixture import train_tokenizer
 
-    from ipt_hpc import tokenize
+    from ipt_hpc.stages import tokenize
 
     tok = train_tokenizer(tmp_path / "tok")
     run = make_synth(make_raw(tmp_path / "run", 2, docs=80), 2, share=0.5)
@@ -370,8 +370,8 @@ def test_groups_tokenize_separately_and_the_mixture_report_reads_them(tmp_path: 
 
 
 def test_records_settings_reach_the_writers_of_every_stage(tmp_path: Path) -> None:
-    from ipt_hpc import synthesize, tokenize
     from ipt_hpc.records import zstd_frames
+    from ipt_hpc.stages import synthesize, tokenize
 
     sets = {"records.level": 19, "records.frame_bytes": 4096, "records.fsync": False}
     runs = {name: make_synth(make_raw(tmp_path / name, 1, docs=120), 1) for name in ("default", "set")}

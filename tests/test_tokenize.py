@@ -15,12 +15,12 @@ from conftest import REPO, make_docs
 from test_fanout import make_raw
 from tokenizer_fixture import train_tokenizer
 
-from ipt_hpc import tokenize
 from ipt_hpc.config import load_config
 from ipt_hpc.errors import IptError
 from ipt_hpc.execution import StageState, TaskFailures, build, run_stage, shard_name
 from ipt_hpc.indexed import merge, paths
 from ipt_hpc.records import RecordWriter, read_records
+from ipt_hpc.stages import tokenize
 
 pytest.importorskip("megatron.core")
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -250,7 +250,7 @@ def test_worker_takes_a_preloaded_tokenizer_only_if_it_is_the_jobs(tmp_path: Pat
     import hashlib
     import json
 
-    from ipt_hpc import tokenize_worker as tw
+    from ipt_hpc.stages import tokenize_worker as tw
 
     monkeypatch.setattr(tw, "_WORKER", {})
     for var in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS"):  # _init_worker sets them; restored after

@@ -18,7 +18,7 @@ from ipt_hpc.atomic import read_json, write_json_atomic
 from ipt_hpc.config import load_config
 from ipt_hpc.errors import ConfigError, IptError
 from ipt_hpc.indexed import IndexedWriter
-from ipt_hpc.train.metrics import read_steps
+from ipt_hpc.model.train.metrics import read_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "train" / "tiny.yaml"
@@ -64,11 +64,11 @@ _port = [29700 + os.getpid() % 1000]
 
 
 def start(run: Path, nproc: int, *sets: str, **env: str) -> subprocess.Popen[str]:
-    """torchrun with ``nproc`` ranks of ``python -m ipt_hpc.train`` (gloo), output kept in RUN/torchrun-*.log."""
+    """torchrun with ``nproc`` ranks of ``python -m ipt_hpc.model.train`` (gloo), output kept in RUN/torchrun-*.log."""
     _port[0] += 1
     log = open(run / f"torchrun-{time.time_ns()}.log", "w")  # noqa: SIM115 - closed with the process
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port[0]}"]
-    cmd += ["-m", "ipt_hpc.train", str(run), "--config", str(TINY)]
+    cmd += ["-m", "ipt_hpc.model.train", str(run), "--config", str(TINY)]
     for s in [*SMALL, *sets]:
         cmd += ["--set", s]
     return subprocess.Popen(cmd, env=_env(**env), stdout=log, stderr=subprocess.STDOUT, text=True, cwd=run)
@@ -109,7 +109,7 @@ def ranks(proc: subprocess.Popen[str]) -> dict[int, int]:
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
             # torchrun's own children, not a rank's helpers (dist_checkpointing's writer: same command line and RANK)
-            if child.ppid() == proc.pid and "ipt_hpc.train" in " ".join(child.cmdline()):
+            if child.ppid() == proc.pid and "ipt_hpc.model.train" in " ".join(child.cmdline()):
                 found[int(child.environ()["RANK"])] = child.pid
         except (psutil.Error, KeyError):
             continue
@@ -207,7 +207,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(TINY, ["train.tensor_parallel=3"])
     with pytest.raises(ConfigError, match=r"train\.lr"):
         load_config(TINY, ["train.lr=fast"])
-    from ipt_hpc.train.data import group_prefixes
+    from ipt_hpc.model.train.data import group_prefixes
 
     with pytest.raises(IptError, match="tokenize and merge group 'augmented'"):
         group_prefixes(load_config(TINY).train, tmp_path)
@@ -260,7 +260,7 @@ def test_a_warning_signal_during_startup_is_kept_not_fatal(tmp_path: Path) -> No
     """USR1 while the rank still imports torch and Megatron-Core (seconds, before the loop's handlers):
     the rank must not die of it but save and exit 75 at its first step, so Slurm requeues the job."""
     run = new_run(tmp_path, "early")
-    cmd = [sys.executable, "-m", "ipt_hpc.train", str(run), "--config", str(TINY)]
+    cmd = [sys.executable, "-m", "ipt_hpc.model.train", str(run), "--config", str(TINY)]
     for s in SMALL:
         cmd += ["--set", s]
     _port[0] += 1

@@ -19,7 +19,7 @@ from test_train import REPO, TINY, events, finish, losses, make_tokens, start, t
 
 from ipt_hpc.config import load_config
 from ipt_hpc.errors import IptError
-from ipt_hpc.train import hf_init, hf_mapping
+from ipt_hpc.model.train import hf_init, hf_mapping
 
 HF_VOCAB = 500  # < train.model.vocab_size 512: the import pads 12 rows
 ITERS = 8

@@ -1,7 +1,7 @@
 """The GPU training profile, built and run on CPU: what a GPU rank hands Megatron-Core (bf16 params, fusion
 flags, sequence parallelism, the distributed optimizer and its checkpoint format) comes from the config, so
 these tests train, save and resume with exactly that configuration through the real ``python -m
-ipt_hpc.train`` (gloo, the CPU shims; only the tensors' placement differs, via the test hook).
+ipt_hpc.model.train`` (gloo, the CPU shims; only the tensors' placement differs, via the test hook).
 
 Reintroducing ``masked_softmax_fusion`` (apex's ``scaled_masked_softmax_cuda`` on the first bf16 forward)
 or sequence parallelism with the local spec (``WrappedTorchNorm``'s assert) fails the training test here.
@@ -22,7 +22,7 @@ from test_train import REPO, TINY, _env, events, finish, losses, new_run, ranks,
 from ipt_hpc.atomic import read_json
 from ipt_hpc.config import load_config
 from ipt_hpc.errors import IptError
-from ipt_hpc.train.profile import PROFILE_ON_CPU_ENV, rank_seed, resolve
+from ipt_hpc.model.train.profile import PROFILE_ON_CPU_ENV, rank_seed, resolve
 
 pytest.importorskip("megatron.core")
 
@@ -81,7 +81,7 @@ def test_cuda_device_on_a_node_without_cuda_is_one_clear_error(tmp_path: Path) -
     run = new_run(tmp_path, "nocuda")
     env = _env()
     env.pop(PROFILE_ON_CPU_ENV, None)
-    cmd = [sys.executable, "-m", "ipt_hpc.train", str(run), "--config", str(TINY), "--set", "train.device=cuda"]
+    cmd = [sys.executable, "-m", "ipt_hpc.model.train", str(run), "--config", str(TINY), "--set", "train.device=cuda"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=run)
     assert proc.returncode == 2
     assert "has no CUDA device" in proc.stderr and "train.device=cpu" in proc.stderr

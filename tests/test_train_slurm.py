@@ -13,7 +13,7 @@ import pytest
 from test_local_slurm import slurm_cluster  # noqa: F401 - module fixture: skip/fail without a cluster
 from test_train import REPO, SMALL, TINY, _env, events, finish, losses, new_run, start
 
-from ipt_hpc.train.metrics import read_steps
+from ipt_hpc.model.train.metrics import read_steps
 
 pytestmark = pytest.mark.slurm
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_docs, write_jsonl
 
-from ipt_hpc import shard, synthesize
 from ipt_hpc.config import load_config
 from ipt_hpc.execution import StageState, shard_name
 from ipt_hpc.records import partial_path, read_records
+from ipt_hpc.stages import shard, synthesize
 
 if os.environ.get("IPT_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm")

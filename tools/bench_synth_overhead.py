@@ -34,8 +34,8 @@ from bench_records import make_records  # noqa: E402
 
 from ipt_hpc.config import SynthConfig  # noqa: E402
 from ipt_hpc.records import RecordWriter  # noqa: E402
-from ipt_hpc.synth_format import Entry, Slot, advance, build_prompt, example_text, parse_pairs, rounds_of  # noqa: E402
-from ipt_hpc.synthesize import ContextIds, PieceTokenizer, SynthJob, context_ids, context_room  # noqa: E402
+from ipt_hpc.stages.synth_format import Entry, Slot, advance, build_prompt, example_text, parse_pairs, rounds_of  # noqa: E402
+from ipt_hpc.stages.synthesize import ContextIds, PieceTokenizer, SynthJob, context_ids, context_room  # noqa: E402
 
 GENERATION = (
     "<QUE> What does the passage say about {w0}? <ANS> It explains that {w1} and {w2} are related. </END>\n\n"

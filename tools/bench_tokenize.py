@@ -11,7 +11,7 @@ MB/s, docs/s and tokens/s side by side (MB = 10**6 UTF-8 bytes of the documents'
 
 1. ``ipt_hpc``: the real stage end to end. The input is a finished run stage folder (``raw/``) of
    ``--shards`` zstd JSONL shards written with :class:`ipt_hpc.records.RecordWriter`; the timed call
-   is ``run_stage(ipt_hpc.tokenize.STAGE, cfg, run)`` with ``execution.backend=debug`` and
+   is ``run_stage(ipt_hpc.stages.tokenize.STAGE, cfg, run)`` with ``execution.backend=debug`` and
    ``tokenize.workers=--cores``: tokenizer load and copy, worker start, reading, tokenizing, writing
    per-shard ``.bin/.idx`` and merging them into ``tokens/raw.{bin,idx}``.
 2. ``limit``: ``--cores`` fresh (spawned) single-threaded processes, each running
@@ -310,9 +310,9 @@ def write_input(ctx: Ctx, shards: int) -> None:
 
 # -- (1) ipt_hpc -----------------------------------------------------------------------------
 def run_ipt(ctx: Ctx) -> Result:
-    from ipt_hpc import tokenize
     from ipt_hpc.config import load_config
     from ipt_hpc.execution import run_stage
+    from ipt_hpc.stages import tokenize
 
     shutil.rmtree(ctx.run_dir / "tokens", ignore_errors=True)
     sets: dict[str, Any] = {
@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from transformers import AutoTokenizer
 
-        from ipt_hpc.tokenize import special_ids
+        from ipt_hpc.stages.tokenize import special_ids
 
         tok = AutoTokenizer.from_pretrained(str(tok_src))
         bos, eod = special_ids(tok, "auto", True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import IptError
-from .config import TrainConfig
+from ...config import TrainConfig
+from ...errors import IptError
 
 
 def to_hf(megatron: dict[str, Any], cfg: TrainConfig, vocab_rows: int | None = None) -> dict[str, Any]:

@@ -279,7 +279,7 @@ class VllmEngine:
         try:
             from vllm import LLM
         except ImportError as exc:
-            from .errors import IptError
+            from ..errors import IptError
 
             raise IptError(
                 "synth.backend=vllm needs vLLM: pip install 'ipt_hpc[vllm]' on a GPU node (see docs/synthesis.md)"
@@ -399,7 +399,7 @@ def _check_gpus(tensor_parallel_size: int) -> None:
         return
     import torch
 
-    from .errors import IptError
+    from ..errors import IptError
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if have < tensor_parallel_size:

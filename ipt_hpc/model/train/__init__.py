@@ -7,6 +7,6 @@ Read in this order: :mod:`.config` (the ``train`` section), :mod:`.model` (GPTMo
 Importing this package does not import torch.
 """
 
-from .config import TrainConfig
+from ...config import TrainConfig
 
 __all__ = ["TrainConfig"]

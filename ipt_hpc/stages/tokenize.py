@@ -30,14 +30,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from .atomic import write_json_atomic
-from .config import Config
-from .errors import IptError, RecordError
-from .execution import ShardContext, StageRun, StageState, shard_name
-from .execution.stage import Stage
-from .indexed import IndexedWriter, dtype_for_vocab, merge
-from .layout import RunLayout
-from .records import PARTIAL_SUFFIX, RecordWriter, iter_lines, zstd_frames
+from ..atomic import write_json_atomic
+from ..config import Config
+from ..errors import IptError, RecordError
+from ..execution import ShardContext, StageRun, StageState, shard_name
+from ..execution.stage import Stage
+from ..indexed import IndexedWriter, dtype_for_vocab, merge
+from ..layout import RunLayout
+from ..records import PARTIAL_SUFFIX, RecordWriter, iter_lines, zstd_frames
 from .tokenize_worker import (  # a light module: spawned workers import little
     LineProblem,
     _encode,
@@ -117,7 +117,7 @@ def _close_pools() -> None:
 
 def _pool(workers: int, preload: str | None = None) -> Any:
     """``workers`` tokenizer processes, kept for the next shards of the same task. They load the job's
-    tokenizer on their first task (:func:`~ipt_hpc.tokenize_worker._setup`), or at start the
+    tokenizer on their first task (:func:`~ipt_hpc.stages.tokenize_worker._setup`), or at start the
     ``tokenizer.json`` given as ``preload`` if it turns out to be the same file."""
     if workers not in _POOLS:
         _close_pools()

@@ -13,9 +13,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from .atomic import read_json, write_json_atomic
-from .errors import ConfigError, IptError
-from .layout import RunLayout
+from ..atomic import read_json, write_json_atomic
+from ..errors import ConfigError, IptError
+from ..layout import RunLayout
 
 
 def converted(doc_id: str, share: float, seed: int = 0) -> bool:

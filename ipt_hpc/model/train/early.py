@@ -2,7 +2,7 @@
 
 Importing torch and Megatron-Core takes seconds; a warning signal (or SIGTERM) in that window would
 kill the rank with the signal's default action, and its job would end FAILED instead of being
-requeued. ``python -m ipt_hpc.train`` calls :func:`install` first thing; :class:`.loop.StopFlag`
+requeued. ``python -m ipt_hpc.model.train`` calls :func:`install` first thing; :class:`.loop.StopFlag`
 then takes over and honours what arrived meanwhile.
 """
 

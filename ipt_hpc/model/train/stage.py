@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from ..config import Config
-from ..errors import IptError
-from ..layout import RunLayout
+from ...config import Config
+from ...errors import IptError
+from ...layout import RunLayout
 
 
 def resolved_config_path(run_dir: Path) -> Path:
@@ -33,14 +33,14 @@ def freeze_config(cfg: Config, run_dir: Path) -> Path:
     path = resolved_config_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    from ..atomic import atomic_write_bytes
+    from ...atomic import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode())
     return path
 
 
 def torchrun_command(cfg: Config, run_dir: Path, port: int | None = None) -> list[str]:
-    """``torchrun`` for one node: ``train.ranks_per_node`` rank processes of ``python -m ipt_hpc.train``."""
+    """``torchrun`` for one node: ``train.ranks_per_node`` rank processes of ``python -m ipt_hpc.model.train``."""
     t = cfg.train
     return [
         sys.executable,
@@ -50,7 +50,7 @@ def torchrun_command(cfg: Config, run_dir: Path, port: int | None = None) -> lis
         "--nnodes=1",
         f"--master-port={port or 29500 + os.getpid() % 2000}",
         "-m",
-        "ipt_hpc.train",
+        "ipt_hpc.model.train",
         str(run_dir),
     ]
 
@@ -124,7 +124,7 @@ def check_local_cuda(cfg: Config) -> None:
 
 def slurm_script(cfg: Config, run_dir: Path, python: str | None = None) -> str:
     """The sbatch script of this run's training job (what ``--dry-run`` prints)."""
-    from ..execution.sbatch import render_train
+    from ...execution.sbatch import render_train
 
     t = cfg.train
     return render_train(
@@ -143,7 +143,7 @@ def submit_slurm(cfg: Config, run_dir: Path, dependency: str | None = None) -> s
     """Freeze the config, render the job script and submit it (after ``dependency``); returns the job id."""
     import time
 
-    from ..execution.backends import submit_script
+    from ...execution.backends import submit_script
 
     freeze_config(cfg, run_dir)
     script = slurm_script(cfg, run_dir)

@@ -1,6 +1,6 @@
 """The ``synthesize`` stage: raw shards -> one record per document with instruction-response pairs.
 
-Per shard (see :mod:`ipt_hpc.synth_format` for the protocol): the documents' context segments are
+Per shard (see :mod:`ipt_hpc.stages.synth_format` for the protocol): the documents' context segments are
 tokenized with the synthesizer's own tokenizer (batched, in a background thread), split into M rounds,
 and streamed through the engine (:class:`Scheduler`); records are written in document order and
 flushed every ``chunk_docs``, so a preempted or killed task resumes after its last durable record.
@@ -18,14 +18,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from ..config import Config
+from ..errors import IptError
+from ..execution import ShardContext
+from ..execution.stage import Stage
+from ..layout import RunLayout
+from ..records import read_records
 from . import synth_format as fmt
-from .config import Config
-from .errors import IptError
-from .execution import ShardContext
-from .execution.stage import Stage
-from .layout import RunLayout
 from .mixture import converted
-from .records import read_records
 from .synth_engines import Generation, get_engine
 from .synth_format import Entry, Slot, advance, build_prompt, parse_pairs, rounds_of, stats_histogram
 

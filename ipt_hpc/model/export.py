@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__
-from .atomic import partial_path, publish_folder, read_json, write_json_atomic
-from .errors import IptError
-from .layout import RunLayout
-from .train.config import TrainConfig
+from .. import __version__
+from ..atomic import partial_path, publish_folder, read_json, write_json_atomic
+from ..config import TrainConfig
+from ..errors import IptError
+from ..layout import RunLayout
 from .train.hf_mapping import to_hf
 
 Arch = Literal["llama", "mistral"]
@@ -88,7 +88,7 @@ def run_of(checkpoint: Path) -> RunLayout | None:
 def train_config(checkpoint: Path, config: str | os.PathLike[str] | None = None) -> TrainConfig:
     """The train config the checkpoint was made with: ``config`` if given, else the run's frozen
     ``RUN/train/config.yaml`` (written by ``launch train``)."""
-    from .config import load_config
+    from ..config import load_config
 
     if config is None:
         run = run_of(checkpoint)

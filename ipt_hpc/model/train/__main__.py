@@ -1,4 +1,4 @@
-"""``python -m ipt_hpc.train``: one training rank (torchrun and srun start one per device)."""
+"""``python -m ipt_hpc.model.train``: one training rank (torchrun and srun start one per device)."""
 
 import sys
 

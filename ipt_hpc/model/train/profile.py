@@ -25,8 +25,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from ..errors import IptError
-from .config import TrainConfig
+from ...config import TrainConfig
+from ...errors import IptError
 
 # Test hook: run the CUDA profile with its tensors on the CPU (gloo, CPU shims), so CI trains, saves and
 # resumes with exactly the configuration a GPU rank gets. Never set by users.

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ..atomic import read_json
-from ..errors import IptError
-from ..layout import RunLayout
-from .config import TrainConfig
+from ...atomic import read_json
+from ...config import TrainConfig
+from ...errors import IptError
+from ...layout import RunLayout
 
 
 @dataclass
@@ -74,7 +74,7 @@ def build_dataset(cfg: TrainConfig, run_dir: Path, cache_dir: Path) -> Any:
         blend=(prefixes, weights) if len(prefixes) > 1 else (prefixes, None),
         split="100,0,0",
         path_to_cache=str(cache_dir),
-        tokenizer=_Tokenizer(cfg.model.vocab_size, eod, {"class": "ipt_hpc.train", "eod": eod}),
+        tokenizer=_Tokenizer(cfg.model.vocab_size, eod, {"class": "ipt_hpc.model.train", "eod": eod}),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

@@ -6,7 +6,7 @@
 
 Training at any TP/PP loads it like its own checkpoints (dist_checkpointing reshards), but only the model: the
 optimizer and schedule start fresh at iteration 0. The run's later saves supersede it, so a resumed run never
-imports again. This is the inverse of :func:`ipt_hpc.train.hf_mapping.to_hf`; see docs/training.md.
+imports again. This is the inverse of :func:`ipt_hpc.model.train.hf_mapping.to_hf`; see docs/training.md.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..atomic import fsync_dir, write_json_atomic
-from ..errors import IptError
-from ..layout import RunLayout
+from ...atomic import fsync_dir, write_json_atomic
+from ...config import TrainConfig
+from ...errors import IptError
+from ...layout import RunLayout
 from . import checkpoint
-from .config import TrainConfig
 from .hf_mapping import from_hf
 
 VOCAB_MULTIPLE = 128  # model-config pads the vocabulary to this (any TP size up to 128 divides it)
@@ -109,7 +109,7 @@ def check_hf_config(cfg: TrainConfig, folder: str | os.PathLike[str]) -> dict[st
         raise IptError(
             f"train.init_from_hf: {folder} does not fit this config:\n  - "
             + "\n  - ".join(problems)
-            + f"\n`python -m ipt_hpc.train.hf_init model-config {folder}` prints the matching train.model keys"
+            + f"\n`python -m ipt_hpc.model.train.hf_init model-config {folder}` prints the matching train.model keys"
         )
     return hf
 
@@ -198,7 +198,15 @@ def ensure_imported(cfg: TrainConfig, run_dir: Path, poll_s: float = 1.0) -> Non
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # one CPU process, its own gloo group
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "ipt_hpc.train.hf_init", "import", str(root), "--config-json", cfg.model_dump_json()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ipt_hpc.model.train.hf_init",
+        "import",
+        str(root),
+        "--config-json",
+        cfg.model_dump_json(),
+    ]
     if subprocess.call(cmd, env=env) != 0:
         raise SystemExit(f"train: importing {cfg.init_from_hf} failed (see the message above)")
 
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     """``model-config HF_DIR``: print the matching ``train.model`` keys; ``import ROOT --config-json``: internal."""
     import yaml
 
-    p = argparse.ArgumentParser(prog="python -m ipt_hpc.train.hf_init", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ipt_hpc.model.train.hf_init", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     mc = sub.add_parser("model-config", help="print train.model keys for a Hugging Face Llama/Mistral folder")
     mc.add_argument("folder")

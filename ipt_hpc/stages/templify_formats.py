@@ -2,7 +2,7 @@
 
 The behaviour of the paper's reference templating (microsoft/LMOps ``instruction_pretrain/utils/
 read_compre_pt.py``: ``cook_pt_entries``, ``parse_QA_list``, ``get_patterns``, ``format_one_pt_rc``),
-with our own pattern tables (:mod:`ipt_hpc.templify_patterns`). Per text (one few-shot chain) a
+with our own pattern tables (:mod:`ipt_hpc.stages.templify_patterns`). Per text (one few-shot chain) a
 :class:`Style` is drawn: one pattern of each pair family, an options look, the separator between the
 chain's entries and a *layout*:
 

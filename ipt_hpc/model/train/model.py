@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from ...config import TrainConfig
 from .profile import Profile
 
 

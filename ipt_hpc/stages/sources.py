@@ -19,8 +19,8 @@ from typing import Any, BinaryIO, NamedTuple
 import orjson
 import zstandard
 
-from .errors import IptError
-from .records import check_zstd_complete
+from ..errors import IptError
+from ..records import check_zstd_complete
 
 READ_CHUNK = 1 << 20
 EXCERPT_BYTES = 2048

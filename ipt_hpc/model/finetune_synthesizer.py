@@ -1,7 +1,7 @@
 """The ``finetune-synthesizer`` stage: teach a causal LM the instruction synthesizer's format.
 
 The paper builds its synthesizer by fine-tuning a LM on context -> instruction-response examples. Here
-each example is exactly what ``synthesize`` will later ask of the model (:mod:`ipt_hpc.synth_format`):
+each example is exactly what ``synthesize`` will later ask of the model (:mod:`ipt_hpc.stages.synth_format`):
 
 * prompt: ``BOS`` + `` <CON> {context} </CON>\\n\\n`` (no loss);
 * target: ``<QUE> {q} <ANS> {a} </END>`` joined by ``\\n\\n``, then ``EOS`` (the loss is on these tokens).
@@ -31,10 +31,10 @@ from typing import Any
 
 import orjson
 
-from .atomic import partial_path, publish_folder, write_json_atomic
-from .config import Config, FinetuneSynthConfig
-from .errors import IptError
-from .synth_format import ANS, CON_CLOSE, CON_OPEN, END, QUE, context_text, parse_pairs, render_pairs
+from ..atomic import partial_path, publish_folder, write_json_atomic
+from ..config import Config, FinetuneSynthConfig
+from ..errors import IptError
+from ..stages.synth_format import ANS, CON_CLOSE, CON_OPEN, END, QUE, context_text, parse_pairs, render_pairs
 
 TAGS = [CON_OPEN, CON_CLOSE, QUE, ANS, END]
 
@@ -135,7 +135,7 @@ def encode(tok: Any, rec: dict[str, Any], max_len: int, pieces: Any = None) -> t
     The prompt's context segment is tokenized as the synthesize stage does (one piece after BOS, cut on
     a token edge when over the budget), so the model learns on the ids it will be prompted with.
     """
-    from .synthesize import PieceTokenizer, cut_to_budget
+    from ..stages.synthesize import PieceTokenizer, cut_to_budget
 
     pieces = pieces or PieceTokenizer(tok)
     target = [*tok.backend_tokenizer.encode(render_pairs(rec["pairs"]), add_special_tokens=False).ids, tok.eos_token_id]
@@ -302,9 +302,9 @@ def measure_parse_rate(
     """Share of ``contexts`` for which greedy generation gives at least one pair that parses.
 
     Generation goes through the synthesize stage's transformers engine; pairs are parsed by
-    :func:`ipt_hpc.synth_format.parse_pairs`, exactly as the stage does.
+    :func:`ipt_hpc.stages.synth_format.parse_pairs`, exactly as the stage does.
     """
-    from .synth_engines import TransformersEngine
+    from ..stages.synth_engines import TransformersEngine
 
     engine = TransformersEngine(
         str(model_dir),
@@ -314,7 +314,7 @@ def measure_parse_rate(
         no_repeat_ngram_size=no_repeat_ngram_size,
         repetition_penalty=repetition_penalty,
     )
-    from .synthesize import PieceTokenizer, context_ids
+    from ..stages.synthesize import PieceTokenizer, context_ids
 
     tok = engine.tokenizer
     ids, _, _ = context_ids(PieceTokenizer(tok), contexts, engine.max_len - max_new_tokens - 1)  # as synthesize
@@ -368,7 +368,7 @@ def run(cfg: Config, command: str, force: bool = False, log: Callable[[str], Non
         tok = train_tokenizer(texts, fc.vocab_size)
         model = new_model(fc, tok)
         max_len = min(fc.seq_len, fc.max_positions)
-    from .synthesize import PieceTokenizer
+    from ..stages.synthesize import PieceTokenizer
 
     pieces = PieceTokenizer(tok)
     examples = [encode(tok, r, max_len, pieces) for r in records]

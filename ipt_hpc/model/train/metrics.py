@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from ..charts import pyplot, save
+from ...charts import pyplot, save
 
 
 class MetricsLog:

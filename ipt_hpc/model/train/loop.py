@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from ..atomic import write_json_atomic
-from ..errors import IptError
-from ..layout import RunLayout
+from ...atomic import write_json_atomic
+from ...config import TrainConfig
+from ...errors import IptError
+from ...layout import RunLayout
 from . import checkpoint, cpu_shims, early, hf_init
-from .config import TrainConfig
 from .data import build_dataset, micro_batches
 from .metrics import MetricsLog
 from .model import build_model, flops_per_token, num_parameters, wrap_ddp
@@ -279,10 +279,12 @@ def _save(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Rank entry point: ``python -m ipt_hpc.train RUN [--config FILE] [--set KEY=VALUE ...]``."""
-    from ..config import load_config
+    """Rank entry point: ``python -m ipt_hpc.model.train RUN [--config FILE] [--set KEY=VALUE ...]``."""
+    from ...config import load_config
 
-    p = argparse.ArgumentParser(prog="python -m ipt_hpc.train", description="one training rank (use launch train)")
+    p = argparse.ArgumentParser(
+        prog="python -m ipt_hpc.model.train", description="one training rank (use launch train)"
+    )
     p.add_argument("run", help="run folder (reads RUN/tokens, writes RUN/train)")
     p.add_argument("--config", help="config file (default: the run's resolved RUN/train/config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -23,16 +23,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_bytes, read_json, write_json_atomic
-from .config import EvalConfig, config_hash
-from .errors import IptError
-from .layout import state_dir
+from ..atomic import atomic_write_bytes, read_json, write_json_atomic
+from ..config import EvalConfig, config_hash
+from ..errors import IptError
+from ..layout import state_dir
 
 GEN_KWARGS = {"do_sample": False}  # greedy, as the model card's --gen_kwargs do_sample=False
 PACKAGED_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "imagefolder", "audiofolder"}
 MANIFEST = "manifest.json"
 TABLE = "results.md"
-log = logging.getLogger("ipt_hpc.evaluate")
+log = logging.getLogger("ipt_hpc.model.evaluate")
 
 
 class DatasetUnavailable(IptError):

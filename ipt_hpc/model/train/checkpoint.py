@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import fsync_dir, read_json, write_json_atomic
+from ...atomic import fsync_dir, read_json, write_json_atomic
 from .profile import Profile
 
 COMPLETE = re.compile(r"^iter_(\d{7})$")

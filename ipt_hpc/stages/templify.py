@@ -19,15 +19,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .atomic import write_json_atomic
-from .charts import pyplot, save
-from .config import Config
-from .errors import IptError, RecordError
-from .execution import ShardContext, StageRun
-from .execution.shards import manifest_of
-from .execution.stage import Stage
-from .layout import RunLayout
-from .records import read_records
+from ..atomic import write_json_atomic
+from ..charts import pyplot, save
+from ..config import Config
+from ..errors import IptError, RecordError
+from ..execution import ShardContext, StageRun
+from ..execution.shards import manifest_of
+from ..execution.stage import Stage
+from ..layout import RunLayout
+from ..records import read_records
 from .synth_format import stats_histogram
 from .templify_formats import classify_all, draw_layout, draw_style, render_entry, rng_for
 
