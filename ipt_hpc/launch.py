@@ -567,7 +567,7 @@ def _launch_stage(args: argparse.Namespace, stage: Any, cfg: Any, label: str) ->
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from .config import load_config
     from .execution import build
-    from .execution.shards import prepare
+    from .execution.submit import prepare
     from .stages import synthesize
 
     flags = _flag_values(args, {"model": "synth.model", "backend": "synth.backend"})
@@ -589,7 +589,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 def cmd_templify(args: argparse.Namespace) -> int:
     from .config import load_config
     from .execution import build
-    from .execution.shards import prepare
+    from .execution.submit import prepare
     from .stages import templify
 
     flags = _flag_values(args, {"seed": "templify.seed", "input_stage": "templify.input_stage"})
@@ -741,7 +741,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .execution.shards import load_stage_run
+    from .execution.submit import load_stage_run
     from .stages.tokenize import merge_group
 
     manifest = merge_group(load_stage_run(RunLayout.of(args.run).token_group(args.group)))
@@ -1007,7 +1007,7 @@ def cmd_run_shard(args: argparse.Namespace) -> int:
 def cmd_sbatch(args: argparse.Namespace) -> int:
     from .config import load_config
     from .execution.sbatch import render
-    from .execution.shards import load_stage_run
+    from .execution.submit import load_stage_run
 
     cfg = load_config(args.config, args.overrides, _flag_values(args, EXECUTION_FLAGS)).execution
     n = load_stage_run(args.stage_dir).num_shards

@@ -4,7 +4,7 @@ Checked, each failure one line naming the config key, the path and the fix:
 
 * model and tokenizer folders hold a readable config (hub names: in the local cache, or fetchable
   when online);
-* the input stage is complete for the selected shards (:func:`ipt_hpc.execution.shards.launch`
+* the input stage is complete for the selected shards (:func:`ipt_hpc.execution.submit.launch`
   always checks this, preflight or not);
 * the output filesystem has room for the estimated output: input bytes times the stage's output
   ratio (measured on this run's done shards when there are some, else :data:`RATIOS`) times
@@ -204,7 +204,7 @@ def early(cfg: Any, stage: str) -> None:
 
 
 def stage_checker(cfg: Any) -> Callable[[Any, list[int]], None]:
-    """The check :func:`ipt_hpc.execution.shards.launch` runs on the shards it is about to submit: room
+    """The check :func:`ipt_hpc.execution.submit.launch` runs on the shards it is about to submit: room
     for their output (after :func:`early`; the inputs' completeness is checked by ``launch`` itself)."""
 
     def check(run: Any, shards: list[int]) -> None:

@@ -17,7 +17,7 @@ from tokenizer_fixture import train_tokenizer
 
 from ipt_hpc.config import EvalConfig, load_config
 from ipt_hpc.errors import IptError
-from ipt_hpc.model import evaluate
+from ipt_hpc.model import eval_tasks, evaluate
 
 # The two commands of the InstructLM model card (instruction-pretrain/InstructLM-500M and -1.3B), verbatim
 # after `accelerate launch -m`, with MODEL and add_bos_token substituted.
@@ -262,14 +262,14 @@ def test_task_datasets_of_groups_and_tags(task_dir: Path, tmp_path: Path) -> Non
         )
     )
     tm = TaskManager(include_path=str(tmp_path))
-    arc = {(d.path, d.name) for d in evaluate.task_datasets(tm, ["ai2_arc"])}
+    arc = {(d.path, d.name) for d in eval_tasks.task_datasets(tm, ["ai2_arc"])}
     assert arc == {("allenai/ai2_arc", "ARC-Easy"), ("allenai/ai2_arc", "ARC-Challenge")}
-    mmlu = evaluate.task_datasets(tm, ["mmlu"])
+    mmlu = eval_tasks.task_datasets(tm, ["mmlu"])
     assert {d.path for d in mmlu} == {"cais/mmlu"} and len(mmlu) == 57
     with pytest.raises(IptError, match=r"did you mean.*hellaswag"):
-        evaluate.check_task_names(tm, ["hellaswg"])
-    with pytest.raises(evaluate.DatasetUnavailable) as err:
-        evaluate.load_tasks(tm, ["gone_mc"])
+        eval_tasks.check_task_names(tm, ["hellaswg"])
+    with pytest.raises(eval_tasks.DatasetUnavailable) as err:
+        eval_tasks.load_tasks(tm, ["gone_mc"])
     assert "gone_mc: needs dataset local json files" in str(err.value) and "/nonexistent.jsonl" in str(err.value)
     assert "Check the data_files of the custom task(s) gone_mc" in str(err.value)
 

@@ -16,7 +16,7 @@ from test_fanout import execution, make_raw, stage
 
 from ipt_hpc.errors import IptError
 from ipt_hpc.execution import StageState, TaskFailures, launch, shard_name
-from ipt_hpc.execution.shards import IncompleteInput
+from ipt_hpc.execution.submit import IncompleteInput
 from ipt_hpc.execution.tasks import group_failures
 from ipt_hpc.preflight import PreflightFailed, stage_checker
 
@@ -222,7 +222,7 @@ def test_a_rerun_shard_coordinator_leaves_shards_held_by_a_live_job_to_it(tmp_pa
     from test_shard import cfg_for
 
     from ipt_hpc.atomic import read_json, write_json_atomic
-    from ipt_hpc.execution.shards import record_submission
+    from ipt_hpc.execution.submit import record_submission
     from ipt_hpc.stages import shard
 
     inp = write_jsonl(tmp_path / "in.jsonl", make_docs(60, seed=2, max_words=30))

@@ -88,7 +88,7 @@ def test_interrupted_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_
     durable = list(read_records(ref / "synth" / shard_name(0, 1)))[:6]
     out = run / "synth" / shard_name(0, 1)
     stage = build(synthesize.STAGE, cfg_for(model_dir), run)
-    from ipt_hpc.execution.shards import prepare
+    from ipt_hpc.execution.submit import prepare
 
     prepare(stage)
     w = RecordWriter(out)
@@ -111,7 +111,7 @@ def test_sigkilled_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_di
 
     from conftest import REPO
 
-    from ipt_hpc.execution.shards import prepare
+    from ipt_hpc.execution.submit import prepare
 
     cfg = cfg_for(model_dir, max_new_tokens=24, chunk_docs=2)
     ref = make_raw(tmp_path / "ref", 1, docs=200)
@@ -236,7 +236,7 @@ def test_streaming_equals_the_sequential_loop_with_chains(tmp_path: Path) -> Non
     recs = list(read_records(tmp_path / "wNone" / "synth" / shard_name(0, 1)))
     assert sum(1 for r in recs if r["chain"]) >= 5, "too few chained prompts to test the scheduling"
     # resumed after the first round's records, the chains are rebuilt from the records' parsed pairs
-    from ipt_hpc.execution.shards import prepare
+    from ipt_hpc.execution.submit import prepare
 
     run = make_raw(tmp_path / "resumed", 1, docs=36)
     cfg = cfg_for(model, **sets)

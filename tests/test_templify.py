@@ -15,7 +15,7 @@ from ipt_hpc.atomic import read_json
 from ipt_hpc.config import MixGroup, load_config
 from ipt_hpc.errors import ConfigError, IptError, RecordError
 from ipt_hpc.execution import StageRun, StageState, build, launch, run_stage, shard_name
-from ipt_hpc.execution.shards import prepare
+from ipt_hpc.execution.submit import prepare
 from ipt_hpc.records import RecordWriter, partial_path, read_records
 from ipt_hpc.stages import templify
 from ipt_hpc.stages.mixture import blend, converted
@@ -120,7 +120,7 @@ def test_reasoning_pairs_need_both_cues_in_place() -> None:
 
 
 def test_multiple_choice_pairs_need_an_answer_among_the_options() -> None:
-    from ipt_hpc.stages import templify_patterns as tp
+    from ipt_hpc.stages import templify_blocks as tb
 
     for seed in range(30):
         st = style(seed)
@@ -134,7 +134,7 @@ def test_multiple_choice_pairs_need_an_answer_among_the_options() -> None:
         right = labels[shown.index("a tomato")]
         assert p.fields["option_answer"] == (right.strip() if len(set(st.option_items)) == 26 else "a tomato")
         none = classify("Which is blue?\nOptions:\n- grass\n- fire", "None of the above", st, rng)
-        assert none.fields["option_answer"] == st.none_phrase and st.none_phrase in tp.NONE_OF_THESE
+        assert none.fields["option_answer"] == st.none_phrase and st.none_phrase in tb.NONE_OF_THESE
         assert "None of the above" not in none.fields["options_"]  # the block is not extended
     for q, a, reason in [
         ("Which is red?\nOptions:\n- grass\n- sky", "a tomato", "answer_not_an_option"),
@@ -174,6 +174,7 @@ def binomial_ok(hits: int, n: int, p: float, sigmas: float = 4.0) -> bool:
 def test_layouts_inversion_and_drops_match_the_reference_over_10000_chains(tmp_path: Path) -> None:
     """10,000 synthetic chains: layout shares per chain kind, inversion, malformed drops by reason, the
     separator between entries and the spread over patterns, against the reference's probabilities."""
+    from ipt_hpc.stages import templify_blocks as tb
     from ipt_hpc.stages import templify_patterns as tp
 
     rng = random.Random(5)
@@ -217,7 +218,7 @@ def test_layouts_inversion_and_drops_match_the_reference_over_10000_chains(tmp_p
     for family in tp.PAIR_FAMILIES:
         top = Counter(s.patterns[family] for s in styles).most_common(1)[0][1]
         assert top / 10_000 < 0.03, family
-    for table, bare in ((tp.READ_INTROS, "{context}"), (tp.COMPRE_LEADS, "")):
+    for table, bare in ((tb.READ_INTROS, "{context}"), (tb.COMPRE_LEADS, "")):
         draws = Counter(random.Random(i).choice(table) for i in range(10_000))
         assert 0.45 < draws[bare] / 10_000 < 0.55
         assert max(v for k, v in draws.items() if k != bare) / 10_000 < 0.03

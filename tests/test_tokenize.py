@@ -297,7 +297,7 @@ def test_killed_task_leaves_no_complete_dataset_and_rerun_completes(tmp_path: Pa
     cfg = cfg_for(tok_dir, input_stage="aug", workers=1, batch_docs=64)
     stage = build(tokenize.STAGE, cfg, run)
     group = stage.out_dir
-    from ipt_hpc.execution.shards import prepare
+    from ipt_hpc.execution.submit import prepare
 
     prepare(stage)
     prefix = group / "shard-00000"

@@ -148,7 +148,7 @@ def test_stage_prompts_chains_and_rejection(tmp_path: Path, engine) -> None:
 
 
 def test_sigkilled_vllm_synthesis_resumes_to_identical_bytes(tmp_path: Path, engine) -> None:
-    from ipt_hpc.execution.shards import prepare
+    from ipt_hpc.execution.submit import prepare
 
     cfg = config(**{"synth.chunk_docs": 2})
     ref = make_run(tmp_path / "ref", docs=120)  # long enough to be killed mid-shard (streaming is fast)

@@ -29,7 +29,7 @@ from ipt_hpc.config import load_config  # noqa: E402
 from ipt_hpc.execution import StageRun, StageState, shard_name  # noqa: E402
 from ipt_hpc.execution.backends import slurm_available  # noqa: E402
 from ipt_hpc.execution.monitor import stage_status  # noqa: E402
-from ipt_hpc.execution.shards import input_problems, prepare  # noqa: E402
+from ipt_hpc.execution.submit import input_problems, prepare  # noqa: E402
 
 
 def noop(cfg: Any, ctx: Any) -> dict[str, Any]:

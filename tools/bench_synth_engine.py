@@ -39,11 +39,11 @@ REPO = TOOLS.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(TOOLS))
 
-from ipt_hpc.stages import shard, synthesize  # noqa: E402
 from ipt_hpc.atomic import read_json  # noqa: E402
 from ipt_hpc.config import load_config  # noqa: E402
 from ipt_hpc.execution import build, run_stage, shard_name  # noqa: E402
 from ipt_hpc.records import read_records  # noqa: E402
+from ipt_hpc.stages import shard, synthesize  # noqa: E402
 from ipt_hpc.stages.synth_format import context_text, example_text, rounds_of  # noqa: E402
 
 

@@ -42,7 +42,7 @@ def main() -> int:
 
     from ipt_hpc.atomic import read_json
     from ipt_hpc.execution import shard_name
-    from ipt_hpc.execution.shards import load_stage_run
+    from ipt_hpc.execution.submit import load_stage_run
     from ipt_hpc.indexed import paths
 
     group = Path(args.group)

@@ -7,9 +7,10 @@ or ``slurm`` (job arrays, split at MaxArraySize, packed, throttled, checkpointed
 
 from .backends import Submission, slurm_available
 from .selection import compress_ids, parse_shards
-from .shards import ShardContext, StageRun, launch
+from .shards import ShardContext, StageRun
 from .stage import Stage, build, run_stage
 from .state import StageState, shard_name
+from .submit import launch
 from .tasks import PackRunner, TaskFailures, run_tasks
 
 __all__ = [

@@ -24,7 +24,8 @@ from ..config import ExecutionConfig
 from ..errors import IptError
 from ..layout import RunLayout, state_dir
 from .backends import slurm_mem
-from .shards import ShardRunner, load_stage_run
+from .shards import ShardRunner
+from .submit import load_stage_run
 
 SIGNAL_SPEC = "B:USR2@{delay}"
 

@@ -4,7 +4,7 @@ A stage module declares a :class:`Stage` (its name, the folder it reads, the fol
 per-shard function, the picklable job its tasks get, and an optional finalize step) and nothing else.
 :func:`build` turns it into the :class:`StageRun` of one run folder: it reads the shard count from the
 input stage (or takes it from the pipeline, which submits a stage before its input exists). :func:`run_stage`
-launches it on the configured backend through :func:`~.shards.launch`, which checks that the input is
+launches it on the configured backend through :func:`~.submit.launch`, which checks that the input is
 complete, writes markers, manifests and totals, and records the submission. The CLI, the pipeline and the
 tests all go through these two functions.
 """
@@ -19,8 +19,9 @@ from typing import Any
 from ..config import Config
 from ..errors import IptError
 from ..layout import RunLayout
-from .shards import ShardContext, StageRun, launch, record_options
+from .shards import ShardContext, StageRun, record_options
 from .state import StageState
+from .submit import launch
 
 Folder = Callable[[Config, RunLayout], Path]
 

@@ -31,7 +31,7 @@ from ..atomic import atomic_write_bytes, read_json, write_json_atomic
 from ..config import Config, RecordsConfig, ShardConfig, config_hash
 from ..errors import IptError, RecordError
 from ..execution import StageState, run_tasks, shard_name
-from ..execution.shards import in_flight, record_submission, wait_for
+from ..execution.submit import in_flight, record_submission, wait_for
 from ..layout import state_dir
 from ..records import RecordWriter
 from .sources import BLANK, InputFile, Row, discover_inputs, iter_rows

@@ -30,6 +30,7 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import templify_blocks as tb
 from . import templify_patterns as tp
 
 COT_QUESTION_CUE = "\nLet's think step by step."
@@ -88,10 +89,10 @@ def draw_style(rng: random.Random) -> Style:
     return Style(
         patterns={f: rng.randrange(len(fam[f])) for f in FAMILIES},
         chain_sep=rng.choice(fam["qa"]).example_separator,
-        option_start=rng.choice(tp.OPTION_STARTS),
-        option_items=rng.choice(tp.OPTION_ITEM_STYLES),
-        option_ends=rng.choice(tp.OPTION_ITEM_ENDS),
-        none_phrase=rng.choice(tp.NONE_OF_THESE),
+        option_start=rng.choice(tb.OPTION_STARTS),
+        option_items=rng.choice(tb.OPTION_ITEM_STYLES),
+        option_ends=rng.choice(tb.OPTION_ITEM_ENDS),
+        none_phrase=rng.choice(tb.NONE_OF_THESE),
     )
 
 
@@ -104,7 +105,7 @@ class Malformed(ValueError):
         self.reason = reason
 
 
-_NONE_OF_THESE = set(tp.NONE_OF_THESE)
+_NONE_OF_THESE = set(tb.NONE_OF_THESE)
 
 
 def classify(question: str, answer: str, style: Style, rng: random.Random) -> Pair:
@@ -178,22 +179,22 @@ def draw_layout(style: Style, entries: list[list[Pair]], rng: random.Random) -> 
     inverted = rng.random() < INVERSION_SHARE and layout in ("classic", "dialog")
     parts: dict[str, Any] = {}
     if inverted:
-        parts |= {"qa_intro": rng.choice(tp.QA_INTROS), "qa_end": rng.choice(tp.QA_ENDS)}
-        parts["text_intro"] = rng.choice(tp.TEXT_INTROS)
+        parts |= {"qa_intro": rng.choice(tb.QA_INTROS), "qa_end": rng.choice(tb.QA_ENDS)}
+        parts["text_intro"] = rng.choice(tb.TEXT_INTROS)
     if layout == "classic" and not inverted:
-        parts |= {"read_intro": rng.choice(tp.READ_INTROS), "read_end": rng.choice(tp.READ_ENDS)}
-        parts["lead"] = rng.choice(tp.COMPRE_LEADS)
+        parts |= {"read_intro": rng.choice(tb.READ_INTROS), "read_end": rng.choice(tb.READ_ENDS)}
+        parts["lead"] = rng.choice(tb.COMPRE_LEADS)
     if layout in ("dialog", "next_turn"):
-        asker, answerer = rng.choice(tp.SPEAKERS)
-        parts |= {"dialog_start": rng.choice(tp.DIALOG_SEPS) + rng.choice(tp.DIALOG_HEADERS)}
-        parts |= {"speakers": (asker, answerer), "turn_end": rng.choice(tp.DIALOG_ENDS)}
-        parts["turn_sep"] = rng.choice(tp.DIALOG_EXAMPLE_SEPS)
+        asker, answerer = rng.choice(tb.SPEAKERS)
+        parts |= {"dialog_start": rng.choice(tb.DIALOG_SEPS) + rng.choice(tb.DIALOG_HEADERS)}
+        parts |= {"speakers": (asker, answerer), "turn_end": rng.choice(tb.DIALOG_ENDS)}
+        parts["turn_sep"] = rng.choice(tb.DIALOG_EXAMPLE_SEPS)
     if layout == "next_turn":
-        parts["next_turn"] = rng.choice(tp.NEXT_TURN)
+        parts["next_turn"] = rng.choice(tb.NEXT_TURN)
     if layout == "numbered":
-        parts |= {"numbering": rng.choice(tp.NUMBERED_STYLES), "numbered": rng.choice(tp.NUMBERED_PATTERNS)}
+        parts |= {"numbering": rng.choice(tb.NUMBERED_STYLES), "numbered": rng.choice(tb.NUMBERED_PATTERNS)}
     if layout == "inline":
-        parts |= {"explain": rng.choice(tp.INLINE_EXPLAIN), "plain": rng.choice(tp.INLINE_PLAIN)}
+        parts |= {"explain": rng.choice(tb.INLINE_EXPLAIN), "plain": rng.choice(tb.INLINE_PLAIN)}
     style.layout, style.inverted, style.parts = layout, inverted, parts
 
 

@@ -34,6 +34,7 @@ from ..atomic import write_json_atomic
 from ..config import Config
 from ..errors import IptError, RecordError
 from ..execution import ShardContext, StageRun, StageState, shard_name
+from ..execution.shards import manifest_of
 from ..execution.stage import Stage
 from ..indexed import IndexedWriter, dtype_for_vocab, merge
 from ..layout import RunLayout
@@ -421,20 +422,15 @@ def merge_group(run: StageRun) -> dict[str, Any]:
     prefixes = [run.out_dir / n[: -len(SHARD_SUFFIX)] for n in names]
     out_prefix = run.out_dir.parent / run.out_dir.name
     stats = merge(prefixes, out_prefix)
-    shards = [state.read("done", n) for n in names]
-    manifest = {
-        "stage": run.stage,
+    manifest = manifest_of(run)  # config, hash, every shard's stats and their totals
+    totals = manifest["totals"]
+    manifest |= {
         "group": run.out_dir.name,
         "dataset": str(out_prefix),
-        "config_hash": run.config_hash(),
-        "config": run.config_data(),
         "documents": stats["documents"],
         "tokens": stats["tokens"],
         "mean_length": round(stats["tokens"] / stats["documents"], 2) if stats["documents"] else 0.0,
-        "bad": sum(s.get("bad", 0) for s in shards),  # type: ignore[union-attr]
-        "skipped_empty": sum(s.get("skipped_empty", 0) for s in shards),  # type: ignore[union-attr]
-        "other_group": sum(s.get("other_group", 0) for s in shards),  # type: ignore[union-attr]
-        "shards": shards,
+        **{key: totals.get(key, 0) for key in ("bad", "skipped_empty", "other_group")},
     }
     write_json_atomic(run.out_dir / "manifest.json", manifest)
     return manifest
