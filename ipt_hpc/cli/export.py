@@ -65,18 +65,8 @@ def run(args: argparse.Namespace) -> int:
                 f"  tokenizer: {find_tokenizer(ckpt, cfg, args.tokenizer) or 'none found'}",
             ],
         )
-    result = export(
-        args.checkpoint,
-        args.out,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        arch=args.arch,
-        config=args.config,
-        vocab=args.vocab,
-        check=not args.no_check,
-        force=args.force,
-        log=render.stderr_log,
-    )
+    options = {name: getattr(args, name) for name in ("tokenizer", "dtype", "arch", "config", "vocab", "force")}
+    result = export(args.checkpoint, args.out, check=not args.no_check, log=render.stderr_log, **options)
     diff = "not checked" if result.max_abs_logit_diff is None else f"max |logit diff| {result.max_abs_logit_diff:.3g}"
     print(
         f"{result.out}: {result.arch} {result.dtype}, vocab {result.vocab_size}, iteration {result.iteration}"
