@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, make_docs, write_jsonl
 
 from ipt_hpc.config import load_config
-from ipt_hpc.execution import StageState, shard_name
+from ipt_hpc.execution import StageState, build, run_stage, shard_name
 from ipt_hpc.records import partial_path, read_records
 from ipt_hpc.stages import shard, synthesize
 
@@ -61,7 +61,7 @@ def make_run(run: Path, docs: int = 16, long_doc: int | None = None) -> Path:
 @pytest.fixture(scope="module")
 def engine():
     """The engine the stage itself will use in this process (same options: the stage's cache reuses it)."""
-    job = synthesize.stage_run(config(), "unused", num_shards=1).stage_config
+    job = build(synthesize.STAGE, config(), "unused", num_shards=1).stage_config
     return synthesize._engine(job)
 
 
@@ -115,7 +115,7 @@ def test_stage_prompts_chains_and_rejection(tmp_path: Path, engine) -> None:
     calls: list[list[int]] = []
     real = spy(engine, calls)
     try:
-        synthesize.run(cfg, run)
+        run_stage(synthesize.STAGE, cfg, run)
     finally:
         engine.llm.llm_engine.step = real
     recs = list(read_records(run / "synth" / shard_name(0, 1)))
@@ -129,7 +129,7 @@ def test_stage_prompts_chains_and_rejection(tmp_path: Path, engine) -> None:
     assert sum(r["gen_tokens"] < 128 for r in recs) >= 4, "too few generations stopped at EOS to test"
     # the ids vLLM received are the reference prompt string tokenized whole: BOS, context, parsed pairs, EOS
     # per earlier entry, then BOS and the context
-    job = synthesize.stage_run(cfg, run).stage_config
+    job = build(synthesize.STAGE, cfg, run).stage_config
     tok = engine.tokenizer
     _, contexts, _ = synthesize.context_ids(
         synthesize.PieceTokenizer(tok), [r["text"] for r in recs], synthesize.context_room(job)
@@ -152,16 +152,16 @@ def test_sigkilled_vllm_synthesis_resumes_to_identical_bytes(tmp_path: Path, eng
 
     cfg = config(**{"synth.chunk_docs": 2})
     ref = make_run(tmp_path / "ref", docs=120)  # long enough to be killed mid-shard (streaming is fast)
-    synthesize.run(cfg, ref)
+    run_stage(synthesize.STAGE, cfg, ref)
     name = shard_name(0, 1)
     want = (ref / "synth" / name).read_bytes()
     seq = make_run(tmp_path / "seq", docs=120)  # one document at a time: what streaming must reproduce
-    synthesize.run(config(**{"synth.chunk_docs": 2, "synth.max_in_flight": 1}), seq)
+    run_stage(synthesize.STAGE, config(**{"synth.chunk_docs": 2, "synth.max_in_flight": 1}), seq)
     assert (seq / "synth" / name).read_bytes() == want
     assert sum(bool(r["chain"]) for r in read_records(ref / "synth" / name)) >= 5, "too few chains to test"
 
     run = make_run(tmp_path / "run", docs=120)
-    prepare(synthesize.stage_run(cfg, run))
+    prepare(build(synthesize.STAGE, cfg, run))
     cmd = [sys.executable, "-m", "ipt_hpc.launch", "run-shard", "--stage-dir", str(run / "synth")]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = StageState(run / "synth")

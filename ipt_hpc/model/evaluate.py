@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_bytes, read_json, write_json_atomic
-from ..config import EvalConfig, config_hash
+from ..config import EvalConfig, ExecutionConfig, config_hash
 from ..errors import IptError
-from ..layout import state_dir
+from ..layout import RunLayout, state_dir
 from .eval_tasks import TaskDataset, load_tasks, model_args, task_datasets, task_manager
 
 GEN_KWARGS = {"do_sample": False}  # greedy, as the model card's --gen_kwargs do_sample=False
@@ -227,6 +227,55 @@ def run(
     table = write_table(out)
     say(f"eval: {table}")
     return {"out": str(out), "groups": [p.name for p in plans], "ran": [p.name for p, _ in todo], "table": str(table)}
+
+
+JOB_NAME = "ipt-eval"
+
+
+def output_dir(cfg: EvalConfig, run_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where an evaluation writes: ``eval.out``; else ``RUN/eval`` of ``run_dir``; else the eval folder of
+    the run that holds the model folder (``RUN/hf`` -> ``RUN/eval``)."""
+    if cfg.out:
+        return Path(cfg.out)
+    if run_dir:
+        return RunLayout.of(run_dir).eval
+    if not Path(cfg.model or "").is_dir():
+        raise IptError("eval: say where to write: --run RUN (results in RUN/eval) or --out DIR")
+    return RunLayout.of(Path(cfg.model or "").resolve().parent).eval
+
+
+def job_execution(execution: ExecutionConfig) -> ExecutionConfig:
+    """The execution settings of an evaluation: on Slurm, one GPU unless the config says otherwise."""
+    if execution.backend != "slurm" or execution.slurm.gpus_per_node is not None:
+        return execution
+    return execution.model_copy(update={"slurm": execution.slurm.model_copy(update={"gpus_per_node": 1})})
+
+
+def job_log_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """The Slurm logs of an evaluation job writing to ``out_dir``."""
+    return state_dir(out_dir) / "logs"
+
+
+def submit(
+    cfg: EvalConfig,
+    execution: ExecutionConfig,
+    out_dir: str | os.PathLike[str],
+    groups: Sequence[str] | None = None,
+    force: bool = False,
+) -> str:
+    """:func:`run` as one Slurm job (settings from :func:`job_execution`); returns its job id."""
+    from ..execution.backends import submit_job
+
+    return submit_job(
+        run,
+        cfg,
+        str(out_dir),
+        groups,
+        force,
+        cfg=job_execution(execution),
+        log_dir=job_log_dir(out_dir),
+        job_name=JOB_NAME,
+    )
 
 
 def _file_log(out: Path) -> logging.Handler:

@@ -6,7 +6,7 @@ generated from the short phrase lists below (our own wording; the reference's ta
 
 from __future__ import annotations
 
-from .templify_patterns import _labels, _rotate, _spread, _unique
+from .templify_patterns import PAIR_FAMILIES, _labels, _rotate, _spread, _unique
 
 # -- building blocks: texts, intros and lead-ins -----------------------------------------------------
 _READ_SENTENCES = [
@@ -306,3 +306,9 @@ TABLES = ("READ_INTROS", "READ_ENDS", "COMPRE_LEADS", "TEXT_INTROS", "QA_INTROS"
            "OPTION_ITEM_STYLES", "OPTION_ITEM_ENDS", "NONE_OF_THESE", "DIALOG_HEADERS", "DIALOG_SEPS", "SPEAKERS",
            "DIALOG_ENDS", "DIALOG_EXAMPLE_SEPS", "NUMBERED_STYLES", "NUMBERED_PATTERNS", "INLINE_EXPLAIN",
            "INLINE_PLAIN", "NEXT_TURN")  # fmt: skip
+
+
+def counts() -> dict[str, int]:
+    """The length of every table: the pair families (:mod:`.templify_patterns`, under their own names) and
+    the text blocks of this module."""
+    return {**{name: len(p) for name, p in PAIR_FAMILIES.items()}, **{name: len(globals()[name]) for name in TABLES}}

@@ -13,7 +13,7 @@ paper's ``read_compre_pt.py``), not its wording, and each reaches at least the r
   questions, inline few-shot patterns and next-turn patterns.
 
 Duplicates are removed while keeping the first occurrence, except where a repeated entry is the point
-(the bare intros and empty lead-ins). :func:`counts` gives the length of every table.
+(the bare intros and empty lead-ins). :func:`.templify_blocks.counts` gives the length of every table.
 """
 
 from __future__ import annotations
@@ -402,12 +402,3 @@ PAIR_FAMILIES: dict[str, list[PairPattern]] = {
     "qa_cot": _cot_patterns(options=False, inverted_per=3),
     "qa_options_cot": _cot_patterns(options=True, inverted_per=4),
 }
-
-
-def counts() -> dict[str, int]:
-    """The length of every exported table: the pair families (under their own names) and the text blocks
-    (:mod:`.templify_blocks`)."""
-    from . import templify_blocks
-
-    tables = {name: len(getattr(templify_blocks, name)) for name in templify_blocks.TABLES}
-    return {**{name: len(p) for name, p in PAIR_FAMILIES.items()}, **tables}

@@ -1,0 +1,120 @@
+"""``pipeline``: every available stage at once, chained with Slurm afterok dependencies (or run here in order)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from ..errors import IptError
+from ..layout import RunLayout
+from . import render
+from .common import common, load, subcommand
+
+
+def add_parser(sub: Any) -> None:
+    p = subcommand(
+        sub,
+        "pipeline",
+        run,
+        help="submit every available stage at once, chained with Slurm afterok dependencies",
+        description="Submit (Slurm) or run (local) every stage the config asks for, in order: shard; synthesize and"
+        " templify (synth.model set); tokenize per record group and the mixture (tokenize.tokenizer set); train,"
+        " export and eval (the config has a train section); the report. On Slurm each stage waits for the"
+        " previous one (afterok); a failed stage cancels the rest.",
+        epilog="examples:\n  python -m ipt_hpc.launch pipeline --config configs/demo.yaml --run runs/demo\n"
+        "  python -m ipt_hpc.launch pipeline --config configs/refinedweb.yaml --run /scratch/rw"
+        " --executor slurm --partition cpu\n  python -m ipt_hpc.launch status --run /scratch/rw",
+    )
+    p.add_argument("--run", metavar="RUN", required=True, help="run folder")
+    p.add_argument(
+        "--wait", action="store_true", help="with --executor slurm: wait for the chain, then say how it ended"
+    )
+    common(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline import Coordinator, Job, available_steps, submit
+
+    cfg = load(args)
+    steps = available_steps(cfg, args.run)
+    console = render.console()
+    if args.dry_run:
+        lines = []
+        for i, step in enumerate(steps):
+            kind = "one job" if isinstance(step, (Coordinator, Job)) else "job arrays"
+            after = f", after step {i}" if i and cfg.execution.backend == "slurm" else ""
+            lines.append(f"step {i + 1}: {step.name} ({kind} on {cfg.execution.backend}{after})")
+        return render.dry_run(console, lines)
+    if not args.skip_preflight:
+        from .. import preflight
+
+        preflight.pipeline(cfg, args.run, steps)
+    if cfg.execution.backend == "slurm":
+        submitted = submit(steps, cfg.execution, args.run)
+        for result in submitted:
+            console.print(result)
+        if not args.wait:
+            console.print(f"submitted; follow with: python -m ipt_hpc.launch status --run {args.run}")
+            return 0
+        return _wait(console, args.run, [j for r in submitted for j in r.get("job_ids", [])])
+    started = time.time()
+    for i, step in enumerate(steps):
+        console.rule(f"[bold]step {i + 1}/{len(steps)}: {step.name}")
+        t = time.time()
+        try:
+            _run_step(console, step, cfg, args.run)
+        except IptError as exc:
+            later = ", ".join(s.name for s in steps[i + 1 :]) or "none"
+            raise IptError(
+                f"pipeline stopped at step {i + 1}/{len(steps)} ({step.name}); later steps did not run ({later})."
+                f" Rerunning this pipeline command resumes it (done shards are kept).\n{exc}"
+            ) from exc
+        console.print(f"{step.name}: done in {time.time() - t:,.1f} s")
+    _print_outputs(console, args.run, time.time() - started)
+    return 0
+
+
+def _run_step(console: Any, step: Any, cfg: Any, run_dir: str) -> None:
+    """One step here; a per-shard stage behind a progress bar."""
+    from ..pipeline import ShardStage, submit
+
+    if not isinstance(step, ShardStage):
+        submit([step], cfg.execution, run_dir)
+        return
+    prog, update = render.progress_reporter(console)
+    with prog:
+        submit([step], cfg.execution, run_dir, progress=update)
+
+
+def _wait(console: Any, run_dir: str, job_ids: list[str]) -> int:
+    """``pipeline --wait`` on Slurm: wait until every job left the queue, then say how it ended."""
+    from ..execution.backends import wait_for_jobs
+    from ..status import run_status
+
+    started = time.time()
+    console.print(f"waiting for {len(job_ids)} Slurm jobs (Ctrl-C stops waiting, not the jobs)")
+    wait_for_jobs(job_ids, poll_s=5.0)
+    report = run_status(run_dir)
+    if report["root_cause"]:
+        console.print(f"[bold red]pipeline failed[/] after {time.time() - started:,.0f} s; later steps were cancelled")
+        render.print_failures(console, report)
+        return 1
+    layout = RunLayout.of(run_dir)
+    final = layout.report / "report.md"
+    if not final.exists() or final.stat().st_mtime < started:
+        console.print(
+            f"[bold red]pipeline did not finish[/]: no shard failed, so a job step did (train, export, eval, mixture or"
+            f" report); their logs: {layout.pipeline_logs}, {layout.train / 'logs'}"
+        )
+        return 1
+    _print_outputs(console, run_dir, time.time() - started)
+    return 0
+
+
+def _print_outputs(console: Any, run_dir: str, seconds: float) -> None:
+    from ..pipeline import outputs
+
+    rows = [(what, str(path)) for what, path in outputs(run_dir)]
+    title = f"pipeline finished in {seconds / 60:,.1f} min: where everything lies"
+    console.print(render.table(title, ("what", "path"), rows, left=2))
