@@ -107,6 +107,59 @@ def submit(
     return results
 
 
+def run_here(
+    steps: Sequence[Step],
+    cfg: ExecutionConfig,
+    run_dir: str | Path,
+    *,
+    on_step: Callable[[int, Step], Any] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> None:
+    """Run ``steps`` one after the other on the local or debug backend.
+
+    ``on_step(i, step)`` is entered around each step (a context manager, e.g. a progress display);
+    ``progress`` is called as the shards of a per-shard step finish. A failed step stops the pipeline
+    with an error that names it, the steps that did not run, and how to resume.
+    """
+    from contextlib import nullcontext
+
+    for i, step in enumerate(steps):
+        with on_step(i, step) if on_step else nullcontext():
+            try:
+                submit([step], cfg, run_dir, progress=progress if isinstance(step, ShardStage) else None)
+            except IptError as exc:
+                later = ", ".join(s.name for s in steps[i + 1 :]) or "none"
+                raise IptError(
+                    f"pipeline stopped at step {i + 1}/{len(steps)} ({step.name}); later steps did not run ({later})."
+                    f" Rerunning this pipeline command resumes it (done shards are kept).\n{exc}"
+                ) from exc
+
+
+def verdict(run_dir: str | Path, started: float) -> tuple[bool, str, dict[str, Any]]:
+    """How a Slurm pipeline that left the queue ended: ``(finished, message, status report)``.
+
+    A failed shard is the root cause when there is one; without one, a pipeline whose report was not
+    written after ``started`` ended in a job step (train, export, eval, mixture or report).
+    """
+    from .status import run_status
+
+    report = run_status(run_dir)
+    if report["root_cause"]:
+        return False, "later steps were cancelled", report
+    layout = RunLayout.of(run_dir)
+    final = layout.report / "report.md"
+    if not final.exists() or final.stat().st_mtime < started:
+        return (
+            False,
+            (
+                "no shard failed, so a job step did (train, export, eval, mixture or report); their logs:"
+                f" {layout.pipeline_logs}, {layout.train / 'logs'}"
+            ),
+            report,
+        )
+    return True, "", report
+
+
 def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
     """The stages ``cfg`` asks for, in pipeline order, built before any of them ran.
 

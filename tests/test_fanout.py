@@ -301,6 +301,9 @@ def test_rendered_sbatch_quotes_every_value(tmp_path: Path) -> None:
     assert not (tmp_path / "PWNED").exists()
     with pytest.raises(IptError, match="may not contain a newline"):
         render(run / "upper", execution(**{"slurm.partition": "a\nb"}), array="0-1")
+    # by default, every task of the stage: 2 shards at 2 per task is 1 task; parallelism throttles it
+    assert "#SBATCH --array=0-0\n" in render(run / "upper", cfg)
+    assert "#SBATCH --array=0-1%1\n" in render(run / "upper", execution(shards_per_task=1, parallelism=1))
 
 
 def test_run_shard_entry_point_runs_its_pack(tmp_path: Path) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from ..errors import IptError
-from ..layout import RunLayout
 from . import render
 from .common import common, load, subcommand
 
@@ -34,7 +34,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline import Coordinator, Job, available_steps, submit
+    from ..pipeline import Coordinator, Job, ShardStage, available_steps, run_here, submit
 
     cfg = load(args)
     steps = available_steps(cfg, args.run)
@@ -59,54 +59,40 @@ def run(args: argparse.Namespace) -> int:
             return 0
         return _wait(console, args.run, [j for r in submitted for j in r.get("job_ids", [])])
     started = time.time()
-    for i, step in enumerate(steps):
+    update: list[Any] = [None]  # the progress display of the step that runs
+
+    @contextmanager
+    def on_step(i: int, step: Any) -> Iterator[None]:
         console.rule(f"[bold]step {i + 1}/{len(steps)}: {step.name}")
         t = time.time()
-        try:
-            _run_step(console, step, cfg, args.run)
-        except IptError as exc:
-            later = ", ".join(s.name for s in steps[i + 1 :]) or "none"
-            raise IptError(
-                f"pipeline stopped at step {i + 1}/{len(steps)} ({step.name}); later steps did not run ({later})."
-                f" Rerunning this pipeline command resumes it (done shards are kept).\n{exc}"
-            ) from exc
+        if isinstance(step, ShardStage):
+            prog, update[0] = render.progress_reporter(console)
+            with prog:
+                yield
+        else:
+            yield
         console.print(f"{step.name}: done in {time.time() - t:,.1f} s")
+
+    run_here(steps, cfg.execution, args.run, on_step=on_step, progress=lambda *a: update[0](*a))
     _print_outputs(console, args.run, time.time() - started)
     return 0
-
-
-def _run_step(console: Any, step: Any, cfg: Any, run_dir: str) -> None:
-    """One step here; a per-shard stage behind a progress bar."""
-    from ..pipeline import ShardStage, submit
-
-    if not isinstance(step, ShardStage):
-        submit([step], cfg.execution, run_dir)
-        return
-    prog, update = render.progress_reporter(console)
-    with prog:
-        submit([step], cfg.execution, run_dir, progress=update)
 
 
 def _wait(console: Any, run_dir: str, job_ids: list[str]) -> int:
     """``pipeline --wait`` on Slurm: wait until every job left the queue, then say how it ended."""
     from ..execution.backends import wait_for_jobs
-    from ..status import run_status
+    from ..pipeline import verdict
 
     started = time.time()
     console.print(f"waiting for {len(job_ids)} Slurm jobs (Ctrl-C stops waiting, not the jobs)")
     wait_for_jobs(job_ids, poll_s=5.0)
-    report = run_status(run_dir)
+    finished, message, report = verdict(run_dir, started)
     if report["root_cause"]:
-        console.print(f"[bold red]pipeline failed[/] after {time.time() - started:,.0f} s; later steps were cancelled")
+        console.print(f"[bold red]pipeline failed[/] after {time.time() - started:,.0f} s; {message}")
         render.print_failures(console, report)
         return 1
-    layout = RunLayout.of(run_dir)
-    final = layout.report / "report.md"
-    if not final.exists() or final.stat().st_mtime < started:
-        console.print(
-            f"[bold red]pipeline did not finish[/]: no shard failed, so a job step did (train, export, eval, mixture or"
-            f" report); their logs: {layout.pipeline_logs}, {layout.train / 'logs'}"
-        )
+    if not finished:
+        console.print(f"[bold red]pipeline did not finish[/]: {message}")
         return 1
     _print_outputs(console, run_dir, time.time() - started)
     return 0

@@ -27,11 +27,6 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..execution.sbatch import render as render_script
-    from ..execution.submit import load_stage_run
 
-    cfg = load(args).execution
-    n = load_stage_run(args.stage_dir).num_shards
-    tasks = -(-n // cfg.shards_per_task)  # the array spec: every task, %P throttled
-    array = f"0-{tasks - 1}" + (f"%{cfg.parallelism}" if cfg.parallelism else "")
-    sys.stdout.write(render_script(args.stage_dir, cfg, array=array, python=args.python))
+    sys.stdout.write(render_script(args.stage_dir, load(args).execution, python=args.python))
     return 0

@@ -44,10 +44,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(args)
     run_dir = Path(args.run)
     backend = cfg.execution.backend
-    if cfg.train.init_from_hf and stage.needs_import(cfg, run_dir):  # fail here, not in the job, on a misfit
-        from ..model.train.hf_init import check_hf_config
-
-        check_hf_config(cfg.train, cfg.train.init_from_hf)
+    stage.check_start(cfg, run_dir)  # fail here, not in the job, on a misfit
     if args.dry_run:
         if backend == "slurm":
             sys.stdout.write(stage.slurm_script(cfg, run_dir))

@@ -68,9 +68,15 @@ def sbatch_lines(options: dict[str, Any]) -> list[str]:
     ]
 
 
-def render(stage_dir: str | os.PathLike[str], cfg: ExecutionConfig, *, array: str, python: str | None = None) -> str:
-    """A complete sbatch script running ``run-shard`` for each array task of ``array``."""
+def render(
+    stage_dir: str | os.PathLike[str], cfg: ExecutionConfig, *, array: str | None = None, python: str | None = None
+) -> str:
+    """A complete sbatch script running ``run-shard`` for each array task of ``array`` (default: every task of
+    the stage, ``cfg.shards_per_task`` shards each, at most ``cfg.parallelism`` at a time)."""
     run = load_stage_run(stage_dir)
+    if array is None:
+        tasks = -(-run.num_shards // cfg.shards_per_task)
+        array = f"0-{tasks - 1}" + (f"%{cfg.parallelism}" if cfg.parallelism else "")
     logs = state_dir(Path(stage_dir).resolve()) / "logs"
     logs.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output
     s = cfg.slurm

@@ -28,6 +28,15 @@ def needs_import(cfg: Config, run_dir: Path) -> bool:
     return bool(cfg.train.init_from_hf) and latest(RunLayout.of(run_dir).checkpoints) is None
 
 
+def check_start(cfg: Config, run_dir: Path) -> None:
+    """Refuse, before any job is submitted, a start the job itself would refuse: a Hugging Face folder to
+    import (``train.init_from_hf``) whose shapes do not fit ``train.model``."""
+    if cfg.train.init_from_hf and needs_import(cfg, run_dir):
+        from .hf_init import check_hf_config
+
+        check_hf_config(cfg.train, cfg.train.init_from_hf)
+
+
 def freeze_config(cfg: Config, run_dir: Path) -> Path:
     """Write the whole resolved config where every rank (and every requeued attempt) reads it."""
     path = resolved_config_path(run_dir)
