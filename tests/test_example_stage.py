@@ -28,10 +28,27 @@ def example(monkeypatch: pytest.MonkeyPatch):
     return importlib.import_module("example_stage")
 
 
-def test_design_md_shows_the_example_verbatim() -> None:
-    source = (DOCS / "example_stage.py").read_text(encoding="utf-8")
-    assert len(source.splitlines()) <= 40
-    assert source in (DOCS / "design.md").read_text(encoding="utf-8")
+def test_design_md_shows_the_examples_verbatim() -> None:
+    for name in ("example_stage.py", "example_cli.py"):
+        source = (DOCS / name).read_text(encoding="utf-8")
+        assert len(source.splitlines()) <= 40
+        assert source in (DOCS / "design.md").read_text(encoding="utf-8"), name
+
+
+def test_example_command_runs_the_stage(example, corpus: Path, tmp_path: Path, capsys) -> None:
+    """The example's CLI module, registered on a parser as ipt_hpc.cli registers its commands."""
+    import argparse
+
+    cli = importlib.import_module("example_cli")
+    run = tmp_path / "run"
+    shard = ("shard", "--input", str(corpus), "--text-field", "content", "--num-shards", "2", "--executor", "debug")
+    assert run_cli(*shard, "--out", str(run / "raw")).returncode == 0
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["wordcount", "--run", str(run), "--executor", "debug"])
+    assert args.handler(args) == 0
+    words = sum(len(r["text"].split()) for k in range(2) for r in read_records(run / "raw" / shard_name(k, 2)))
+    assert f"{words:,} words in {run / 'wordcount'}" in capsys.readouterr().out
 
 
 def test_example_stage_runs_on_the_local_executor(example, corpus: Path, tmp_path: Path) -> None:
