@@ -44,6 +44,9 @@ class ShardConfig(_Section):
     num_shards: int = Field(8, ge=1, le=10_000_000)
     max_doc_bytes: int = Field(8 << 20, ge=1, description="larger documents are bad records")
     hub_split: str = "train"
+    output_folder: str = Field(
+        "raw", min_length=1, description="the stage's folder in the run (shard --out DIR: DIR's name)"
+    )
 
 
 class SynthConfig(_Section):

@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_json_atomic
 from .config import Config, ExecutionConfig
 from .errors import IptError
-from .execution import StageRun, StageState, build, launch
+from .execution import StageRun, StageState, build, launch, run_stage
 from .execution.backends import submit_job
 from .layout import RunLayout
 
@@ -176,7 +177,10 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
     run_dir = Path(run_dir)
     n = cfg.shard.num_shards
     inner = cfg.model_copy(deep=True)
-    steps: list[Step] = [Coordinator("shard", shard.run, (inner, str(RunLayout.of(run_dir).raw)))]
+    raw = RunLayout.of(run_dir).raw
+    inner = inner.model_copy(update={"shard": inner.shard.model_copy(update={"output_folder": raw.name})})
+    # scan and plan, then the shard arrays: one coordinator job that submits them and waits
+    steps: list[Step] = [Coordinator("shard", partial(run_stage, wait=True), (shard.STAGE, inner, str(run_dir)))]
     if cfg.synth.model:
         steps.append(ShardStage(build(synthesize.STAGE, cfg, run_dir, n)))
         steps.append(ShardStage(build(templify.STAGE, cfg, run_dir, n)))
@@ -221,8 +225,6 @@ def outputs(run_dir: str | Path) -> list[tuple[str, Path]]:
 
 def training_steps(cfg: Config, run_dir: Path) -> list[Step]:
     """train (groups and weights from the mixture report), export to RUN/hf, eval of RUN/hf."""
-    from functools import partial
-
     from .model import evaluate, export
     from .model.train import stage as train_stage
 

@@ -139,3 +139,14 @@ def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_model import tiny_llama
 
     return tiny_llama(tmp_path_factory.mktemp("model") / "synth")
+
+
+def shard_corpus(cfg, out: Path, *, force: bool = False) -> dict:
+    """The shard stage into the folder ``out`` through the path the CLI takes (``run_stage`` on the run
+    folder ``out.parent``, the stage's folder named ``out.name``); returns the manifest."""
+    from ipt_hpc.execution import run_stage
+    from ipt_hpc.stages import shard
+
+    cfg = cfg.model_copy(update={"shard": cfg.shard.model_copy(update={"output_folder": Path(out).name})})
+    result = run_stage(shard.STAGE, cfg, Path(out).parent, force=force)
+    return result["manifest"]

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, shard_corpus
 from test_fanout import execution, make_raw, stage
 
 from ipt_hpc.errors import IptError
@@ -154,13 +154,14 @@ def test_disk_full_during_shard_is_one_grouped_line_and_preflight_sees_it_first(
         proc = run_cli("shard", *args, "--workers", "3", "--skip-preflight")
         assert proc.returncode == 2
         error = proc.stderr[proc.stderr.index("error: ") :].splitlines()
-        assert error[0] == "error: shard/write: 3 of 3 shards failed:"
+        assert error[0] == "error: shard: 3 of 3 shards failed:"
         assert error[1].startswith(
             f"  - 3 shards (shard-00000.jsonl.zst, shard-00001.jsonl.zst, shard-00002.jsonl.zst): no space left on"
             f" device writing {small / 'raw'}/shard-0000"
         )
         assert re.search(r"\.jsonl\.zst\.partial \(free 0\.\d MB\)", error[1]), error[1]
-        assert len(error) == 2 and "Traceback" not in proc.stderr
+        assert error[2] == "resume: rerun the same command (done shards are kept)"
+        assert len(error) == 3 and "Traceback" not in proc.stderr
         assert not list((small / "raw").glob("shard-*.jsonl.zst")), "no complete-looking shard"
         assert not (small / "raw" / "manifest.json").exists()
     finally:
@@ -222,6 +223,7 @@ def test_a_rerun_shard_coordinator_leaves_shards_held_by_a_live_job_to_it(tmp_pa
     from test_shard import cfg_for
 
     from ipt_hpc.atomic import read_json, write_json_atomic
+    from ipt_hpc.execution import build
     from ipt_hpc.execution.submit import record_submission
     from ipt_hpc.stages import shard
 
@@ -231,15 +233,16 @@ def test_a_rerun_shard_coordinator_leaves_shards_held_by_a_live_job_to_it(tmp_pa
     holder = subprocess.Popen(["sleep", "4"])  # the live 'earlier job' that holds shard 1
     threading.Thread(target=holder.wait, daemon=True).start()  # reaped when it ends (a zombie looks alive)
     try:
-        StageState(out).write_stage({"stage": "shard", "num_shards": 3, "config_hash": "x"})
+        this_config = build(shard.STAGE, cfg, tmp_path).config_hash()  # the folder is this config's
+        StageState(out).write_stage({"stage": "shard", "num_shards": 3, "config_hash": this_config})
         record_submission(StageState(out), [1], backend="local")  # this process's pid ...
         sub = sorted((out / "_state" / "submissions").glob("*.json"))[0]
         write_json_atomic(sub, {**read_json(sub), "pid": holder.pid})  # ... becomes the holder's
         with pytest.raises(IptError, match=r"shard-00001.jsonl.zst: an earlier job held them and ended without"):
-            shard.run(cfg, out)
+            shard_corpus(cfg, out)
         assert holder.poll() is not None, "the coordinator waited for the holder to end"
     finally:
         holder.kill()
     assert [p.name for p in sorted(out.glob("shard-*.jsonl.zst"))] == ["shard-00000.jsonl.zst", "shard-00002.jsonl.zst"]
-    manifest = shard.run(cfg, out)  # the rerun writes the shard the dead job left
+    manifest = shard_corpus(cfg, out)  # the rerun writes the shard the dead job left
     assert manifest["totals"]["docs"] == 60 and (out / "shard-00001.jsonl.zst").exists()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_docs, write_jsonl
+from conftest import make_docs, shard_corpus, write_jsonl
 from fanout_stage import slow_upper
 
 from ipt_hpc.config import load_config
@@ -21,7 +21,6 @@ from ipt_hpc.execution.backends import pack, split
 from ipt_hpc.execution.monitor import stage_status
 from ipt_hpc.execution.selection import compress_ids
 from ipt_hpc.records import read_records
-from ipt_hpc.stages import shard
 from ipt_hpc.status import run_status
 
 
@@ -38,7 +37,7 @@ def make_raw(run: Path, num_shards: int, docs: int = 120, seed: int = 3) -> Path
             "execution.backend": "debug",
         },
     )
-    shard.run(cfg, run / "raw")
+    shard_corpus(cfg, run / "raw")
     return run
 
 

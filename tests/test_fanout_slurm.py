@@ -178,7 +178,10 @@ def test_hand_submitted_array_with_nasty_paths(tmp_path: Path, how: str) -> None
 
 
 def _pipeline_steps(run: Path, n: int, inputs: list[Path]):
+    from functools import partial
+
     from ipt_hpc.config import load_config
+    from ipt_hpc.execution import run_stage
     from ipt_hpc.pipeline import Coordinator, ShardStage
     from ipt_hpc.stages import shard
 
@@ -194,7 +197,8 @@ def _pipeline_steps(run: Path, n: int, inputs: list[Path]):
             "execution.slurm.extra_sbatch": {"job_name": "ipt-upper"},  # so the fixture cancels leftovers
         },
     )
-    steps = [Coordinator("shard", shard.run, (cfg, str(run / "raw"))), ShardStage(stage(run, n))]
+    shard_step = Coordinator("shard", partial(run_stage, wait=True), (shard.STAGE, cfg, str(run)))
+    steps = [shard_step, ShardStage(stage(run, n))]
     return steps, cfg.execution
 
 

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, shard_corpus
 
 from ipt_hpc.atomic import read_json
 from ipt_hpc.config import load_config
 from ipt_hpc.execution import run_stage, shard_name
 from ipt_hpc.records import read_records
-from ipt_hpc.stages import shard, synthesize
+from ipt_hpc.stages import synthesize
 
 pytest.importorskip("transformers")
 
@@ -134,7 +134,7 @@ def test_shipped_tiny_synthesizer_writes_parsable_pairs_through_the_synthesize_s
     sets |= {"execution.backend": "debug", "synth.model": str(SHIPPED), "synth.rounds": 2}
     sets |= {"synth.max_model_len": 1024, "synth.max_new_tokens": 128, "synth.chunk_docs": 16}
     cfg = load_config(None, None, sets)
-    shard.run(cfg, run / "raw")
+    shard_corpus(cfg, run / "raw")
     run_stage(synthesize.STAGE, cfg, run)
     recs = [r for k in range(2) for r in read_records(run / "synth" / shard_name(k, 2))]
     assert len(recs) == len(held)

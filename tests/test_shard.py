@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import make_docs, run_cli, write_jsonl
+from conftest import make_docs, run_cli, shard_corpus, write_jsonl
 
 from ipt_hpc.atomic import read_json
 from ipt_hpc.config import load_config
@@ -37,7 +37,7 @@ def shard_records(out: Path) -> list[dict]:
 
 def test_every_document_exactly_once_in_order_with_stable_ids(corpus: Path, tmp_path: Path) -> None:
     cfg = cfg_for([corpus], **{"shard.num_shards": 7, "shard.keep_fields": ["url"]})
-    manifest = shard.run(cfg, tmp_path / "raw")
+    manifest = shard_corpus(cfg, tmp_path / "raw")
     recs = shard_records(tmp_path / "raw")
     docs = make_docs(300, seed=1)
     assert [r["text"] for r in recs] == [d["content"] for d in docs]
@@ -54,7 +54,7 @@ def test_every_document_exactly_once_in_order_with_stable_ids(corpus: Path, tmp_
 def test_shards_are_balanced_by_bytes(tmp_path: Path) -> None:
     docs = make_docs(2000, seed=2, max_words=200)
     inp = write_jsonl(tmp_path / "in.jsonl", docs)
-    manifest = shard.run(cfg_for([inp], **{"shard.num_shards": 16}), tmp_path / "raw")
+    manifest = shard_corpus(cfg_for([inp], **{"shard.num_shards": 16}), tmp_path / "raw")
     sizes = [s["text_bytes"] for s in manifest["shards"]]
     biggest_doc = max(len(d["content"].encode()) for d in docs)
     assert max(sizes) - min(sizes) <= 2 * biggest_doc
@@ -63,24 +63,24 @@ def test_shards_are_balanced_by_bytes(tmp_path: Path) -> None:
 
 def test_deterministic_byte_identical_shards(corpus: Path, tmp_path: Path) -> None:
     cfg = cfg_for([corpus], **{"shard.num_shards": 5})
-    a = shard.run(cfg, tmp_path / "a")
-    b = shard.run(cfg_for([corpus], **{"shard.num_shards": 5, "execution.workers": 2}), tmp_path / "b")
+    a = shard_corpus(cfg, tmp_path / "a")
+    b = shard_corpus(cfg_for([corpus], **{"shard.num_shards": 5, "execution.workers": 2}), tmp_path / "b")
     for sa, sb in zip(a["shards"], b["shards"], strict=True):
         assert (tmp_path / "a" / sa["name"]).read_bytes() == (tmp_path / "b" / sb["name"]).read_bytes()
     assert a["fingerprint"] == b["fingerprint"]
 
 
 def test_local_executor_matches_debug_executor(corpus: Path, tmp_path: Path) -> None:
-    a = shard.run(cfg_for([corpus], **{"shard.num_shards": 3}), tmp_path / "a")
+    a = shard_corpus(cfg_for([corpus], **{"shard.num_shards": 3}), tmp_path / "a")
     cfg = cfg_for([corpus], **{"shard.num_shards": 3, "execution.backend": "local", "execution.workers": 2})
-    b = shard.run(cfg, tmp_path / "b")
+    b = shard_corpus(cfg, tmp_path / "b")
     assert [s["checksum"] for s in a["shards"]] == [s["checksum"] for s in b["shards"]]
-    assert list((tmp_path / "b" / "_state" / "logs" / "write").iterdir()), "submitit logs live in the run dir"
+    assert list((tmp_path / "b" / "_state" / "logs").rglob("*_log.out")), "submitit logs live in the run dir"
 
 
 def test_more_shards_than_documents(tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", make_docs(3))
-    manifest = shard.run(cfg_for([inp], **{"shard.num_shards": 5}), tmp_path / "raw")
+    manifest = shard_corpus(cfg_for([inp], **{"shard.num_shards": 5}), tmp_path / "raw")
     assert sorted(s["records"] for s in manifest["shards"]) == [0, 0, 1, 1, 1]
     assert len(shard_records(tmp_path / "raw")) == 3
 
@@ -88,7 +88,7 @@ def test_more_shards_than_documents(tmp_path: Path) -> None:
 def test_custom_id_field_and_src(tmp_path: Path) -> None:
     docs = [{"content": f"doc {i}", "doc_id": f"X{i}"} for i in range(4)]
     inp = write_jsonl(tmp_path / "in.jsonl", docs)
-    shard.run(cfg_for([inp], **{"shard.num_shards": 1, "shard.id_field": "doc_id"}), tmp_path / "raw")
+    shard_corpus(cfg_for([inp], **{"shard.num_shards": 1, "shard.id_field": "doc_id"}), tmp_path / "raw")
     recs = shard_records(tmp_path / "raw")
     assert [(r["id"], r["src"]) for r in recs] == [(f"X{i}", f"in.jsonl:{i + 1}") for i in range(4)]
 
@@ -115,7 +115,7 @@ def test_bad_record_error_names_file_and_line(tmp_path: Path, case: str) -> None
     inp.write_bytes(b"\n".join([GOOD, GOOD, line, GOOD]) + b"\n")
     out = tmp_path / "raw"
     with pytest.raises(TaskFailures) as err:
-        shard.run(cfg_for([inp], **{"shard.num_shards": 2}), out)
+        shard_corpus(cfg_for([inp], **{"shard.num_shards": 2}), out)
     message = str(err.value)
     assert "\n  - in.jsonl:3: " in message and reason in message
     assert not list(out.glob("shard-*")), "no shard is written when the input is bad"
@@ -128,7 +128,7 @@ def test_bad_record_quarantined_and_counted(tmp_path: Path, case: str) -> None:
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(b"\n".join([GOOD, line, GOOD, line, GOOD]) + b"\n")
     out = tmp_path / "raw"
-    manifest = shard.run(cfg_for([inp], **{"shard.num_shards": 2, "records.on_bad_record": "quarantine"}), out)
+    manifest = shard_corpus(cfg_for([inp], **{"shard.num_shards": 2, "records.on_bad_record": "quarantine"}), out)
     category = "text_not_string" if case == "null_text" else case
     assert manifest["totals"]["docs"] == 3
     assert manifest["totals"]["bad"] == 2
@@ -147,9 +147,9 @@ def test_huge_document_is_rejected_without_loading_it(tmp_path: Path) -> None:
     big = b'{"content": "' + b"x" * (50 << 20) + b'"}'
     inp.write_bytes(b"\n".join([GOOD, big, GOOD]) + b"\n")
     with pytest.raises(TaskFailures, match=r"in\.jsonl:2: line of 52428815 bytes exceeds the limit"):
-        shard.run(cfg_for([inp]), tmp_path / "raw")
+        shard_corpus(cfg_for([inp]), tmp_path / "raw")
     cfg = cfg_for([inp], **{"records.on_bad_record": "quarantine", "shard.num_shards": 1})
-    manifest = shard.run(cfg, tmp_path / "raw2")
+    manifest = shard_corpus(cfg, tmp_path / "raw2")
     assert manifest["totals"]["bad_by_reason"] == {"too_large": 1}
     q = next(read_records(tmp_path / "raw2" / manifest["quarantine"][0]))
     assert len(q["excerpt"]) <= 2048  # the quarantine keeps an excerpt, not 50 MB
@@ -158,13 +158,13 @@ def test_huge_document_is_rejected_without_loading_it(tmp_path: Path) -> None:
 def test_document_over_max_doc_bytes(tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", [{"content": "a" * 100}, {"content": "b" * 5000}])
     with pytest.raises(TaskFailures, match=r"in\.jsonl:2: document of 5000 bytes exceeds shard.max_doc_bytes=1000"):
-        shard.run(cfg_for([inp], **{"shard.max_doc_bytes": 1000}), tmp_path / "raw")
+        shard_corpus(cfg_for([inp], **{"shard.max_doc_bytes": 1000}), tmp_path / "raw")
 
 
 def test_blank_lines_are_counted_not_records(tmp_path: Path) -> None:
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(GOOD + b"\n\n  \n" + GOOD + b"\n\n")
-    manifest = shard.run(cfg_for([inp], **{"shard.num_shards": 1}), tmp_path / "raw")
+    manifest = shard_corpus(cfg_for([inp], **{"shard.num_shards": 1}), tmp_path / "raw")
     assert manifest["totals"]["docs"] == 2
     assert manifest["totals"]["blank_lines"] == 3
     assert [r["id"] for r in shard_records(tmp_path / "raw")] == ["in.jsonl:1", "in.jsonl:4"]
@@ -174,7 +174,7 @@ def test_no_usable_document(tmp_path: Path) -> None:
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(b'{"content": ""}\n')
     with pytest.raises(IptError, match="no usable document"):
-        shard.run(cfg_for([inp], **{"records.on_bad_record": "quarantine"}), tmp_path / "raw")
+        shard_corpus(cfg_for([inp], **{"records.on_bad_record": "quarantine"}), tmp_path / "raw")
 
 
 def test_truncated_compressed_inputs_are_errors(tmp_path: Path) -> None:
@@ -182,11 +182,11 @@ def test_truncated_compressed_inputs_are_errors(tmp_path: Path) -> None:
     gz = tmp_path / "in.jsonl.gz"
     gz.write_bytes(gzip.compress(payload)[:-12])
     with pytest.raises(TaskFailures, match=r"in\.jsonl\.gz: cannot read input"):
-        shard.run(cfg_for([gz]), tmp_path / "raw")
+        shard_corpus(cfg_for([gz]), tmp_path / "raw")
     zst = tmp_path / "in.jsonl.zst"
     zst.write_bytes(zstandard.ZstdCompressor().compress(payload)[:-6])
     with pytest.raises(TaskFailures, match=r"in\.jsonl\.zst: cannot read input.*truncated"):
-        shard.run(cfg_for([zst]), tmp_path / "raw2")
+        shard_corpus(cfg_for([zst]), tmp_path / "raw2")
 
 
 # -- formats --------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_zst_parquet_and_arrow_inputs(tmp_path: Path) -> None:
     (folder / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(blob))
     pq.write_table(pa.table({"content": [d["content"] for d in docs[10:25]]}), folder / "b.parquet")
     datasets.Dataset.from_dict({"content": [d["content"] for d in docs[25:]]}).save_to_disk(str(folder / "c"))
-    manifest = shard.run(cfg_for([folder], **{"shard.num_shards": 3}), tmp_path / "raw")
+    manifest = shard_corpus(cfg_for([folder], **{"shard.num_shards": 3}), tmp_path / "raw")
     recs = shard_records(tmp_path / "raw")
     assert [r["text"] for r in recs] == [d["content"] for d in docs]
     formats = {i["name"]: i["format"] for i in manifest["inputs"]}
@@ -217,28 +217,28 @@ def test_parquet_null_text_is_a_bad_record(tmp_path: Path) -> None:
 
     pq.write_table(pa.table({"content": ["one", None, "three"]}), tmp_path / "t.parquet")
     with pytest.raises(TaskFailures, match=r"t\.parquet:2: text field 'content' is null"):
-        shard.run(cfg_for([tmp_path / "t.parquet"]), tmp_path / "raw")
+        shard_corpus(cfg_for([tmp_path / "t.parquet"]), tmp_path / "raw")
 
 
 def test_missing_and_unsupported_inputs(tmp_path: Path) -> None:
     with pytest.raises(IptError, match="no such file or folder"):
-        shard.run(cfg_for([tmp_path / "nope.jsonl"]), tmp_path / "raw")
+        shard_corpus(cfg_for([tmp_path / "nope.jsonl"]), tmp_path / "raw")
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(IptError, match="unsupported input type"):
-        shard.run(cfg_for([tmp_path / "x.csv"]), tmp_path / "raw")
+        shard_corpus(cfg_for([tmp_path / "x.csv"]), tmp_path / "raw")
     with pytest.raises(IptError, match="no file matches"):
-        shard.run(cfg_for([tmp_path / "*.jsonl"]), tmp_path / "raw")
+        shard_corpus(cfg_for([tmp_path / "*.jsonl"]), tmp_path / "raw")
 
 
 # -- idempotence and resume -----------------------------------------------------------------
 def test_rerun_is_a_no_op_and_other_config_is_refused(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "raw"
-    first = shard.run(cfg_for([corpus], **{"shard.num_shards": 4}), out)
-    again = shard.run(cfg_for([corpus], **{"shard.num_shards": 4}), out)
+    first = shard_corpus(cfg_for([corpus], **{"shard.num_shards": 4}), out)
+    again = shard_corpus(cfg_for([corpus], **{"shard.num_shards": 4}), out)
     assert again == first
-    with pytest.raises(IptError, match="another config or other inputs"):
-        shard.run(cfg_for([corpus], **{"shard.num_shards": 6}), out)
-    forced = shard.run(cfg_for([corpus], **{"shard.num_shards": 6}), out, force=True)
+    with pytest.raises(IptError, match="holds shard output of another config"):
+        shard_corpus(cfg_for([corpus], **{"shard.num_shards": 6}), out)
+    forced = shard_corpus(cfg_for([corpus], **{"shard.num_shards": 6}), out, force=True)
     assert len(forced["shards"]) == 6
     assert len(list(out.glob("shard-*.jsonl.zst"))) == 6
 
@@ -246,14 +246,14 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(corpus: Path, tmp_path: Pa
 def test_interrupted_stage_resumes_only_missing_shards(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "raw"
     cfg = cfg_for([corpus], **{"shard.num_shards": 4})
-    ref = shard.run(cfg, out)
+    ref = shard_corpus(cfg, out)
     # simulate a crash during the write step: one shard unfinished, no manifest yet
     name = ref["shards"][2]["name"]
     (out / name).rename(out / (name + ".partial"))
     (out / "_state" / "done" / (name + ".json")).unlink()
     (out / "manifest.json").unlink()
     untouched = (out / ref["shards"][0]["name"]).stat().st_mtime_ns
-    resumed = shard.run(cfg, out)
+    resumed = shard_corpus(cfg, out)
     assert [s["checksum"] for s in resumed["shards"]] == [s["checksum"] for s in ref["shards"]]
     assert (out / ref["shards"][0]["name"]).stat().st_mtime_ns == untouched
     assert not (out / (name + ".partial")).exists()
@@ -263,7 +263,7 @@ def test_changed_input_after_scan_is_detected(tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", make_docs(20))
     out = tmp_path / "raw"
     cfg = cfg_for([inp], **{"shard.num_shards": 2})
-    shard.run(cfg, out)
+    shard_corpus(cfg, out)
     for p in out.glob("shard-*"):
         p.unlink()
     for p in (out / "_state" / "done").iterdir():
@@ -271,8 +271,8 @@ def test_changed_input_after_scan_is_detected(tmp_path: Path) -> None:
     (out / "manifest.json").unlink()
     data = inp.read_bytes().replace(b'"content": "', b'"content": 1, "x": "', 1)
     inp.write_bytes(data)
-    with pytest.raises(IptError, match="another config or other inputs"):
-        shard.run(cfg_for([inp], **{"shard.num_shards": 2}), out)
+    with pytest.raises(IptError, match="holds shard output of another config"):
+        shard_corpus(cfg_for([inp], **{"shard.num_shards": 2}), out)
 
 
 def test_write_task_detects_input_changed_since_scan(tmp_path: Path) -> None:

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_docs, write_jsonl
+from conftest import REPO, make_docs, shard_corpus, write_jsonl
 
 from ipt_hpc.config import load_config
 from ipt_hpc.execution import StageState, build, run_stage, shard_name
 from ipt_hpc.records import partial_path, read_records
-from ipt_hpc.stages import shard, synthesize
+from ipt_hpc.stages import synthesize
 
 if os.environ.get("IPT_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm")
@@ -54,7 +54,7 @@ def make_run(run: Path, docs: int = 16, long_doc: int | None = None) -> Path:
         items[long_doc]["content"] = " ".join(["instruction corpus token"] * 500)
     inp = write_jsonl(run / "in.jsonl", items)
     sets = {"shard.inputs": [str(inp)], "shard.text_field": "content", "shard.num_shards": 1}
-    shard.run(load_config(None, None, {**sets, "execution.backend": "debug"}), run / "raw")
+    shard_corpus(load_config(None, None, {**sets, "execution.backend": "debug"}), run / "raw")
     return run
 
 

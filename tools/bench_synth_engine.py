@@ -66,7 +66,7 @@ def make_shard(run: Path, docs: list[dict[str, Any]]) -> None:
     run.mkdir(parents=True)
     inp.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
     sets = {"shard.inputs": [str(inp)], "shard.text_field": "content", "shard.num_shards": 1}
-    shard.run(load_config(None, None, {**sets, "execution.backend": "debug"}), run / "raw")
+    run_stage(shard.STAGE, load_config(None, None, {**sets, "execution.backend": "debug"}), run)
 
 
 def prompts_of(records: list[dict[str, Any]], job: Any, tok: Any) -> list[list[int]]:

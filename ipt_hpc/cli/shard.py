@@ -56,12 +56,13 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..execution import run_stage
     from ..stages import shard
 
-    cfg = load(args)
     if not (args.out or args.run):
         raise IptError("shard: say where to write: --out DIR or --run RUN")
     out = Path(args.out) if args.out else RunLayout.of(args.run).raw
+    cfg = load(args, {"shard.output_folder": out.name})  # the stage's folder in the run folder out.parent
     console = render.console()
     if args.dry_run:
         return render.dry_run(console, _plan(cfg, out))
@@ -72,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
     prog, update = render.progress_reporter(console)
     started = time.time()
     with prog:
-        manifest = shard.run(cfg, out, force=args.force, progress=update, log=lambda m: prog.console.print(m))
-    _print_summary(console, manifest, out, time.time() - started)
+        result = run_stage(shard.STAGE, cfg, out.parent, force=args.force, progress=update)
+    if not result["submitted"]:
+        console.print(f"{out}: already complete for this config and these inputs (use --force to redo)")
+    _print_summary(console, result["manifest"], out, time.time() - started)
     return 0
 
 

@@ -72,9 +72,9 @@ def resume_command(stage_dir: str | os.PathLike[str]) -> str:
     from ..atomic import read_json
 
     path = state_dir(stage_dir) / "stage-run.json"
-    if not path.exists():  # the shard stage: a rerun resumes it
+    run = read_json(path) if path.exists() else None
+    if run is None or run["stage"] == "shard":  # shard selects no shards: a rerun resumes it
         return "rerun the same command (done shards are kept)"
-    run = read_json(path)
     words = ["python", "-m", "ipt_hpc.launch", run["stage"], "--run", run["run_dir"]]
     if run["stage"] == "tokenize":
         group = Path(run["out_folder"]).name

@@ -331,6 +331,8 @@ def shard_log(state: StageState, name: str) -> Path:
 def input_problem(run: StageRun, name: str) -> str | None:
     """Why input shard ``name`` of ``run`` is not ready (None when it is): missing, or not marked done
     by its stage (failed, or still being written). A folder that is no stage's output only needs the file."""
+    if not run.in_folder:
+        return None  # no input stage (shard reads the corpus)
     path = run.in_dir / name
     upstream = StageState(run.in_dir)
     info = upstream.read_stage()

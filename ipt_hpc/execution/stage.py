@@ -21,7 +21,7 @@ from ..errors import IptError
 from ..layout import RunLayout
 from .shards import ShardContext, StageRun, record_options
 from .state import StageState
-from .submit import launch
+from .submit import launch, prepare
 
 Folder = Callable[[Config, RunLayout], Path]
 
@@ -37,18 +37,23 @@ class Stage:
 
     name: str
     upstream: str  # what writes the input, for the error when it is missing ("shard", "synthesize", ...)
-    input: Folder
+    input: Folder | None  # None: the stage makes shards from outside the run (``shard``)
     output: Folder
     shard_fn: Callable[[Any, ShardContext], dict[str, Any]]
     job: Callable[[Config, RunLayout], Any]
     finalize: Callable[[StageRun], dict[str, Any]] | None = None
     out_suffix: str = ".jsonl.zst"  # the file whose existence completes a shard
+    count: Callable[[Config], int] | None = None  # the shard count of a stage without an input stage
+    # a coordinator step run before the shards, in the launching process: plan(run, cfg, progress)
+    plan: Callable[[StageRun, Config, Callable[[str, int, int], None] | None], None] | None = None
 
 
 def build(stage: Stage, cfg: Config, run_dir: str | Path, num_shards: int | None = None) -> StageRun:
     """``stage`` for the run folder ``run_dir``; ``num_shards`` only when its input does not exist yet."""
     layout = RunLayout.of(run_dir)
-    in_dir, out_dir = stage.input(cfg, layout), stage.output(cfg, layout)
+    in_dir, out_dir = stage.input(cfg, layout) if stage.input else layout.root, stage.output(cfg, layout)
+    if num_shards is None and stage.count is not None:
+        num_shards = stage.count(cfg)
     if num_shards is None:
         info = StageState(in_dir).read_stage()
         if info is None:
@@ -59,7 +64,7 @@ def build(stage: Stage, cfg: Config, run_dir: str | Path, num_shards: int | None
         stage=stage.name,
         run_dir=str(layout.root),
         out_folder=str(out_dir.relative_to(layout.root)),
-        in_folder=str(in_dir.relative_to(layout.root)),
+        in_folder=str(in_dir.relative_to(layout.root)) if stage.input else "",
         num_shards=num_shards,
         shard_fn=stage.shard_fn,
         stage_config=job,
@@ -87,8 +92,20 @@ def run_stage(
     """
     run = build(stage, cfg, run_dir)
     state = StageState(run.out_dir)
+    if stage.plan is not None:  # the stage folder is checked (or wiped with force) before the plan writes to it
+        prepare(run, force=force and spec == "all")
+        stage.plan(run, cfg, progress)
     on_progress = progress and (lambda: progress(stage.name, len(state.names("done")), run.num_shards))
-    result = launch(run, spec, cfg.execution, force=force, wait=wait, on_progress=on_progress, check=check)
+    result = launch(
+        run,
+        spec,
+        cfg.execution,
+        force=force,
+        wait=wait,
+        on_progress=on_progress,
+        check=check,
+        prepared=stage.plan is not None,
+    )
     manifest = run.out_dir / "manifest.json"  # written by the task that finished the last shard
     if manifest.exists():
         from ..atomic import read_json

@@ -158,6 +158,7 @@ def launch(
     dependency: str | None = None,
     on_progress: Callable[[], None] | None = None,
     check: Callable[[StageRun, list[int]], None] | None = None,
+    prepared: bool = False,
 ) -> dict[str, Any]:
     """Select shards and run them on the configured backend.
 
@@ -165,10 +166,12 @@ def launch(
     jobs behind their input stage), and ``check(run, shards)`` (the preflight) must not raise.
 
     ``local`` and ``debug`` block until done (raising on failures). ``slurm`` submits job arrays
-    and returns at once unless ``wait``. The submission is recorded for ``status``.
+    and returns at once unless ``wait``. A blocking launch also waits for the selected shards that an
+    earlier job still holds (after a requeue of the job that launches), so that it returns with every
+    selected shard done. The submission is recorded for ``status``.
     """
     run = dataclasses.replace(run, max_attempts=cfg.max_attempts, submitted_at=now())
-    state = prepare(run, force=force and spec == "all")
+    state = prepare(run, force=force and spec == "all" and not prepared)
     shards, in_flight = select(run, spec, force=force)
     if dependency is None and shards:  # chained behind its input stage, the input is checked by each task
         problems = input_problems(run, shards)
@@ -181,8 +184,10 @@ def launch(
     labels = [shard_name(k, run.num_shards) for k in shards]
     log_dir = state.root / "logs"
     summary = {"shards": compress_ids(shards), "in_flight": len(in_flight)}
+    held = {shard_name(k, run.num_shards) for k in in_flight}  # by an earlier job (e.g. before a requeue)
     if not shards:
         if cfg.backend != "slurm" or wait:
+            wait_for(run.out_dir, held)  # a blocking launch returns with every selected shard done
             finalize(run)  # e.g. a stage completed before a finalize step failed
         return {"submitted": 0, "backend": cfg.backend, **summary}
     (run.out_dir / "manifest.json").unlink(missing_ok=True)  # no longer describes the stage
@@ -222,4 +227,7 @@ def launch(
     finally:
         if local is not None:
             state.end_submission(local["record"])
+    if held:
+        wait_for(run.out_dir, held)
+        finalize(run)
     return {"submitted": len(shards), "backend": cfg.backend, **summary}

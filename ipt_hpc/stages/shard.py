@@ -25,18 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from .. import __version__
 from ..atomic import atomic_write_bytes, read_json, write_json_atomic
 from ..config import Config, RecordsConfig, ShardConfig, config_hash
 from ..errors import IptError, RecordError
-from ..execution import StageState, run_tasks, shard_name
-from ..execution.submit import in_flight, record_submission, wait_for
-from ..layout import state_dir
+from ..execution import ShardContext, Stage, StageRun, StageState, run_tasks, shard_name
+from ..layout import RunLayout
 from ..records import RecordWriter
 from .sources import BLANK, InputFile, Row, discover_inputs, iter_rows
 
-STAGE = "shard"
 INDEX_DTYPE = np.dtype([("pos", "<i8"), ("offset", "<i8"), ("nbytes", "<i8")])
 
 
@@ -200,9 +199,8 @@ def plan_shards(indexes: list[np.ndarray], num_shards: int) -> list[list[tuple[i
 
 
 def write_shard(task: WriteTask) -> dict[str, Any]:
-    """Write one shard from its planned ranges (a task of the execution layer)."""
+    """Write one shard from its planned ranges, atomically; returns its stats (the caller marks it done)."""
     name = shard_name(task.k, task.num_shards)
-    started = time.time()
     writer = RecordWriter(
         Path(task.out) / name, level=task.records.level, frame_bytes=task.records.frame_bytes, fsync=task.records.fsync
     )
@@ -238,17 +236,15 @@ def write_shard(task: WriteTask) -> dict[str, Any]:
         writer.discard()
         raise
     stats["text_bytes"] = text_bytes
-    stats["seconds"] = round(time.time() - started, 3)
-    stats["finished"] = round(time.time(), 3)
-    StageState(task.out).mark_done(name, stats)
     return stats
 
 
-# -- coordinator ----------------------------------------------------------------------------
+# -- the stage: job, plan (scan + plan, a coordinator step), one shard, manifest ---------------
 def stage_config(cfg: Config) -> dict[str, Any]:
     """The part of the configuration that decides the shards' bytes."""
     shard = cfg.shard.model_dump()
     shard.pop("inputs")
+    shard.pop("output_folder")
     return {"shard": shard, "records": {"level": cfg.records.level, "frame_bytes": cfg.records.frame_bytes}}
 
 
@@ -257,125 +253,102 @@ def fingerprint(cfg: Config, inputs: list[InputFile]) -> str:
     return config_hash({"config": stage_config(cfg), "policy": cfg.records.on_bad_record, "inputs": ids})
 
 
-def _clear(out: Path) -> None:
-    for p in out.glob("shard-*.jsonl.zst*"):
-        p.unlink()
-    for sub in (state_dir(out), out / "quarantine"):
-        shutil.rmtree(sub, ignore_errors=True)
-    (out / "manifest.json").unlink(missing_ok=True)
+class ShardJob(BaseModel):
+    """What the shard tasks need: the config that decides the bytes, the bad-record policy and the inputs
+    (name, size, mtime: a changed input changes the stage's identity, so its folder is refused without
+    --force, as another config is)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: dict[str, Any]
+    on_bad_record: str
+    inputs: list[dict[str, Any]]
+    fingerprint: str
+
+    def shard_config(self) -> ShardConfig:
+        return ShardConfig.model_validate(self.config["shard"])
+
+    def input_files(self) -> list[InputFile]:
+        return [InputFile(**i) for i in self.inputs]
 
 
-def run(
-    cfg: Config,
-    out: str | Path,
-    *,
-    force: bool = False,
-    progress: Callable[[str, int, int], None] | None = None,
-    log: Callable[[str], None] = lambda msg: None,
-) -> dict[str, Any]:
-    """Run the whole shard stage into ``out``; returns the manifest.
-
-    Reruns are cheap: a complete stage with the same config and inputs is left as it is;
-    an interrupted one resumes (scans and shards with a marker are kept).
-    """
-    out = Path(out)
+def shard_job(cfg: Config, layout: RunLayout) -> ShardJob:
     inputs = discover_inputs(cfg.shard.inputs, cfg.shard.format)
-    fp = fingerprint(cfg, inputs)
-    manifest_path = out / "manifest.json"
-    state = _state(out)
-    previous = None
-    if manifest_path.exists():
-        previous = read_json(manifest_path).get("fingerprint")
-    elif (state / "fingerprint.json").exists():
-        previous = read_json(state / "fingerprint.json")["fingerprint"]
-    if previous is not None and (force or previous != fp):
-        if not force:
-            raise IptError(
-                f"{out}: holds shard output of another config or other inputs ({previous}, now {fp});"
-                " pass --force to replace it, or choose another --out"
-            )
-        log(f"--force: removing previous output in {out}")
-        _clear(out)
-    elif manifest_path.exists():
-        log(f"{out}: already complete for this config and these inputs (use --force to redo)")
-        return read_json(manifest_path)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(state / "fingerprint.json", {"fingerprint": fp})
-    n = cfg.shard.num_shards
-    stage_state = StageState(out)
-    stage_state.write_stage({"stage": STAGE, "num_shards": n, "config_hash": fp})
-    started = time.time()
+    return ShardJob(
+        config=stage_config(cfg),
+        on_bad_record=cfg.records.on_bad_record,
+        inputs=[i.to_json() for i in inputs],
+        fingerprint=fingerprint(cfg, inputs),
+    )
 
-    # 1. scan
+
+def scan_and_plan(run: StageRun, cfg: Config, progress: Callable[[str, int, int], None] | None = None) -> None:
+    """The coordinator step before the shards: scan every input (tasks of the execution layer; resumable,
+    a scanned input keeps its index) and cut the documents into the shards' ranges (``plan.json``)."""
+    job: ShardJob = run.stage_config
+    out, inputs, state = run.out_dir, job.input_files(), StageState(run.out_dir)
+    if not any(_scan_paths(out, i)[1].exists() for i in range(len(inputs))):
+        shutil.rmtree(out / "quarantine", ignore_errors=True)  # left by a run this folder was cleared of
     todo = [i for i in range(len(inputs)) if not _scan_paths(out, i)[1].exists()]
-    log(f"scan: {len(inputs)} inputs ({len(inputs) - len(todo)} already scanned)")
-    tasks = [ScanTask(str(out), i, inputs[i], cfg.shard, cfg.records) for i in todo]
+    tasks = [ScanTask(str(out), i, inputs[i], job.shard_config(), cfg.records) for i in todo]
     run_tasks(
         scan_file,
         tasks,
         labels=[inputs[i].name for i in todo],
         stage="shard/scan",
         cfg=cfg.execution,
-        log_dir=state / "logs" / "scan",
-        on_progress=progress and (lambda: progress("scan", len(stage_state.names("scan")), len(inputs))),
+        log_dir=state.root / "logs" / "scan",
+        on_progress=progress and (lambda: progress("scan", len(state.names("scan")), len(inputs))),
     )
     scans = [read_json(_scan_paths(out, i)[1]) for i in range(len(inputs))]
-    docs = sum(s["docs"] for s in scans)
-    if docs == 0:
+    if sum(s["docs"] for s in scans) == 0:
         raise IptError(
             f"no usable document in {len(inputs)} input(s); see the quarantine files in {out / 'quarantine'}"
         )
-
-    # 2. plan
-    plan_path = state / "plan.json"
-    if plan_path.exists():
-        plan = [[tuple(s) for s in segs] for segs in read_json(plan_path)["shards"]]
-    else:
-        plan = plan_shards([np.load(_scan_paths(out, i)[0]) for i in range(len(inputs))], n)
+    plan_path = state.root / "plan.json"
+    if not plan_path.exists():
+        plan = plan_shards([np.load(_scan_paths(out, i)[0]) for i in range(len(inputs))], run.num_shards)
         write_json_atomic(plan_path, {"shards": plan})
-    if docs < n:
-        log(f"warning: {docs} documents for {n} shards: {n - docs} shards will be empty")
 
-    # 3. write
-    names = [shard_name(k, n) for k in range(n)]
-    busy = in_flight(out)  # after a requeue of this coordinator, its earlier arrays may still be writing
-    todo = [k for k in range(n) if not stage_state.is_done(names[k]) and names[k] not in busy]
-    log(f"write: {n} shards ({n - len(todo) - len(busy)} already written, {len(busy)} held by an earlier job)")
-    wtasks = [WriteTask(str(out), k, n, plan[k], inputs, cfg.shard, cfg.records) for k in todo]
-    local = None
-    if cfg.execution.backend != "slurm" and todo:
-        local = record_submission(stage_state, todo, backend=cfg.execution.backend)
-    run_tasks(
-        write_shard,
-        wtasks,
-        labels=[names[k] for k in todo],
-        stage="shard/write",
-        cfg=cfg.execution,
-        log_dir=state / "logs" / "write",
-        on_progress=progress and (lambda: progress("write", len(stage_state.names("done")), n)),
-        on_submit=lambda sub: record_submission(stage_state, todo, sub),
+
+def write_planned_shard(job: ShardJob, ctx: ShardContext) -> dict[str, Any]:
+    """The stage's per-shard function: shard ``ctx.shard_id`` from its planned ranges."""
+    run = ctx.run
+    plan = read_json(StageState(run.out_dir).root / "plan.json")["shards"]
+    records = RecordsConfig(
+        level=run.level, frame_bytes=run.frame_bytes, fsync=run.fsync, on_bad_record=job.on_bad_record
     )
-    if local is not None:
-        stage_state.end_submission(local["record"])
-    wait_for(out, busy)
+    segments = [tuple(seg) for seg in plan[ctx.shard_id]]
+    task = WriteTask(
+        str(run.out_dir), ctx.shard_id, run.num_shards, segments, job.input_files(), job.shard_config(), records
+    )
+    return write_shard(task)
 
-    # 4. manifest (the completion marker of the stage)
-    shards = [stage_state.read("done", name) for name in names]
+
+def shard_manifest(run: StageRun) -> dict[str, Any]:
+    """The finalize step: the manifest (inputs with their scans, every shard's stats, totals), written after
+    every shard is durable; it is the stage's completion marker."""
+    job: ShardJob = run.stage_config
+    out, state, inputs = run.out_dir, StageState(run.out_dir), job.input_files()
+    scans = [read_json(_scan_paths(out, i)[1]) for i in range(len(inputs))]
+    shards = [state.read("done", shard_name(k, run.num_shards)) or {} for k in range(run.num_shards)]
     by_reason: Counter[str] = Counter()
     for s in scans:
         by_reason.update(s["bad_by_reason"])
+    docs = sum(s["docs"] for s in scans)
+    started = (state.root / "stage.json").stat().st_mtime  # rewritten by each launch of the stage
     manifest = {
-        "stage": STAGE,
+        "stage": run.stage,
         "tool_version": __version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "fingerprint": fp,
-        "config_hash": config_hash(stage_config(cfg)),
-        "config": {**stage_config(cfg), "on_bad_record": cfg.records.on_bad_record},
+        "fingerprint": job.fingerprint,
+        "config_hash": config_hash(job.config),
+        "config": {**job.config, "on_bad_record": job.on_bad_record},
         "inputs": [{**inp.to_json(), **scan} for inp, scan in zip(inputs, scans, strict=True)],
         "shards": shards,
         "totals": {
             "inputs": len(inputs),
-            "shards": n,
+            "shards": run.num_shards,
             "docs": sum(s["records"] for s in shards),
             "text_bytes": sum(s["text_bytes"] for s in shards),
             "bytes": sum(s["bytes"] for s in shards),
@@ -389,8 +362,21 @@ def run(
     }
     if manifest["totals"]["docs"] != docs:
         raise IptError(f"{out}: shards hold {manifest['totals']['docs']} documents, the scan found {docs}")
-    write_json_atomic(manifest_path, manifest)
+    write_json_atomic(out / "manifest.json", manifest)
     return manifest
+
+
+STAGE = Stage(
+    name="shard",
+    upstream="",
+    input=None,
+    output=lambda cfg, layout: layout.stage(cfg.shard.output_folder),
+    shard_fn=write_planned_shard,
+    job=shard_job,
+    finalize=shard_manifest,
+    count=lambda cfg: cfg.shard.num_shards,
+    plan=scan_and_plan,
+)
 
 
 def imbalance(manifest: dict[str, Any]) -> float:
