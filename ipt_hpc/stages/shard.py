@@ -287,6 +287,7 @@ def scan_and_plan(run: StageRun, cfg: Config, progress: Callable[[str, int, int]
     a scanned input keeps its index) and cut the documents into the shards' ranges (``plan.json``)."""
     job: ShardJob = run.stage_config
     out, inputs, state = run.out_dir, job.input_files(), StageState(run.out_dir)
+    write_json_atomic(state.root / "started.json", {"time": time.time()})  # the manifest's seconds count from here
     if not any(_scan_paths(out, i)[1].exists() for i in range(len(inputs))):
         shutil.rmtree(out / "quarantine", ignore_errors=True)  # left by a run this folder was cleared of
     todo = [i for i in range(len(inputs)) if not _scan_paths(out, i)[1].exists()]
@@ -336,7 +337,7 @@ def shard_manifest(run: StageRun) -> dict[str, Any]:
     for s in scans:
         by_reason.update(s["bad_by_reason"])
     docs = sum(s["docs"] for s in scans)
-    started = (state.root / "stage.json").stat().st_mtime  # rewritten by each launch of the stage
+    started = read_json(state.root / "started.json")["time"]  # this launch's plan step (scans included)
     manifest = {
         "stage": run.stage,
         "tool_version": __version__,
