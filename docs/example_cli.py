@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from example_stage import STAGE  # in the package: from ..stages.wordcount import STAGE
 
-    rc, manifest, out = run_stage_command(args, STAGE, lambda run, cfg: f"wordcount {run.num_shards} shards")
-    if manifest:
-        print(f"{manifest['totals']['words']:,} words in {out}")
+    rc, result, out = run_stage_command(args, STAGE, lambda run, cfg: [f"wordcount {run.num_shards} shards"])
+    if result and result["manifest"]:  # the stage is complete
+        print(f"{result['manifest']['totals']['words']:,} words in {out}")
     return rc

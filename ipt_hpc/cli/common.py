@@ -141,12 +141,19 @@ def preflight_early(args: argparse.Namespace, cfg: Any, stage: str) -> None:
 
 
 def run_stage_command(
-    args: argparse.Namespace, stage: Any, describe: Callable[..., str]
+    args: argparse.Namespace,
+    stage: Any,
+    describe: Callable[..., list[str]],
+    *,
+    prepare_dry_run: bool = True,
+    follow: bool = True,
 ) -> tuple[int, dict[str, Any] | None, Path]:
-    """synthesize and templify: the config, the early preflight and the stage built for the run; with
-    --dry-run, prepare the stage folder (for hand-written sbatch arrays) and print ``describe(run, cfg)``,
-    else :func:`~ipt_hpc.execution.run_stage` on the selected shards behind a progress bar. Returns the exit
-    status, the stage's manifest once the stage is complete, and its folder."""
+    """A per-shard stage's command: the config, the early preflight and the stage built for the run; with
+    --dry-run, prepare the stage folder (for hand-written sbatch arrays; unless ``prepare_dry_run`` is
+    false) and print ``describe(run, cfg)``, else :func:`~ipt_hpc.execution.run_stage` on the selected
+    shards behind a progress bar, then (``follow``) the ``status`` command to follow it with. Returns the
+    exit status, the launch's result (None for a dry run; with the stage's ``manifest`` once the stage is
+    complete) and the stage's folder."""
     from ..execution import build, run_stage
     from ..execution.submit import prepare
     from ..layout import RunLayout
@@ -154,11 +161,11 @@ def run_stage_command(
 
     cfg = load(args)
     preflight_early(args, cfg, stage.name)
-    out_dir = stage.output(cfg, RunLayout.of(args.run))
     if args.dry_run:
         run = build(stage, cfg, args.run)
-        prepare(run)
-        return render.dry_run(render.console(), [describe(run, cfg)]), None, out_dir
+        if prepare_dry_run:
+            prepare(run)
+        return render.dry_run(render.console(), describe(run, cfg)), None, run.out_dir
     console = render.console()
     prog, update = render.progress_reporter(console)
     with prog:
@@ -174,5 +181,6 @@ def run_stage_command(
         )
     manifest = result.pop("manifest", None)
     console.print(result)
-    console.print(f"follow with: python -m ipt_hpc.launch status --run {args.run}")
-    return 0, manifest, out_dir
+    if follow:
+        console.print(f"follow with: python -m ipt_hpc.launch status --run {args.run}")
+    return 0, {**result, "manifest": manifest}, stage.output(cfg, RunLayout.of(args.run))

@@ -34,10 +34,8 @@ def run(args: argparse.Namespace) -> int:
     return run_stage_command(args, synthesize.STAGE, _describe)[0]
 
 
-def _describe(stage: Any, cfg: Any) -> str:
-    job = stage.stage_config
-    return (
-        f"synthesize {stage.num_shards} shards of {stage.in_dir} with {job.model} ({job.backend}),"
-        f" {job.rounds} rounds, max_new_tokens {job.max_new_tokens}, max_model_len {job.max_model_len},"
-        f" converting {job.convert_share:.0%} of documents, on {cfg.execution.backend}"
-    )
+def _describe(run: Any, cfg: Any) -> list[str]:
+    job = run.stage_config
+    line = f"synthesize {run.num_shards} shards of {run.in_dir} with {job.model} ({job.backend}), {job.rounds}"
+    line += f" rounds, max_new_tokens {job.max_new_tokens}, max_model_len {job.max_model_len}, converting"
+    return [f"{line} {job.convert_share:.0%} of documents, on {cfg.execution.backend}"]

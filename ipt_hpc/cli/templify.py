@@ -33,7 +33,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..stages import templify
 
-    rc, m, out = run_stage_command(args, templify.STAGE, _describe)
+    rc, result, out = run_stage_command(args, templify.STAGE, _describe)
+    m = result and result["manifest"]
     if m:
         t, charts = m["totals"], ", ".join(str(out / c) for c in m["charts"])
         render.console().print(
@@ -45,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
     return rc
 
 
-def _describe(stage: Any, cfg: Any) -> str:
+def _describe(stage: Any, cfg: Any) -> list[str]:
     job = stage.stage_config
-    return (
+    return [
         f"templify {stage.num_shards} shards of {stage.in_dir} -> {stage.out_dir} (seed {job.seed},"
         f" unconverted documents from {job.raw_stage or 'nowhere'}) on {cfg.execution.backend}"
-    )
+    ]

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from . import render
-from .common import common, flag, load, preflight_check, preflight_early, shard_options, subcommand
+from .common import common, flag, run_stage_command, shard_options, subcommand
 
 
 def add_parser(sub: Any) -> None:
@@ -33,42 +33,25 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..execution import build, run_stage
     from ..stages import tokenize
 
-    cfg = load(args)
+    rc, result, _ = run_stage_command(args, tokenize.STAGE, _describe, prepare_dry_run=False, follow=False)
+    merged = result and result["manifest"]
     console = render.console()
-    preflight_early(args, cfg, "tokenize")
-    if args.dry_run:
-        stage = build(tokenize.STAGE, cfg, args.run)
-        group, job = stage.out_dir, stage.stage_config
-        return render.dry_run(
-            console,
-            [
-                f"tokenize {stage.num_shards} shards of {stage.in_dir} -> {group} on {cfg.execution.backend}",
-                f"dtype {job.dtype}, BOS {job.bos_id}, EOD {job.eod_id}, {job.workers} tokenizer processes",
-            ],
-        )
-    prog, update = render.progress_reporter(console)
-    with prog:
-        result = run_stage(
-            tokenize.STAGE,
-            cfg,
-            args.run,
-            args.shards,
-            force=args.force,
-            wait=args.wait,
-            progress=update,
-            check=preflight_check(args, cfg),
-        )
-    merged = result.pop("manifest", None)
-    console.print(result)
     if merged:
         rate = sum(s.get("tokens_per_s") or 0 for s in merged["shards"]) / max(1, len(merged["shards"]))
         console.print(
             f"{merged['dataset']}.{{bin,idx}}: {merged['documents']:,} documents, {merged['tokens']:,} tokens"
             f" (mean {merged['mean_length']}), {rate:,.0f} tokens/s per shard task"
         )
-    elif cfg.execution.backend == "slurm":
+    elif result is not None and result["backend"] == "slurm":
         console.print(f"follow with: python -m ipt_hpc.launch status --run {args.run}; then merge")
-    return 0
+    return rc
+
+
+def _describe(stage: Any, cfg: Any) -> list[str]:
+    job = stage.stage_config
+    return [
+        f"tokenize {stage.num_shards} shards of {stage.in_dir} -> {stage.out_dir} on {cfg.execution.backend}",
+        f"dtype {job.dtype}, BOS {job.bos_id}, EOD {job.eod_id}, {job.workers} tokenizer processes",
+    ]
