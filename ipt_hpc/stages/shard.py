@@ -13,6 +13,7 @@ The manifest is written last, after every shard is durable: it is the stage's co
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import time
@@ -312,10 +313,18 @@ def scan_and_plan(run: StageRun, cfg: Config, progress: Callable[[str, int, int]
         write_json_atomic(plan_path, {"shards": plan})
 
 
+@functools.lru_cache(maxsize=2)
+def _read_plan(path: str, mtime_ns: int, size: int) -> list[list[list[int]]]:
+    """Every shard's ranges, parsed once per process (a task packs many shards) and per version of the file."""
+    return read_json(path)["shards"]
+
+
 def write_planned_shard(job: ShardJob, ctx: ShardContext) -> dict[str, Any]:
     """The stage's per-shard function: shard ``ctx.shard_id`` from its planned ranges."""
     run = ctx.run
-    plan = read_json(StageState(run.out_dir).root / "plan.json")["shards"]
+    path = StageState(run.out_dir).root / "plan.json"
+    st = path.stat()
+    plan = _read_plan(str(path), st.st_mtime_ns, st.st_size)
     records = RecordsConfig(
         level=run.level, frame_bytes=run.frame_bytes, fsync=run.fsync, on_bad_record=job.on_bad_record
     )
