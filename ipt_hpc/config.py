@@ -356,6 +356,21 @@ class TrainConfig(_Section):
         return self.nodes * self.ranks_per_node
 
 
+class PlanConfig(_Section):
+    """``plan``: prices and margins of the cost and layout estimate made before submitting."""
+
+    gpu_hour_price: float | None = Field(None, ge=0, description="price of one GPU-hour (cost column when set)")
+    cpu_hour_price: float | None = Field(None, ge=0, description="price of one CPU core-hour")
+    currency: str = Field("USD", min_length=1)
+    time_margin: float = Field(
+        0.25, ge=0, lt=1, description="share of execution.slurm.time_min kept free when packing shards into a task"
+    )
+    calibrate_train_iters: int = Field(30, ge=2, description="iterations of the short training calibration run")
+    calibrate_eval_limit: int | None = Field(
+        20, ge=1, description="documents per eval task in the calibration (scaled up by the task sizes); null: all"
+    )
+
+
 class Config(_Section):
     """The whole configuration of a run."""
 
@@ -369,6 +384,7 @@ class Config(_Section):
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune_synth: FinetuneSynthConfig = Field(default_factory=FinetuneSynthConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:

@@ -6,6 +6,7 @@ model, the evaluation and the report::
     RUN/raw/  synth/  augmented/         per-shard stages (shard-*.jsonl.zst, manifest.json, _state/)
     RUN/tokens/<group>/  tokens/<group>.bin/.idx   a token group's shards, and its merged dataset
     RUN/mixture.json                     blend weights over the token groups
+    RUN/plan.json                        the plan (``plan``): predicted work, hours, disk, wall time
     RUN/train/  (config.yaml, log.jsonl, loss.png, checkpoints/, logs/, slurm/)
     RUN/hf/  eval/  report/
     RUN/_state/                          the run's own bookkeeping (pipeline logs and records)
@@ -60,6 +61,16 @@ class RunLayout:
     def token_group(self, group: str) -> Path:
         """A token group's stage folder; with ``.bin``/``.idx`` appended, its merged dataset's prefix."""
         return self.tokens / group
+
+    @property
+    def plan(self) -> Path:
+        """The plan made before submitting (``plan``), compared with what ran by ``status`` and the report."""
+        return self.root / "plan.json"
+
+    @property
+    def steps_log(self) -> Path:
+        """When each pipeline step started and finished (one JSON line per step)."""
+        return self.state / "steps.jsonl"
 
     @property
     def mixture(self) -> Path:

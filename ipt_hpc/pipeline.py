@@ -21,6 +21,7 @@ from .errors import IptError
 from .execution import StageRun, StageState, build, launch, run_stage
 from .execution.backends import submit_job
 from .layout import RunLayout
+from .timeline import log_step
 
 
 @dataclass(frozen=True)
@@ -124,10 +125,13 @@ def run_here(
     """
     from contextlib import nullcontext
 
+    steps_log = RunLayout.of(run_dir).steps_log
     for i, step in enumerate(steps):
         with on_step(i, step) if on_step else nullcontext():
+            started = time.time()
             try:
                 submit([step], cfg, run_dir, progress=progress if isinstance(step, ShardStage) else None)
+                log_step(steps_log, step.name, started)
             except IptError as exc:
                 later = ", ".join(s.name for s in steps[i + 1 :]) or "none"
                 raise IptError(

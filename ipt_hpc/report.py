@@ -56,6 +56,38 @@ def stage_rows(run: Path) -> list[list[str]]:
     return rows
 
 
+def plan_blocks(run: Path) -> list[Block]:
+    """The plan made before the run (``plan``) beside what the run measured: wall time and output size."""
+    from .planning.compare import fmt_bytes, fmt_seconds, load_plan, ratio, rows
+
+    plan = load_plan(run)
+    if plan is None:
+        return []
+
+    def r(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    table = [
+        [
+            row["stage"],
+            fmt_seconds(row["planned_wall_s"]),
+            fmt_seconds(row["actual_wall_s"]),
+            r(ratio(row["actual_wall_s"], row["planned_wall_s"])),
+            fmt_bytes(row["planned_bytes"]),
+            fmt_bytes(row["actual_bytes"]),
+            r(ratio(row["actual_bytes"], row["planned_bytes"])),
+        ]
+        for row in rows(run, plan)
+    ]
+    made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(plan["calibrated"]))
+    headers = ["stage", "planned wall", "actual wall", "actual/plan", "planned size", "actual size", "actual/plan"]
+    text = (
+        f"From RUN/plan.json: {plan['docs']:,} documents ({plan['docs_source']}), calibrated {made}."
+        " Actual wall time is the pipeline step's own (or its shards' span); '-' where the stage has not finished."
+    )
+    return [("h2", "Plan vs actual"), ("p", text), ("table", headers, table)]
+
+
 def _bar_chart(path: Path, labels: list[str], values: list[float], title: str, xlabel: str, ylabel: str) -> bool:
     plt = pyplot()
     if plt is None:
@@ -252,6 +284,7 @@ def build(run_dir: str | Path) -> dict[str, Any]:
     headers = ["stage", "folder", "shards done", "records", "tokens", "task time (s)", "wall (s)", "records/s"]
     rows = stage_rows(run)
     blocks += [("h2", "Stages"), ("table", headers, rows) if rows else ("p", "No stage has run yet.")]
+    blocks += plan_blocks(run)
     blocks += synthesis_blocks(run, out)
     blocks += templify_blocks(run, out)
     blocks += mixture_blocks(run, out)

@@ -62,11 +62,11 @@ def test_no_import_circles() -> None:
 
 # the layers, lowest first: a module imports from its own layer or the ones below it, never above
 LAYERS = [
-    ("base", ("ipt_hpc", "atomic", "errors", "config", "layout", "records", "indexed", "charts")),
+    ("base", ("ipt_hpc", "atomic", "errors", "config", "layout", "records", "indexed", "charts", "timeline")),
     ("execution", ("execution",)),
     ("stages", ("stages",)),
     ("model", ("model",)),
-    ("above the stages", ("pipeline", "status", "report", "preflight", "doctor")),
+    ("above the stages", ("pipeline", "status", "report", "preflight", "doctor", "planning")),
     ("cli", ("cli", "launch")),
 ]
 

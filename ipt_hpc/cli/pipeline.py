@@ -30,6 +30,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--wait", action="store_true", help="with --executor slurm: wait for the chain, then say how it ended"
     )
+    g = p.add_argument_group("plan first")
+    g.add_argument(
+        "--plan", action="store_true", help="print the plan (see the plan command) and ask before submitting"
+    )
+    g.add_argument("--calibrate", type=int, metavar="N", help="with --plan: calibrate on N sample documents first")
+    g.add_argument("--yes", action="store_true", help="with --plan: submit without asking")
     common(p)
 
 
@@ -46,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
             after = f", after step {i}" if i and cfg.execution.backend == "slurm" else ""
             lines.append(f"step {i + 1}: {step.name} ({kind} on {cfg.execution.backend}{after})")
         return render.dry_run(console, lines)
+    if args.plan and not _planned(console, cfg, args):
+        console.print("not submitted")
+        return 1
     if not args.skip_preflight:
         from .. import preflight
 
@@ -76,6 +85,22 @@ def run(args: argparse.Namespace) -> int:
     run_here(steps, cfg.execution, args.run, on_step=on_step, progress=lambda *a: update[0](*a))
     _print_outputs(console, args.run, time.time() - started)
     return 0
+
+
+def _planned(console: Any, cfg: Any, args: argparse.Namespace) -> bool:
+    """``--plan``: show the plan, then whether to go on (``--yes``, or the answer at the terminal)."""
+    import sys
+
+    from ..errors import IptError
+    from ..planning import plan
+    from .plan import show
+
+    show(console, plan(cfg, args.run, calibrate_docs=args.calibrate, say=console.print))
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise IptError("pipeline --plan: no terminal to ask for confirmation; add --yes to submit after the plan")
+    return input("submit this pipeline? [y/N] ").strip().lower() in ("y", "yes")
 
 
 def _wait(console: Any, run_dir: str, job_ids: list[str]) -> int:

@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     report = run_status(args.run, use_queue=not args.no_queue)
     if not report["stages"]:
         raise IptError(f"{args.run}: no stage output found (no */_state/stage.json)")
+    plan = _plan_rows(args.run, report)
+    if plan:
+        report["plan"] = plan
     if args.json:
         if not args.shards:
             for st in report["stages"]:
@@ -48,8 +51,39 @@ def run(args: argparse.Namespace) -> int:
     rows = [_row(st) for st in report["stages"]]
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(render.table(f"status of {args.run}", columns, rows))
+    if plan:
+        console.print(_plan_table(plan))
     render.print_failures(console, report)
     return 0
+
+
+def _plan_rows(run: str, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan's rows (RUN/plan.json) with each stage's progress and its ETA from the measured rate."""
+    from ..planning.compare import rows
+
+    eta = {st["name"]: st["eta_s"] for st in report["stages"]}
+    return [{**row, "eta_s": eta.get(row["stage"])} for row in rows(run)]
+
+
+def _plan_table(plan: list[dict[str, Any]]) -> Any:
+    from ..planning.compare import fmt_bytes, fmt_seconds
+
+    columns = ("stage", "progress", "planned wall", "actual wall", "ETA (measured rate)", "planned size", "actual size")
+    out = []
+    for row in plan:
+        progress = f"{row['shards_done']}/{row['shards']}" if row["shards"] else "-"
+        out.append(
+            (
+                row["stage"],
+                progress,
+                fmt_seconds(row["planned_wall_s"]),
+                fmt_seconds(row["actual_wall_s"]),
+                fmt_seconds(row["eta_s"]),
+                fmt_bytes(row["planned_bytes"]),
+                fmt_bytes(row["actual_bytes"]),
+            )
+        )
+    return render.table("plan vs actual (RUN/plan.json)", columns, out)
 
 
 def _row(st: dict[str, Any]) -> tuple[str, ...]:

@@ -122,6 +122,7 @@ def _scan_paths(out: str | Path, index: int) -> tuple[Path, Path]:
 def scan_file(task: ScanTask) -> dict[str, Any]:
     """Validate one input and index its good documents (a task of the execution layer)."""
     cfg, inp = task.shard, task.inp
+    started = time.perf_counter()
     pos, offs, sizes = array("q"), array("q"), array("q")
     bad: Counter[str] = Counter()
     blank = 0
@@ -166,6 +167,7 @@ def scan_file(task: ScanTask) -> dict[str, Any]:
         "bad": sum(bad.values()),
         "bad_by_reason": dict(sorted(bad.items())),
         "quarantine": qname if qstats else None,
+        "seconds": round(time.perf_counter() - started, 3),
     }
     write_json_atomic(marker, summary)
     return summary

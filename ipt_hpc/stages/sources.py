@@ -163,14 +163,18 @@ def _raw_lines(fh: BinaryIO, limit: int) -> Iterator[bytes | _Oversize]:
         yield rest
 
 
-def _open_stream(inp: InputFile) -> BinaryIO:
+def _open_stream(inp: InputFile, raw: BinaryIO | None = None) -> BinaryIO:
+    """The decompressed bytes of ``inp``; from ``raw`` (a compressed input's file, left open) when given."""
     if inp.compression == "gz":
+        if raw is not None:
+            return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
         return gzip.open(inp.path, "rb")  # type: ignore[return-value]
     if inp.compression == "zst":
         check_zstd_complete(inp.path)  # decoders stop silently at a truncated end
-    fh = open(inp.path, "rb")  # noqa: SIM115 - closed by the caller's with-block
+    fh = raw or open(inp.path, "rb")  # noqa: SIM115 - closed by the caller's with-block
     if inp.compression == "zst":
-        return zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)  # type: ignore[return-value]
+        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True, closefd=raw is None)
+        return reader  # type: ignore[return-value]
     return fh
 
 
@@ -187,8 +191,10 @@ def _parse_line(line: bytes) -> tuple[Any, tuple[str, str] | None]:
         return None, ("malformed_json", f"malformed JSON ({exc})")
 
 
-def _jsonl_rows(inp: InputFile, start_pos: int, start_offset: int, max_line_bytes: int) -> Iterator[Row]:
-    with _open_stream(inp) as fh:
+def _jsonl_rows(
+    inp: InputFile, start_pos: int, start_offset: int, max_line_bytes: int, raw: BinaryIO | None = None
+) -> Iterator[Row]:
+    with _open_stream(inp, raw) as fh:
         pos, offset = 1, 0
         if start_offset and inp.seekable:
             fh.seek(start_offset)
@@ -230,6 +236,23 @@ def _table_rows(inp: InputFile, start_pos: int, hub_split: str) -> Iterator[Row]
             raise
         hint = " (offline? set HF_DATASETS_OFFLINE=0 on a node with network)" if inp.format == "hub" else ""
         raise IptError(f"{inp.name}: cannot read {inp.format} input: {exc}{hint}") from exc
+
+
+def rows_with_file_position(inp: InputFile, *, max_line_bytes: int) -> Iterator[tuple[Row, int]]:
+    """A JSON Lines input's rows from its start, each with the bytes of the file read so far (compressed
+    bytes for .gz/.zst, to within a read-ahead chunk): how a prefix extrapolates to the whole file."""
+    if inp.format != "jsonl":
+        raise IptError(f"{inp.name}: file positions are known for JSON Lines inputs only, not {inp.format}")
+    if inp.compression is None:
+        for row in iter_rows(inp, max_line_bytes=max_line_bytes):
+            yield row, row.offset
+        return
+    try:
+        with open(inp.path, "rb") as raw:
+            for row in _jsonl_rows(inp, 1, 0, max_line_bytes, raw):
+                yield row, raw.tell()
+    except (OSError, EOFError, zstandard.ZstdError) as exc:
+        raise IptError(f"{inp.name}: cannot read input ({exc})") from exc
 
 
 def iter_rows(

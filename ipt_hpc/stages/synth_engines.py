@@ -22,10 +22,12 @@ class Engine(Protocol):
     """``generate``: one blocking call over a list of prompts. The streaming side keeps an engine busy:
     ``submit`` hands over one prompt under a key, ``collect`` returns finished ``(key, generation)`` pairs
     as they finish (waiting for at least one while any is in flight), ``capacity`` is how many prompts
-    in flight keep it saturated, ``cancel`` drops what is still in flight (a failed shard)."""
+    in flight keep it saturated, ``batch`` how many it generates at once, ``cancel`` drops what is still in
+    flight (a failed shard)."""
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]: ...
     def capacity(self) -> int: ...
+    def batch(self) -> int: ...
     def submit(self, key: int, prompt: list[int], max_new_tokens: int) -> None: ...
     def collect(self) -> list[tuple[int, Generation]]: ...
     def in_flight(self) -> int: ...
@@ -122,6 +124,9 @@ class TransformersEngine:
     # -- streaming: a worker thread generates while the stage builds prompts and writes records ------
     def capacity(self) -> int:
         return self.batch_size * 4  # the worker sorts what is queued by length, as generate() does
+
+    def batch(self) -> int:
+        return self.batch_size
 
     def submit(self, key: int, prompt: list[int], max_new_tokens: int) -> None:
         self._stream().submit(key, prompt, max_new_tokens)
@@ -334,7 +339,11 @@ class VllmEngine:
     # -- streaming: requests go to vLLM's engine as they are ready, results come back as they finish --
     def capacity(self) -> int:
         """Twice the sequences vLLM schedules at once (``max_num_seqs``): its waiting queue never runs dry."""
-        return 2 * int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+        return 2 * self.batch()
+
+    def batch(self) -> int:
+        """The sequences vLLM schedules at once (``max_num_seqs``)."""
+        return int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
 
     def submit(self, key: int, prompt: list[int], max_new_tokens: int) -> None:
         from vllm import SamplingParams

@@ -226,7 +226,9 @@ def synthesize_shard(job: SynthJob, ctx: ShardContext) -> dict[str, Any]:
             docs.append(doc)
         else:
             not_converted += 1  # left to the raw group (templify)
-    engine = _engine(job)
+    loading = time.perf_counter()
+    engine = _engine(job)  # loaded once per process: later shards of a task find it loaded
+    load_s = time.perf_counter() - loading
     tok = engine.tokenizer
     bos, eos = tok.bos_token_id, tok.eos_token_id
     if bos is None or eos is None:
@@ -234,7 +236,8 @@ def synthesize_shard(job: SynthJob, ctx: ShardContext) -> dict[str, Any]:
     writer = ctx.open_output()
     ids = ContextIds(tok, [d["text"] for d in docs], job, job.chunk_docs)
     try:
-        return _generate(job, ctx, engine, docs, ids, writer, t0, not_converted)
+        stats = _generate(job, ctx, engine, docs, ids, writer, t0, not_converted)
+        return {**stats, "load_s": round(load_s, 3), "engine_batch": engine.batch()}
     finally:
         ids.close()
 

@@ -1,0 +1,229 @@
+"""The plan: the calibration's per-document figures scaled to the corpus, per stage of the config's
+pipeline: work, GPU- and CPU-hours, the array layout, disk, and wall time at the allowed parallelism.
+
+Pure arithmetic over the calibration (plus one ``scontrol`` call on Slurm for ``MaxArraySize``), so a
+plan for 10,000 shards takes milliseconds and submits nothing. Every figure names its source.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from ..config import Config
+from .calibrate import concurrency, waves
+
+
+def _per_task_cpus(cfg: Config) -> int:
+    ex = cfg.execution
+    if ex.backend == "slurm":
+        return ex.slurm.cpus_per_task or 1
+    return max(1, (os.cpu_count() or 1) // max(1, ex.workers or os.cpu_count() or 1))
+
+
+def _stage_gpus(cfg: Config, stage: str) -> int:
+    """GPUs a task of ``stage`` holds: the synthesizer's engine on a GPU, nothing else."""
+    if not stage.startswith("synthesize"):
+        return 0
+    s = cfg.synth
+    on_gpu = s.backend == "vllm" or s.device.startswith("cuda")
+    if s.device == "auto" and cfg.execution.backend == "slurm":
+        on_gpu = bool(cfg.execution.slurm.gpus_per_node)
+    if not on_gpu:
+        return 0
+    return cfg.execution.slurm.gpus_per_node or s.tensor_parallel_size
+
+
+def _max_array(cfg: Config) -> tuple[int | None, str]:
+    ex = cfg.execution
+    if ex.backend != "slurm":
+        return None, ""
+    if ex.max_array_size is not None:
+        return ex.max_array_size, "execution.max_array_size"
+    from ..execution.backends import cluster_max_array_size
+
+    return cluster_max_array_size(), "the cluster's MaxArraySize (scontrol show config)"
+
+
+def layout(cfg: Config, shards: int, shard_s: float, load_s: float, max_array: int | None) -> dict[str, Any]:
+    """Shards per task, tasks, arrays and sbatch calls, the throttle, task minutes and whether they fit.
+
+    On Slurm the plan packs as many shards into a task as fit ``time_min`` less ``plan.time_margin``, no
+    more than keeps the throttle busy, and no more than needed to make the model load a tenth of a task.
+    """
+    ex = cfg.execution
+    if ex.backend != "slurm":
+        workers = concurrency(cfg, shards)
+        per_worker = math.ceil(shards / workers)
+        return {
+            "backend": ex.backend,
+            "shards": shards,
+            "shards_per_task": per_worker,
+            "tasks": workers,
+            "arrays": 0,
+            "sbatch_calls": 0,
+            "throttle": workers,
+            "task_min": (load_s + per_worker * shard_s) / 60,
+            "fits": True,
+            "note": f"{workers} local worker process(es), shards interleaved",
+        }
+    limit_s = ex.slurm.time_min * 60 * (1 - cfg.plan.time_margin)
+    room = limit_s - load_s
+    fits = shard_s <= room
+    fit = max(1, math.floor(room / shard_s)) if shard_s > 0 and room > 0 else shards
+    amortise = max(1, math.ceil(9 * load_s / shard_s)) if shard_s > 0 else shards
+    throttle_cap = math.ceil(shards / ex.parallelism) if ex.parallelism else shards
+    per_task = max(1, min(fit, amortise, throttle_cap, shards))
+    tasks = math.ceil(shards / per_task)
+    arrays = math.ceil(tasks / max_array) if max_array else 1
+    note = (
+        f"a task fits {ex.slurm.time_min} min less {cfg.plan.time_margin:.0%} margin"
+        if fits
+        else f"one shard alone needs {shard_s / 60:,.1f} min: raise shard.num_shards to at least"
+        f" {math.ceil(shards * shard_s / max(1.0, room)):,}"
+    )
+    if per_task != ex.shards_per_task:
+        note += f"; set execution.shards_per_task={per_task} (config: {ex.shards_per_task})"
+    return {
+        "backend": "slurm",
+        "shards": shards,
+        "shards_per_task": per_task,
+        "tasks": tasks,
+        "arrays": arrays,
+        "sbatch_calls": arrays,
+        "throttle": ex.parallelism,
+        "task_min": (load_s + per_task * shard_s) / 60,
+        "fits": fits,
+        "note": note,
+    }
+
+
+def _wall(cfg: Config, lay: dict[str, Any], shard_s: float, load_s: float, overhead_s: float) -> float:
+    if lay["backend"] != "slurm":
+        return overhead_s + load_s + lay["shards_per_task"] * shard_s
+    waves = math.ceil(lay["tasks"] / concurrency(cfg, lay["tasks"]))
+    return overhead_s + waves * (load_s + lay["shards_per_task"] * shard_s)
+
+
+def data_stage(
+    cfg: Config, name: str, fig: dict[str, Any], docs: int, cal: dict[str, Any], max_array: int | None
+) -> dict[str, Any]:
+    """One per-shard stage of the plan from its calibration figures."""
+    shards = cfg.shard.num_shards
+    shard_s = docs / shards * fig["seconds_per_doc"]
+    notes = []
+    if fig.get("wave_s"):  # synthesis: engine waves of the real shards, and the rest per document
+        per_shard = docs / shards
+        generating = waves(per_shard * fig["synthesized_per_doc"], fig["rounds"], fig["engine_batch"])
+        shard_s = generating * fig["wave_s"] + per_shard * fig["other_seconds_per_doc"]
+        if fig["wave_fill"] < 0.5 and per_shard * fig["synthesized_per_doc"] / fig["rounds"] > fig["engine_batch"] / 2:
+            notes.append(
+                f"the calibration's engine waves were {fig['wave_fill']:.0%} full and the run's are fuller: a wave"
+                " is taken to cost the same at any size (true while the engine is not compute-bound); calibrate"
+                f" with about {fig['rounds'] * fig['engine_batch'] * cal['concurrency']} documents for full waves"
+            )
+    load_s = fig.get("load_s", 0.0)
+    lay = layout(cfg, shards, shard_s, load_s, max_array)
+    busy = lay["tasks"] * load_s + shards * shard_s
+    gpus = _stage_gpus(cfg, name)
+    n = cal["sample_docs"]
+    src = f"calibration on {n} sample documents ({cal['concurrency']} shard(s) at once, {cal['executor']})"
+    work: dict[str, Any] = {"records": round(docs * fig["records_per_doc"])}
+    spread = cal["corpus"].get("bytes_per_doc_cv", 0.0)
+    if "gen_tokens_mean" in fig:
+        work["input_tokens"] = round(docs * fig.get("prompt_tokens_per_doc", 0))
+        work["output_tokens"] = round(docs * fig.get("tokens_per_doc", 0))
+        spread = fig.get("gen_tokens_cv", spread)
+        n = fig.get("synthesized_docs", n)
+    elif "tokens_per_doc" in fig:
+        work["output_tokens"] = round(docs * fig["tokens_per_doc"])
+    return {
+        "stage": name,
+        "kind": "data",
+        "folder": fig["folder"],
+        "work": work,
+        "gpu_hours": busy * gpus / 3600,
+        "cpu_hours": busy * (0 if gpus else _per_task_cpus(cfg)) / 3600,
+        "layout": lay,
+        "output_bytes": docs * fig["bytes_per_doc"] + fig.get("fixed_bytes", 0),
+        "wall_s": _wall(cfg, lay, shard_s, load_s, fig["overhead_s"]),
+        "uncertainty": spread / math.sqrt(max(1, n)),
+        "source": src,
+        "notes": notes,
+    }
+
+
+def model_stages(cfg: Config, fig: dict[str, Any], cal: dict[str, Any]) -> list[dict[str, Any]]:
+    """train, export and eval from the calibration's short training run, export and evaluation."""
+    t = cfg.train
+    ranks = t.nodes * t.ranks_per_node
+    gpu = t.device == "cuda"
+    tokens = t.train_iters * t.global_batch_size * t.seq_length
+    train_s = fig["train_overhead_s"] + tokens / fig["tokens_per_s"]
+    kept = min(t.keep_checkpoints, math.ceil(t.train_iters / t.save_interval) if t.save_interval else 1)
+    src = f"calibration: {fig['iterations']} iterations of the configured model ({cal['executor']})"
+
+    def row(stage: str, wall: float, bytes_: float, work: dict[str, Any], source: str) -> dict[str, Any]:
+        return {
+            "stage": stage,
+            "kind": "model",
+            "work": work,
+            "gpu_hours": wall * ranks / 3600 if gpu else 0.0,
+            "cpu_hours": 0.0 if gpu else wall * ranks / 3600,
+            "layout": {"backend": cfg.execution.backend, "tasks": 1, "note": f"one job, {ranks} rank(s)"},
+            "output_bytes": bytes_,
+            "wall_s": wall,
+            "uncertainty": fig.get("tokens_per_s_cv") or 0.0,
+            "source": source,
+        }
+
+    return [
+        row("train", train_s, kept * fig["checkpoint_bytes"], {"train_tokens": tokens}, src),
+        row("export", fig["export_s"], fig["hf_bytes"], {}, src.replace("iterations of", "iterations, export of")),
+        row(
+            "eval",
+            fig["eval_s"] * fig["eval_scale"],
+            0,
+            {},
+            f"calibration: evaluation of the calibration model, scaled {fig['eval_scale']:.1f}x to the tasks' sizes",
+        ),
+    ]
+
+
+def make_plan(cfg: Config, cal: dict[str, Any], *, docs: int | None = None) -> dict[str, Any]:
+    """The plan of ``cfg`` from the calibration ``cal`` (``docs`` overrides the corpus's document count)."""
+    corpus = cal["corpus"]
+    total_docs = docs if docs is not None else corpus["docs"]
+    docs_source = "given (--docs)" if docs is not None else corpus["method"]
+    max_array, array_source = _max_array(cfg)
+    stages = [data_stage(cfg, name, fig, total_docs, cal, max_array) for name, fig in cal["stages"].items()]
+    if "model" in cal and "train" in cfg.model_fields_set:
+        stages += model_stages(cfg, cal["model"], cal)
+    price_gpu, price_cpu = cfg.plan.gpu_hour_price, cfg.plan.cpu_hour_price
+    gpu_h = sum(s["gpu_hours"] for s in stages)
+    cpu_h = sum(s["cpu_hours"] for s in stages)
+    total: dict[str, Any] = {
+        "gpu_hours": gpu_h,
+        "cpu_hours": cpu_h,
+        "output_bytes": sum(s["output_bytes"] for s in stages),
+        "wall_s": sum(s["wall_s"] for s in stages),
+    }
+    if price_gpu is not None or price_cpu is not None:
+        total["cost"] = gpu_h * (price_gpu or 0) + cpu_h * (price_cpu or 0)
+        for s in stages:
+            s["cost"] = s["gpu_hours"] * (price_gpu or 0) + s["cpu_hours"] * (price_cpu or 0)
+    return {
+        "docs": total_docs,
+        "docs_source": docs_source,
+        "shards": cfg.shard.num_shards,
+        "backend": cfg.execution.backend,
+        "parallelism": cfg.execution.parallelism,
+        "max_array_size": max_array,
+        "max_array_source": array_source,
+        "currency": cfg.plan.currency,
+        "calibrated": cal["created"],
+        "stages": stages,
+        "total": total,
+        "queue_wait": "not included (depends on the cluster's load)" if cfg.execution.backend == "slurm" else None,
+    }

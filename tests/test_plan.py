@@ -1,0 +1,207 @@
+"""``plan``: the corpus sample and its count, the array layout arithmetic, a calibrated plan of a real
+pipeline set beside what that pipeline then measured (report and status), and a 10,000-shard plan on the
+local Slurm cluster that submits nothing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import zstandard
+from conftest import make_docs, run_cli, write_jsonl
+
+from ipt_hpc.atomic import read_json
+from ipt_hpc.config import Config, ShardConfig
+from ipt_hpc.errors import IptError
+from ipt_hpc.planning.calibrate import waves
+from ipt_hpc.planning.compare import output_bytes
+from ipt_hpc.planning.estimate import layout
+from ipt_hpc.planning.sample import sample_corpus
+
+
+def _corpus(folder: Path, n: int) -> list[dict]:
+    docs = make_docs(n, seed=3, max_words=120)
+    third = n // 3
+    write_jsonl(folder / "a.jsonl", docs[:third])
+    with gzip.open(folder / "b.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(d) + "\n" for d in docs[third : 2 * third])
+    body = "".join(json.dumps(d) + "\n" for d in docs[2 * third :]).encode()
+    (folder / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(body))
+    return docs
+
+
+def test_sample_is_deterministic_and_counts_the_corpus(tmp_path: Path) -> None:
+    docs = _corpus(tmp_path / "in", 900)
+    cfg = ShardConfig(inputs=[str(tmp_path / "in")], text_field="content", keep_fields=["url"])
+    first = sample_corpus(cfg, 30, tmp_path / "s1.jsonl")
+    second = sample_corpus(cfg, 30, tmp_path / "s2.jsonl")
+    assert (tmp_path / "s1.jsonl").read_bytes() == (tmp_path / "s2.jsonl").read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "s1.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 == first["sample_docs"] and set(rows[0]) == {"content", "url"}
+    assert len({r["url"] for r in rows}) == 30  # spread over the files, no document twice
+    assert {r["url"].split("/")[-1] for r in rows} - {d["url"].split("/")[-1] for d in docs} == set()
+    assert first == second and first["docs"] == 900 and first["docs_exact"]
+    assert first["text_bytes"] == pytest.approx(sum(len(d["content"].encode()) for d in docs), rel=1e-3)
+    # a prefix of each file (plain, gzip and zstd alike) extrapolates to the whole by file bytes
+    part = sample_corpus(cfg, 30, tmp_path / "s3.jsonl", prefix_bytes=8 << 10)
+    assert not part["docs_exact"] and "extrapolated" in part["method"]
+    assert part["docs"] == pytest.approx(900, rel=0.25)
+
+
+def test_sample_names_what_it_cannot_read(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"text": ""}, {"other": 1}])
+    with pytest.raises(IptError, match="no usable document"):
+        sample_corpus(ShardConfig(inputs=[str(tmp_path / "in.jsonl")]), 5, tmp_path / "s.jsonl")
+
+
+def test_layout_packs_shards_into_the_time_limit() -> None:
+    cfg = Config.model_validate(
+        {
+            "execution": {"backend": "slurm", "parallelism": 100, "slurm": {"time_min": 60}},
+            "plan": {"time_margin": 0.25},
+        }
+    )
+    # 10,000 shards of 4 min with a 5 min model load: 45 min of room -> 10 shards a task
+    lay = layout(cfg, 10_000, 240.0, 300.0, 1001)
+    assert lay["shards_per_task"] == 10 and lay["tasks"] == 1_000 and lay["arrays"] == 1 and lay["fits"]
+    assert lay["task_min"] == pytest.approx(5 + 40)
+    assert "execution.shards_per_task=10" in lay["note"]
+    # no load to amortise: one shard a task, arrays split at MaxArraySize
+    lay = layout(cfg, 10_000, 240.0, 0.0, 1001)
+    assert lay["shards_per_task"] == 1 and lay["arrays"] == math.ceil(10_000 / 1001) == lay["sbatch_calls"]
+    # a shard longer than the room left: flagged, with the shard count that fits
+    lay = layout(cfg, 100, 50 * 60.0, 0.0, 1001)
+    assert not lay["fits"] and "raise shard.num_shards to at least 112" in lay["note"]
+
+
+def test_waves_follow_rounds_and_batches() -> None:
+    assert waves(50, 2, 16) == 4  # 25 a round: 16 + 9, twice
+    assert waves(10, 2, 16) == 2
+    assert waves(0, 2, 16) == 0
+    assert waves(33, 1, 16) == 3
+
+
+@pytest.fixture(scope="module")
+def planned_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A calibrated plan of a small real pipeline (synthesize to tokenize), then that pipeline run."""
+    from tiny_model import tiny_llama
+
+    tmp = tmp_path_factory.mktemp("plan")
+    model = tiny_llama(tmp / "model")
+    inp = write_jsonl(tmp / "in.jsonl", make_docs(60, seed=5, max_words=60))
+    sets = {
+        "shard.inputs": f"[{inp}]",
+        "shard.text_field": "content",
+        "shard.num_shards": 4,
+        "synth.model": str(model),
+        "synth.max_new_tokens": 8,
+        "synth.max_model_len": 512,
+        "synth.convert_share": 0.5,
+        "synth.batch_size": 4,
+        "tokenize.tokenizer": str(model),
+        "tokenize.workers": 1,
+        "execution.workers": 2,
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    run = tmp / "run"
+    proc = run_cli("plan", "--run", str(run), "--calibrate", "16", "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("pipeline", "--run", str(run), "--plan", "--yes", *args)
+    assert proc.returncode == 0, proc.stderr
+    return run, args
+
+
+def test_calibrated_plan_covers_every_stage_with_its_sources(planned_run: tuple[Path, list[str]]) -> None:
+    run, _ = planned_run
+    plan = read_json(run / "plan.json")
+    cal = read_json(run / "_state" / "plan" / "calibration.json")
+    names = [s["stage"] for s in plan["stages"]]
+    assert names == ["shard", "synthesize", "templify", "tokenize augmented", "tokenize raw"]
+    assert plan["docs"] == 60 and cal["sample_docs"] == 16 and cal["concurrency"] == 2
+    synth = next(s for s in plan["stages"] if s["stage"] == "synthesize")
+    fig = cal["stages"]["synthesize"]
+    assert fig["engine_batch"] == 4 and fig["waves"] > 0 and fig["load_s"] > 0
+    # the figures scale the calibration: tokens per sample document times the corpus's documents
+    assert synth["work"]["output_tokens"] == round(60 * fig["tokens_per_doc"])
+    assert synth["output_bytes"] == pytest.approx(60 * fig["bytes_per_doc"] + fig["fixed_bytes"])
+    assert all("16 sample documents" in s["source"] for s in plan["stages"])
+    assert plan["total"]["wall_s"] == pytest.approx(sum(s["wall_s"] for s in plan["stages"]))
+    assert synth["gpu_hours"] == 0 and synth["cpu_hours"] > 0  # the CPU engine
+
+
+def test_report_and_status_set_the_plan_beside_the_run(planned_run: tuple[Path, list[str]]) -> None:
+    run, _ = planned_run
+    plan = read_json(run / "plan.json")
+    walls = {}
+    for line in (run / "_state" / "steps.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        walls[entry["step"]] = entry["finished"] - entry["started"]
+    text = (run / "report" / "report.md").read_text()
+    assert "## Plan vs actual" in text
+    table = text.split("## Plan vs actual")[1].split("\n## ")[0]
+    body = [row for row in table.splitlines() if row.startswith("| ")][1:]  # the header row left out
+    lines = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in body}
+    folders = {
+        "shard": "raw",
+        "synthesize": "synth",
+        "templify": "augmented",
+        "tokenize augmented": "tokens/augmented",
+        "tokenize raw": "tokens/raw",
+    }
+    for stage in plan["stages"]:
+        cells = lines[stage["stage"]]
+        wall_ratio = walls[stage["stage"]] / stage["wall_s"]
+        size_ratio = output_bytes(run, run / folders[stage["stage"]]) / stage["output_bytes"]
+        assert float(cells[2]) == pytest.approx(wall_ratio, abs=0.006), stage["stage"]
+        assert float(cells[5]) == pytest.approx(size_ratio, abs=0.006), stage["stage"]
+    proc = run_cli("status", "--run", str(run), "--json", "--no-queue")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["stage"]: r for r in json.loads(proc.stdout)["plan"]}
+    assert rows["synthesize"]["shards_done"] == rows["synthesize"]["shards"] == 4
+    assert rows["templify"]["actual_wall_s"] == pytest.approx(walls["templify"])
+
+
+def test_pipeline_plan_asks_before_submitting(planned_run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    run, args = planned_run
+    other = tmp_path / "run"
+    (other / "_state" / "plan").mkdir(parents=True)
+    calibration = run / "_state" / "plan" / "calibration.json"
+    (other / "_state" / "plan" / "calibration.json").write_bytes(calibration.read_bytes())
+    proc = run_cli("pipeline", "--run", str(other), "--plan", *args)
+    assert proc.returncode == 2 and "--yes" in proc.stderr
+    assert (other / "plan.json").exists() and not (other / "raw").exists()  # planned, nothing ran
+    proc = run_cli("plan", "--run", str(tmp_path / "fresh"), *args)
+    assert proc.returncode == 2 and "plan --calibrate N first" in proc.stderr
+
+
+def _my_jobs() -> int:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
+    return len(out.split())
+
+
+@pytest.mark.slurm
+def test_plan_of_10000_shards_on_slurm_submits_nothing(planned_run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    from ipt_hpc.execution.backends import cluster_max_array_size
+
+    run, args = planned_run
+    before = _my_jobs()
+    submissions = sorted(run.glob("*/_state/submissions/*"))
+    proc = run_cli(
+        "plan", "--run", str(run), "--json", *args, "--executor", "slurm", "--set", "shard.num_shards=10000",
+        "--parallelism", "64", "--set", "execution.slurm.time_min=30",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    limit = cluster_max_array_size()
+    synth = next(s for s in plan["stages"] if s["stage"] == "synthesize")["layout"]
+    assert plan["max_array_size"] == limit and synth["shards"] == 10_000 and synth["throttle"] == 64
+    assert synth["arrays"] == math.ceil(synth["tasks"] / limit) == synth["sbatch_calls"]
+    assert synth["tasks"] == math.ceil(10_000 / synth["shards_per_task"])
+    assert synth["task_min"] <= 30 * 0.75 or not synth["fits"]
+    assert _my_jobs() == before and sorted(run.glob("*/_state/submissions/*")) == submissions
+    assert re.search(r"not included", plan["queue_wait"])  # the plan says what it leaves out
