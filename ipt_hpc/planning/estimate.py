@@ -106,6 +106,11 @@ def _wall(cfg: Config, lay: dict[str, Any], shard_s: float, load_s: float, overh
     return overhead_s + waves * (load_s + lay["shards_per_task"] * shard_s)
 
 
+def full_waves(fig: dict[str, Any], cal: dict[str, Any]) -> int:
+    """Sample documents whose synthesized share fills every round's wave in every calibration shard."""
+    return math.ceil(fig["rounds"] * fig["engine_batch"] * cal["concurrency"] / max(1e-9, fig["synthesized_per_doc"]))
+
+
 def data_stage(
     cfg: Config, name: str, fig: dict[str, Any], docs: int, cal: dict[str, Any], max_array: int | None
 ) -> dict[str, Any]:
@@ -121,7 +126,7 @@ def data_stage(
             notes.append(
                 f"the calibration's engine waves were {fig['wave_fill']:.0%} full and the run's are fuller: a wave"
                 " is taken to cost the same at any size (true while the engine is not compute-bound); calibrate"
-                f" with about {fig['rounds'] * fig['engine_batch'] * cal['concurrency']} documents for full waves"
+                f" with about {full_waves(fig, cal)} documents for full waves"
             )
     load_s = fig.get("load_s", 0.0)
     lay = layout(cfg, shards, shard_s, load_s, max_array)
