@@ -237,3 +237,41 @@ def test_a_stage_may_write_outside_its_run(run: Path, tmp_path: Path) -> None:
     assert load_stage_run(built.out_dir).out_dir == built.out_dir
     assert StageRun.from_json(built.to_json()).out_dir == built.out_dir
     assert build(templify.STAGE, cfg(), run).out_folder == "augmented"  # inside the run: relative, as before
+
+
+# -- the reverse path ---------------------------------------------------------------------------------
+def test_shard_reads_a_published_folder(run: Path, published: Path, tmp_path: Path) -> None:
+    from conftest import shard_corpus
+
+    def shard(inputs: str, name: str) -> list[dict]:
+        sets = {"shard.inputs": [inputs], "shard.num_shards": 2, "shard.id_field": "id", "execution.backend": "debug"}
+        shard_corpus(load_config(None, None, sets), tmp_path / name / "raw")
+        return [r for k in range(2) for r in read_records(tmp_path / name / "raw" / shard_name(k, 2))]
+
+    again = shard(str(published), "from-dataset")  # the dataset folder: its augmented config
+    assert [(r["id"], r["text"]) for r in again] == [(r["id"], r["text"]) for r in records(run, "augmented")]
+    assert again[0]["src"] == "shard-00000.parquet:1"
+    raw = shard(str(published / "raw"), "from-raw")  # one config's folder
+    assert [r["text"] for r in raw] == [r["text"] for r in records(run, "raw")]
+    synth_only = tmp_path / "synth-only"
+    publish_all(run, synth_only, parts=("synth",))
+    with pytest.raises(IptError, match=r"without a augmented or raw config to read here \(it holds synth\)"):
+        shard(str(synth_only), "nothing")
+
+
+def test_finetune_synthesizer_reads_a_published_synth_config(run: Path, published: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from ipt_hpc.model.finetune_synthesizer import read_examples
+
+    want = [{"id": r["id"], "context": r["text"], "pairs": r["pairs"]} for r in records(run, "synth") if r["pairs"]]
+    assert read_examples(published) == want and read_examples(published / "synth") == want
+    with pytest.raises(IptError, match="without a synth config"):
+        read_examples(published / "raw")
+    out = tmp_path / "synth-model"
+    tiny = ["hidden_size=32", "intermediate_size=64", "num_layers=1", "num_heads=2", "num_kv_heads=2",
+            "vocab_size=400", "eval_contexts=0", "threads=1"]  # fmt: skip
+    sets = [a for kv in tiny for a in ("--set", f"finetune_synth.{kv}")]
+    proc = run_cli("finetune-synthesizer", "--data", str(published), "--out", str(out), "--steps", "2", *sets)
+    assert proc.returncode == 0, proc.stderr
+    info = read_json(out / "finetune.json")
+    assert info["data"]["examples"] == len(want) and info["data"]["checksum"].startswith("sha256:")

@@ -67,13 +67,19 @@ def model_revision(model: str | None) -> str:
         return "hub name; revision not recorded by the run"
     if path.resolve().parent.name == "snapshots":
         return f"commit {path.resolve().name}"
+    names = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    return f"content {content_sha256(path, names)[:23]} (files of {model})"
+
+
+def content_sha256(root: Path, names: list[str]) -> str:
+    """A sha256 over the names and bytes of the files ``names`` under ``root``, in that order."""
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
+    for name in names:
+        h.update(name.encode() + b"\0")
+        with open(root / name, "rb") as fh:
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(block)
-    return f"content sha256:{h.hexdigest()[:16]} (files of {model})"
+    return "sha256:" + h.hexdigest()
 
 
 def _parquet_sizes(files: list[Path]) -> tuple[int, int]:
