@@ -371,6 +371,27 @@ class PlanConfig(_Section):
     )
 
 
+class PublishConfig(_Section):
+    """The ``publish`` stage: a run's record shards -> a Hugging Face dataset folder (Parquet + card)."""
+
+    out: str | None = Field(None, description="dataset folder to write (one sub-folder per published part)")
+    what: list[Literal["augmented", "synth", "raw"]] = Field(
+        default_factory=lambda: ["augmented", "synth"], min_length=1, description="parts to publish, one config each"
+    )
+    part: Literal["augmented", "synth", "raw"] = Field(
+        "augmented", description="the part one stage run publishes (set per part by the publish command)"
+    )
+    repo_id: str | None = Field(None, description="hub dataset repository (ORG/NAME) for --push and the card")
+    license: str = Field("other", description="the card's license (a hub license id, e.g. odc-by, cc-by-4.0)")
+    language: list[str] = Field(default_factory=lambda: ["en"], description="the card's languages (ISO 639-1)")
+    pretty_name: str | None = Field(None, description="the card's title (default: the run folder's name)")
+    row_group_rows: int = Field(1000, ge=1, description="rows per Parquet row group (streaming reads one at a time)")
+    row_group_bytes: int = Field(
+        64 << 20, ge=1 << 16, description="a row group is also cut once its text reaches this many bytes"
+    )
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
+
+
 class Config(_Section):
     """The whole configuration of a run."""
 
@@ -385,6 +406,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune_synth: FinetuneSynthConfig = Field(default_factory=FinetuneSynthConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:

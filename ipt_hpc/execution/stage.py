@@ -38,7 +38,7 @@ class Stage:
     name: str
     upstream: str  # what writes the input, for the error when it is missing ("shard", "synthesize", ...)
     input: Folder | None  # None: the stage makes shards from outside the run (``shard``)
-    output: Folder
+    output: Folder  # a folder of the run, or one outside it (``publish --out DIR``: stored absolute)
     shard_fn: Callable[[Any, ShardContext], dict[str, Any]]
     job: Callable[[Config, RunLayout], Any]
     finalize: Callable[[StageRun], dict[str, Any]] | None = None
@@ -63,7 +63,7 @@ def build(stage: Stage, cfg: Config, run_dir: str | Path, num_shards: int | None
     return StageRun(
         stage=stage.name,
         run_dir=str(layout.root),
-        out_folder=str(out_dir.relative_to(layout.root)),
+        out_folder=_folder_of(out_dir, layout.root),
         in_folder=str(in_dir.relative_to(layout.root)) if stage.input else "",
         num_shards=num_shards,
         shard_fn=stage.shard_fn,
@@ -72,6 +72,14 @@ def build(stage: Stage, cfg: Config, run_dir: str | Path, num_shards: int | None
         finalize_fn=stage.finalize,
         **record_options(cfg.records),
     )
+
+
+def _folder_of(out_dir: Path, root: Path) -> str:
+    """The output folder as a :class:`StageRun` stores it: relative to the run folder, or absolute when the
+    stage writes outside the run (``publish --out DIR``), which ``run_dir / out_folder`` then yields as is."""
+    if out_dir.is_relative_to(root):
+        return str(out_dir.relative_to(root))
+    return str(out_dir.resolve())
 
 
 def run_stage(

@@ -39,8 +39,40 @@ from ..stages.synth_format import ANS, CON_CLOSE, CON_OPEN, END, QUE, context_te
 TAGS = [CON_OPEN, CON_CLOSE, QUE, ANS, END]
 
 
+def published_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]] | None:
+    """Examples from the ``synth`` config of a dataset written by ``publish`` (its folder, or its hub name
+    when the network allows; contexts without pairs are left out), or None when ``path`` is neither."""
+    from ..stages.publish import published_files
+
+    found = published_files(path, ("synth",))
+    if found is not None:
+        import pyarrow.parquet as pq
+
+        rows = [r for f in found[1] for r in pq.read_table(f, columns=["id", "context", "pairs"]).to_pylist()]
+    elif not os.path.exists(path) and str(path).count("/") == 1:  # ORG/NAME on the hub
+        import datasets
+
+        try:
+            rows = list(datasets.load_dataset(str(path), "synth", split="train"))
+        except (ConnectionError, OSError, ValueError) as exc:
+            raise IptError(f"{path}: cannot read the hub dataset's synth config ({exc})") from exc
+    else:
+        return None
+    pairs = [
+        [{"Q": p["question"], "A": p["answer"]} for p in r["pairs"] if p["question"] and p["answer"]] for r in rows
+    ]
+    out = [{"id": r["id"], "context": r["context"], "pairs": ps} for r, ps in zip(rows, pairs, strict=True) if ps]
+    if not out:
+        raise IptError(f"{path}: its synth config holds no context with pairs")
+    return out
+
+
 def read_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Examples ``{"id", "context", "pairs": [{"Q", "A"}]}`` of a JSON Lines file, checked."""
+    """Examples ``{"id", "context", "pairs": [{"Q", "A"}]}`` of a JSON Lines file (checked) or of a published
+    dataset's ``synth`` config."""
+    published = published_examples(path)
+    if published is not None:
+        return published
     out = []
     try:
         lines = Path(path).read_bytes().splitlines()
@@ -63,6 +95,13 @@ def read_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a data file; of a published dataset folder, of the files its upload would send."""
+    from ..stages.publish_hub import content_sha256, upload_plan
+
+    if Path(path).is_dir():
+        return content_sha256(Path(path), [name for name, _ in upload_plan(path)])
+    if not os.path.exists(path):
+        return "hub dataset: not recorded"
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

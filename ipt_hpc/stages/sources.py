@@ -3,7 +3,8 @@
 JSON Lines (optionally .gz / .zst) are read by our own line reader, so a bad record is reported
 as ``file:line: reason`` and a huge line never sits whole in memory. Parquet, Arrow and hub
 datasets are read through Hugging Face ``datasets`` (streaming, nothing cached); their
-positions are 1-based row numbers. See docs/design.md ("Reading the raw corpus").
+positions are 1-based row numbers. A dataset folder written by ``publish`` is read as the Parquet
+files of its ``augmented`` config (else ``raw``). See docs/design.md ("Reading the raw corpus").
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def discover_inputs(specs: list[str], fmt: str = "auto") -> list[InputFile]:
         raise IptError("no input given: pass --input FILE|DIR|GLOB (or set shard.inputs)")
     if fmt == "hub" or (len(specs) == 1 and fmt == "auto" and _looks_like_hub_name(specs[0])):
         return [InputFile(spec, spec, "hub", None, 0, 0) for spec in specs]
+    from .publish import published_files
+
     found: dict[str, tuple[str, str | None]] = {}
     for spec in specs:
         matches = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec]
@@ -89,7 +92,10 @@ def discover_inputs(specs: list[str], fmt: str = "auto") -> list[InputFile]:
             raise IptError(f"{spec}: no file matches this pattern")
         for match in matches:
             p = Path(match)
-            if p.is_dir():
+            published = published_files(p, ("augmented", "raw")) if fmt in ("auto", "parquet") else None
+            if published is not None:  # a dataset folder written by publish: its texts, not its bookkeeping
+                kinds = [(q, ("parquet", None)) for q in published[1]]
+            elif p.is_dir():
                 candidates = sorted(q for q in p.rglob("*") if q.is_file() and _listed(q))
                 kinds = [(q, _classify(q, fmt)) for q in candidates]
                 kinds = [(q, k) for q, k in kinds if k is not None]
