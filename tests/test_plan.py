@@ -125,9 +125,10 @@ def test_calibrated_plan_covers_every_stage_with_its_sources(planned_run: tuple[
     assert plan["docs"] == 60 and cal["sample_docs"] == 16 and cal["concurrency"] == 2
     synth = next(s for s in plan["stages"] if s["stage"] == "synthesize")
     fig = cal["stages"]["synthesize"]
-    assert fig["engine_batch"] == 4 and fig["waves"] > 0 and fig["load_s"] > 0
-    # the figures scale the calibration: tokens per sample document times the corpus's documents
-    assert synth["work"]["output_tokens"] == round(60 * fig["tokens_per_doc"])
+    assert fig["engine_batch"] == 4 and fig["waves"] > 0 and fig["load_s"] > 0 and fig["gen_tokens_per_s"] > 0
+    # the figures scale the calibration: generated tokens per synthesized document times the documents the
+    # by-id choice converts (synth.convert_share of the corpus)
+    assert synth["work"]["output_tokens"] == round(60 * 0.5 * fig["gen_tokens_mean"])
     assert synth["output_bytes"] == pytest.approx(60 * fig["bytes_per_doc"] + fig["fixed_bytes"])
     assert all("16 sample documents" in s["source"] for s in plan["stages"])
     assert plan["total"]["wall_s"] == pytest.approx(sum(s["wall_s"] for s in plan["stages"]))
@@ -205,3 +206,45 @@ def test_plan_of_10000_shards_on_slurm_submits_nothing(planned_run: tuple[Path, 
     assert synth["task_min"] <= 30 * 0.75 or not synth["fits"]
     assert _my_jobs() == before and sorted(run.glob("*/_state/submissions/*")) == submissions
     assert re.search(r"not included", plan["queue_wait"])  # the plan says what it leaves out
+
+
+def test_doctor_report_gives_training_throughput(tmp_path: Path) -> None:
+    from ipt_hpc.model.train.model import flops_per_token
+    from ipt_hpc.planning.estimate import doctor_throughput
+
+    cfg = Config.model_validate({"train": {"nodes": 2, "ranks_per_node": 4, "model": {"num_layers": 4}}})
+    report = {"host": "gpu01", "checks": {"train": {"ok": True, "mfu": 0.082, "ranks": 1, "tokens_per_s": 32380.0}}}
+    (tmp_path / "doctor.json").write_text(json.dumps(report))
+    got = doctor_throughput(cfg, tmp_path / "doctor.json")
+    want = 0.082 * cfg.train.peak_flops * 8 / flops_per_token(cfg.train)
+    assert got["tokens_per_s"] == pytest.approx(want) and "MFU 8.2%" in got["source"] and "8 rank(s)" in got["source"]
+    report["checks"]["train"]["mfu"] = None  # a CPU doctor report measures no MFU
+    (tmp_path / "doctor.json").write_text(json.dumps(report))
+    with pytest.raises(IptError, match="no Megatron-Core training figure"):
+        doctor_throughput(cfg, tmp_path / "doctor.json")
+
+
+@pytest.mark.slurm
+def test_calibration_runs_as_one_job_on_the_partition(tmp_path: Path) -> None:
+    """On Slurm the calibration is one job on the target partition; its figures come back to the plan."""
+    from tokenizer_fixture import train_tokenizer
+
+    tok = train_tokenizer(tmp_path / "tok")
+    inp = write_jsonl(tmp_path / "in.jsonl", make_docs(30, seed=9, max_words=40))
+    sets = {
+        "shard.inputs": f"[{inp}]",
+        "shard.text_field": "content",
+        "shard.num_shards": 6,
+        "tokenize.tokenizer": str(tok),
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    run = tmp_path / "run"
+    proc = run_cli("plan", "--run", str(run), "--calibrate", "10", "--executor", "slurm", "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "calibration: Slurm job" in proc.stderr
+    cal = read_json(run / "_state" / "plan" / "calibration.json")
+    assert cal["executor"].startswith("slurm: one job") and cal["concurrency"] == 1  # one task's worth
+    assert list(cal["stages"]) == ["shard", "tokenize raw"]
+    plan = json.loads(proc.stdout)
+    assert plan["backend"] == "slurm" and plan["stages"][1]["layout"]["shards"] == 6
+    assert list((run / "_state" / "logs" / "calibration").rglob("*.out"))  # the job's own log

@@ -31,6 +31,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--run", metavar="RUN", required=True, help="run folder (the plan is stored in it)")
     p.add_argument("--calibrate", type=int, metavar="N", help="calibrate on N sample documents first")
     p.add_argument("--docs", type=int, metavar="N", help="the corpus's document count, if known (else estimated)")
+    p.add_argument(
+        "--doctor", metavar="FILE", help="training tokens/s from this doctor --gpu report (its MFU, this model's FLOPs)"
+    )
     p.add_argument("--json", action="store_true", help="the plan as JSON on stdout")
     config_options(p, "YAML config (see configs/)", "override any config field, e.g. --set shard.num_shards=1000")
     flag(p, "--executor", key="execution.backend", choices=["local", "slurm", "debug"], help="where tasks would run")
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     say = render.stderr_log if args.json else render.console().print
-    result = plan(cfg, args.run, calibrate_docs=args.calibrate, docs=args.docs, say=say)
+    result = plan(cfg, args.run, calibrate_docs=args.calibrate, docs=args.docs, doctor=args.doctor, say=say)
     if args.json:
         import orjson
 

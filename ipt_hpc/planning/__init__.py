@@ -19,7 +19,13 @@ from .estimate import make_plan
 
 
 def plan(
-    cfg: Config, run_dir: str | Path, *, calibrate_docs: int | None = None, docs: int | None = None, say: Say = print
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    calibrate_docs: int | None = None,
+    docs: int | None = None,
+    doctor: str | Path | None = None,
+    say: Say = print,
 ) -> dict[str, Any]:
     """Calibrate (when ``calibrate_docs`` is given) or reuse the run's calibration, make the plan and store it
     as ``RUN/plan.json``."""
@@ -33,7 +39,7 @@ def plan(
                 " e.g. 40)"
             )
         cal = read_json(path)
-    result = make_plan(cfg, cal, docs=docs)
+    result = make_plan(cfg, cal, docs=docs, doctor=doctor)
     result["config_hash"] = config_hash(cfg.model_dump(mode="json", exclude={"execution", "plan"}))
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     write_json_atomic(RunLayout.of(run_dir).plan, result)

@@ -57,9 +57,11 @@ def calibrate(cfg: Config, run_dir: str | Path, n: int, *, say: Say = print) -> 
 
     inner = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"backend": "debug"})})
     log_dir = RunLayout.of(run_dir).state / "logs" / "calibration"
-    job = submit_job(calibrate_here, inner, str(Path(run_dir).resolve()), n, cfg=cfg.execution, log_dir=log_dir,
-                     job_name="ipt-calibrate")  # fmt: skip
-    say(f"calibration: Slurm job {job} on partition {cfg.execution.slurm.partition or '(default)'}; logs {log_dir}")
+    partition = cfg.execution.slurm.partition or "(default)"
+    label = f"slurm: one job on partition {partition}"
+    job = submit_job(calibrate_here, inner, str(Path(run_dir).resolve()), n, label, cfg=cfg.execution,
+                     log_dir=log_dir, job_name="ipt-calibrate")  # fmt: skip
+    say(f"calibration: Slurm job {job} on partition {partition}; logs {log_dir}")
     started = time.time()
     wait_for_jobs([job], poll_s=2.0)
     path = calibration_file(run_dir)
@@ -75,8 +77,8 @@ def calibration_config(cfg: Config, sample: Path, shards: int) -> Config:
     return Config.model_validate(data)
 
 
-def calibrate_here(cfg: Config, run_dir: str, n: int, *, say: Say = print) -> dict[str, Any]:
-    """The calibration in this process (local and debug backends; inside the Slurm job)."""
+def calibrate_here(cfg: Config, run_dir: str, n: int, label: str | None = None, *, say: Say = print) -> dict[str, Any]:
+    """The calibration in this process (local and debug backends; inside the Slurm job, ``label`` saying so)."""
     from ..pipeline import Coordinator, available_steps, run_here
 
     root = calibration_dir(run_dir)
@@ -110,7 +112,7 @@ def calibrate_here(cfg: Config, run_dir: str, n: int, *, say: Say = print) -> di
         "created": time.time(),
         "sample_docs": corpus["sample_docs"],
         "corpus": corpus,
-        "executor": cfg.execution.backend if cfg.execution.backend != "debug" else "debug",
+        "executor": label or cfg.execution.backend,
         "concurrency": shards,
         "stages": stage_figures(run, corpus["sample_docs"], walls),
     }
@@ -179,18 +181,20 @@ def waves(docs: float, num_rounds: int, batch: int) -> int:
 
 
 def _synth_waves(markers: list[dict[str, Any]], num_rounds: int, docs: int) -> dict[str, Any]:
-    """Generation time per engine wave (a wave costs about ``max_new_tokens`` decode steps, whatever its
-    size, while the engine is not compute-bound) and the time per document outside generation."""
+    """The engine's generated tokens/s at the calibration's load, the time per document outside generation,
+    and the engine waves the calibration ran (each round's documents in batches of the engine's batch):
+    how full they were, and their seconds, for the bound a fuller engine gives."""
     batch = max((m.get("engine_batch", 0) for m in markers), default=0)
-    if not batch:
+    generate = sum(m.get("generate_s", 0.0) for m in markers)
+    if not batch or not generate:
         return {}
     total_waves = sum(waves(m.get("docs", 0), num_rounds, batch) for m in markers)
-    generate = sum(m.get("generate_s", 0.0) for m in markers)
     rest = sum(m.get("seconds", 0.0) - m.get("load_s", 0.0) - m.get("generate_s", 0.0) for m in markers)
     fill = sum(m.get("docs", 0) for m in markers) / max(1, total_waves)
     return {
         "engine_batch": batch,
         "rounds": num_rounds,
+        "gen_tokens_per_s": sum(m.get("tokens", 0) for m in markers) / generate,
         "waves": total_waves,
         "wave_s": generate / total_waves if total_waves else 0.0,
         "wave_fill": round(fill / batch, 3),  # how full the calibration's waves were
@@ -251,7 +255,7 @@ def model_figures(cfg: Config, run: Path, say: Say) -> dict[str, Any]:
     tcfg = cfg.model_copy(update={"train": short})
     say(f"calibration: training {iters} iterations of the configured model")
     started = time.perf_counter()
-    rc = train_stage.run_local(tcfg, run) if cfg.execution.backend != "debug" else train_stage.run_debug(tcfg, run)
+    rc = train_stage.run_local(tcfg, run)  # torchrun with the configured ranks, here or on the job's node
     train_wall = time.perf_counter() - started
     if rc != 0:
         raise IptError(f"calibration: the training run exited with {rc}; see {layout.train_log} and {layout.train}")

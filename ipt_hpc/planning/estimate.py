@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..errors import IptError
 from .calibrate import concurrency, waves
 
 
@@ -102,8 +104,8 @@ def layout(cfg: Config, shards: int, shard_s: float, load_s: float, max_array: i
 def _wall(cfg: Config, lay: dict[str, Any], shard_s: float, load_s: float, overhead_s: float) -> float:
     if lay["backend"] != "slurm":
         return overhead_s + load_s + lay["shards_per_task"] * shard_s
-    waves = math.ceil(lay["tasks"] / concurrency(cfg, lay["tasks"]))
-    return overhead_s + waves * (load_s + lay["shards_per_task"] * shard_s)
+    rounds_of_tasks = math.ceil(lay["tasks"] / concurrency(cfg, lay["tasks"]))
+    return overhead_s + rounds_of_tasks * (load_s + lay["shards_per_task"] * shard_s)
 
 
 def full_waves(fig: dict[str, Any], cal: dict[str, Any]) -> int:
@@ -118,15 +120,21 @@ def data_stage(
     shards = cfg.shard.num_shards
     shard_s = docs / shards * fig["seconds_per_doc"]
     notes = []
-    if fig.get("wave_s"):  # synthesis: engine waves of the real shards, and the rest per document
+    if fig.get("gen_tokens_per_s"):  # synthesis: generated tokens at the engine's measured rate, and the rest
         per_shard = docs / shards
-        generating = waves(per_shard * fig["synthesized_per_doc"], fig["rounds"], fig["engine_batch"])
-        shard_s = generating * fig["wave_s"] + per_shard * fig["other_seconds_per_doc"]
-        if fig["wave_fill"] < 0.5 and per_shard * fig["synthesized_per_doc"] / fig["rounds"] > fig["engine_batch"] / 2:
+        synthesized = per_shard * cfg.synth.convert_share  # the by-id choice converts this share on average
+        shard_s = (
+            synthesized * fig["gen_tokens_mean"] / fig["gen_tokens_per_s"] + per_shard * fig["other_seconds_per_doc"]
+        )
+        if fig["wave_fill"] < 0.5 and synthesized / fig["rounds"] > fig["engine_batch"] / 2:
+            fuller = waves(synthesized, fig["rounds"], fig["engine_batch"]) * fig["wave_s"]
+            fuller += per_shard * fig["other_seconds_per_doc"]
+            share = fuller / max(1e-9, shard_s)
             notes.append(
-                f"the calibration's engine waves were {fig['wave_fill']:.0%} full and the run's are fuller: a wave"
-                " is taken to cost the same at any size (true while the engine is not compute-bound); calibrate"
-                f" with about {full_waves(fig, cal)} documents for full waves"
+                f"the calibration ran the engine at {fig['wave_fill']:.0%} of its batch ({fig['engine_batch']});"
+                " the run fills it more, and a GPU engine is faster per token then: down to"
+                f" {share:.0%} of this time if a full batch cost what a small one did. Calibrate with about"
+                f" {full_waves(fig, cal)} documents to measure it"
             )
     load_s = fig.get("load_s", 0.0)
     lay = layout(cfg, shards, shard_s, load_s, max_array)
@@ -137,8 +145,9 @@ def data_stage(
     work: dict[str, Any] = {"records": round(docs * fig["records_per_doc"])}
     spread = cal["corpus"].get("bytes_per_doc_cv", 0.0)
     if "gen_tokens_mean" in fig:
-        work["input_tokens"] = round(docs * fig.get("prompt_tokens_per_doc", 0))
-        work["output_tokens"] = round(docs * fig.get("tokens_per_doc", 0))
+        synthesized = docs * cfg.synth.convert_share
+        work["input_tokens"] = round(synthesized * fig.get("prompt_tokens_mean", 0))
+        work["output_tokens"] = round(synthesized * fig["gen_tokens_mean"])
         spread = fig.get("gen_tokens_cv", spread)
         n = fig.get("synthesized_docs", n)
     elif "tokens_per_doc" in fig:
@@ -159,15 +168,42 @@ def data_stage(
     }
 
 
-def model_stages(cfg: Config, fig: dict[str, Any], cal: dict[str, Any]) -> list[dict[str, Any]]:
-    """train, export and eval from the calibration's short training run, export and evaluation."""
+def doctor_throughput(cfg: Config, path: str | Path) -> dict[str, Any]:
+    """Training tokens/s of the configured model from a ``doctor --gpu`` report: the MFU it measured with
+    Megatron-Core, applied to the configured model's FLOPs per token on its ranks."""
+    from ..atomic import read_json
+    from ..model.train.model import flops_per_token
+
+    if not Path(path).exists():
+        raise IptError(f"plan --doctor: {path} does not exist (write it with doctor --gpu --out {path})")
+    report = read_json(path)
+    train = report.get("checks", {}).get("train", {})
+    if not train.get("ok") or not train.get("mfu"):
+        raise IptError(f"plan --doctor: {path} holds no Megatron-Core training figure with an MFU (run doctor --gpu)")
     t = cfg.train
-    ranks = t.nodes * t.ranks_per_node
+    fpt = flops_per_token(t)
+    return {
+        "tokens_per_s": train["mfu"] * t.peak_flops * t.world_size / fpt,
+        "source": f"doctor --gpu {path}: MFU {train['mfu']:.1%} measured on {train.get('ranks', '?')} GPU(s) of"
+        f" {report.get('host', '?')}, applied to the configured model ({fpt / 1e9:.2f} GFLOP/token,"
+        f" {t.world_size} rank(s))",
+    }
+
+
+def model_stages(
+    cfg: Config, fig: dict[str, Any] | None, cal: dict[str, Any], doctor: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """train, export and eval from the calibration's short training run, export and evaluation; training
+    throughput from a ``doctor --gpu`` report instead when one is given."""
+    t = cfg.train
+    ranks = t.world_size
     gpu = t.device == "cuda"
     tokens = t.train_iters * t.global_batch_size * t.seq_length
-    train_s = fig["train_overhead_s"] + tokens / fig["tokens_per_s"]
+    fig = fig or {}
+    tok_s = doctor["tokens_per_s"] if doctor else fig["tokens_per_s"]
+    train_s = fig.get("train_overhead_s", 0.0) + tokens / tok_s
     kept = min(t.keep_checkpoints, math.ceil(t.train_iters / t.save_interval) if t.save_interval else 1)
-    src = f"calibration: {fig['iterations']} iterations of the configured model ({cal['executor']})"
+    src = f"calibration: {fig.get('iterations')} iterations of the configured model ({cal['executor']})"
 
     def row(stage: str, wall: float, bytes_: float, work: dict[str, Any], source: str) -> dict[str, Any]:
         return {
@@ -179,12 +215,23 @@ def model_stages(cfg: Config, fig: dict[str, Any], cal: dict[str, Any]) -> list[
             "layout": {"backend": cfg.execution.backend, "tasks": 1, "note": f"one job, {ranks} rank(s)"},
             "output_bytes": bytes_,
             "wall_s": wall,
-            "uncertainty": fig.get("tokens_per_s_cv") or 0.0,
+            "uncertainty": 0.0 if doctor else fig.get("tokens_per_s_cv") or 0.0,
             "source": source,
         }
 
+    rows = [
+        row(
+            "train",
+            train_s,
+            kept * fig.get("checkpoint_bytes", 0),
+            {"train_tokens": tokens},
+            doctor["source"] if doctor else src,
+        )
+    ]
+    if not fig:
+        return rows  # export and eval are measured by the calibration only
     return [
-        row("train", train_s, kept * fig["checkpoint_bytes"], {"train_tokens": tokens}, src),
+        *rows,
         row("export", fig["export_s"], fig["hf_bytes"], {}, src.replace("iterations of", "iterations, export of")),
         row(
             "eval",
@@ -196,15 +243,18 @@ def model_stages(cfg: Config, fig: dict[str, Any], cal: dict[str, Any]) -> list[
     ]
 
 
-def make_plan(cfg: Config, cal: dict[str, Any], *, docs: int | None = None) -> dict[str, Any]:
-    """The plan of ``cfg`` from the calibration ``cal`` (``docs`` overrides the corpus's document count)."""
+def make_plan(
+    cfg: Config, cal: dict[str, Any], *, docs: int | None = None, doctor: str | Path | None = None
+) -> dict[str, Any]:
+    """The plan of ``cfg`` from the calibration ``cal`` (``docs`` overrides the corpus's document count;
+    ``doctor``, a ``doctor --gpu`` report, gives the training throughput)."""
     corpus = cal["corpus"]
     total_docs = docs if docs is not None else corpus["docs"]
     docs_source = "given (--docs)" if docs is not None else corpus["method"]
     max_array, array_source = _max_array(cfg)
     stages = [data_stage(cfg, name, fig, total_docs, cal, max_array) for name, fig in cal["stages"].items()]
-    if "model" in cal and "train" in cfg.model_fields_set:
-        stages += model_stages(cfg, cal["model"], cal)
+    if "train" in cfg.model_fields_set and ("model" in cal or doctor):
+        stages += model_stages(cfg, cal.get("model"), cal, doctor_throughput(cfg, doctor) if doctor else None)
     price_gpu, price_cpu = cfg.plan.gpu_hour_price, cfg.plan.cpu_hour_price
     gpu_h = sum(s["gpu_hours"] for s in stages)
     cpu_h = sum(s["cpu_hours"] for s in stages)
