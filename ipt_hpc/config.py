@@ -367,7 +367,10 @@ class PlanConfig(_Section):
     )
     calibrate_train_iters: int = Field(30, ge=2, description="iterations of the short training calibration run")
     calibrate_eval_limit: int | None = Field(
-        20, ge=1, description="documents per eval task in the calibration (scaled up by the task sizes); null: all"
+        None,
+        ge=1,
+        description="documents per eval task in the calibration; null: all (the eval's exact cost, which does not"
+        " depend on training). A limit's time is scaled up by the task sizes, its fixed start-up too",
     )
 
 

@@ -248,3 +248,30 @@ def test_calibration_runs_as_one_job_on_the_partition(tmp_path: Path) -> None:
     plan = json.loads(proc.stdout)
     assert plan["backend"] == "slurm" and plan["stages"][1]["layout"]["shards"] == 6
     assert list((run / "_state" / "logs" / "calibration").rglob("*.out"))  # the job's own log
+
+
+def test_calibration_trains_exports_and_evaluates_the_configured_model(tmp_path: Path) -> None:
+    """With a train section the calibration trains the configured model briefly, exports and evaluates it;
+    the plan's train, export and eval rows scale those figures."""
+    run = tmp_path / "run"
+    sets = [
+        "--set",
+        "plan.calibrate_train_iters=4",
+        "--set",
+        "synth.max_new_tokens=16",
+        "--set",
+        "train.train_iters=200",
+    ]
+    proc = run_cli("plan", "--config", "configs/demo.yaml", "--run", str(run), "--calibrate", "8", "--json", *sets)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    fig = read_json(run / "_state" / "plan" / "calibration.json")["model"]
+    assert fig["iterations"] == 4 and fig["tokens_per_s"] > 0 and fig["checkpoint_bytes"] > 0 and fig["hf_bytes"] > 0
+    rows = {s["stage"]: s for s in plan["stages"]}
+    assert list(rows)[-3:] == ["train", "export", "eval"]
+    tokens = 200 * 16 * 128  # train_iters x global_batch_size x seq_length of configs/demo.yaml
+    assert rows["train"]["work"]["train_tokens"] == tokens
+    assert rows["train"]["wall_s"] == pytest.approx(fig["train_overhead_s"] + tokens / fig["tokens_per_s"])
+    assert rows["train"]["cpu_hours"] == pytest.approx(rows["train"]["wall_s"] / 3600)  # one CPU rank
+    assert rows["train"]["output_bytes"] == 2 * fig["checkpoint_bytes"]  # save_interval 100: two kept
+    assert rows["export"]["output_bytes"] == fig["hf_bytes"] and rows["eval"]["wall_s"] == fig["eval_s"]

@@ -183,10 +183,10 @@ def doctor_throughput(cfg: Config, path: str | Path) -> dict[str, Any]:
     t = cfg.train
     fpt = flops_per_token(t)
     return {
-        "tokens_per_s": train["mfu"] * t.peak_flops * t.world_size / fpt,
+        "tokens_per_s": train["mfu"] * t.peak_flops * t.world_size() / fpt,
         "source": f"doctor --gpu {path}: MFU {train['mfu']:.1%} measured on {train.get('ranks', '?')} GPU(s) of"
         f" {report.get('host', '?')}, applied to the configured model ({fpt / 1e9:.2f} GFLOP/token,"
-        f" {t.world_size} rank(s))",
+        f" {t.world_size()} rank(s))",
     }
 
 
@@ -196,7 +196,7 @@ def model_stages(
     """train, export and eval from the calibration's short training run, export and evaluation; training
     throughput from a ``doctor --gpu`` report instead when one is given."""
     t = cfg.train
-    ranks = t.world_size
+    ranks = t.world_size()
     gpu = t.device == "cuda"
     tokens = t.train_iters * t.global_batch_size * t.seq_length
     fig = fig or {}
