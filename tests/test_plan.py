@@ -24,6 +24,16 @@ from ipt_hpc.planning.estimate import layout
 from ipt_hpc.planning.sample import sample_corpus
 
 
+def corpus_sets(inp: Path, **more: object) -> list[str]:
+    """``--set`` flags for a JSON Lines corpus made by ``make_docs`` and the config keys in ``more``."""
+    sets = {
+        "shard.inputs": f"[{inp}]",
+        "shard.text_field": "content",
+        **{k.replace("__", "."): v for k, v in more.items()},
+    }
+    return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
 def _corpus(folder: Path, n: int) -> list[dict]:
     docs = make_docs(n, seed=3, max_words=120)
     third = n // 3
@@ -94,20 +104,18 @@ def planned_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[st
     tmp = tmp_path_factory.mktemp("plan")
     model = tiny_llama(tmp / "model")
     inp = write_jsonl(tmp / "in.jsonl", make_docs(60, seed=5, max_words=60))
-    sets = {
-        "shard.inputs": f"[{inp}]",
-        "shard.text_field": "content",
-        "shard.num_shards": 4,
-        "synth.model": str(model),
-        "synth.max_new_tokens": 8,
-        "synth.max_model_len": 512,
-        "synth.convert_share": 0.5,
-        "synth.batch_size": 4,
-        "tokenize.tokenizer": str(model),
-        "tokenize.workers": 1,
-        "execution.workers": 2,
-    }
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    args = corpus_sets(
+        inp,
+        shard__num_shards=4,
+        synth__model=model,
+        synth__max_new_tokens=8,
+        synth__max_model_len=512,
+        synth__convert_share=0.5,
+        synth__batch_size=4,
+        tokenize__tokenizer=model,
+        tokenize__workers=1,
+        execution__workers=2,
+    )
     run = tmp / "run"
     proc = run_cli("plan", "--run", str(run), "--calibrate", "16", "--json", *args)
     assert proc.returncode == 0, proc.stderr
@@ -231,13 +239,7 @@ def test_calibration_runs_as_one_job_on_the_partition(tmp_path: Path) -> None:
 
     tok = train_tokenizer(tmp_path / "tok")
     inp = write_jsonl(tmp_path / "in.jsonl", make_docs(30, seed=9, max_words=40))
-    sets = {
-        "shard.inputs": f"[{inp}]",
-        "shard.text_field": "content",
-        "shard.num_shards": 6,
-        "tokenize.tokenizer": str(tok),
-    }
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    args = corpus_sets(inp, shard__num_shards=6, tokenize__tokenizer=tok)
     run = tmp_path / "run"
     proc = run_cli("plan", "--run", str(run), "--calibrate", "10", "--executor", "slurm", "--json", *args)
     assert proc.returncode == 0, proc.stderr
