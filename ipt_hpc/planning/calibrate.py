@@ -162,11 +162,25 @@ def stage_figures(run: Path, docs: int, walls: dict[str, float]) -> dict[str, di
             fig.update(_synth_spread(folder))
             fig.update(_synth_waves(markers, rounds(folder), docs))
         if info["stage"] == "tokenize":
-            workers = max(1, int(read_json(state_dir(folder) / "stage-run.json")["stage_config"].get("workers") or 1))
-            text = sum(m.get("text_bytes", m.get("bytes_in", 0)) for m in markers)
-            fig["mb_per_s_per_core"] = text / 1e6 / max(1e-9, sum(seconds)) / workers if text else None
+            fig.update(_tokenize_rate(run, folder, markers))
         out[name] = fig
     return out
+
+
+def _tokenize_rate(run: Path, folder: Path, markers: list[dict[str, Any]]) -> dict[str, Any]:
+    """MB/s per tokenizer process: the input shards' JSON Lines bytes (their stage's ``raw_bytes``) over
+    the time past the workers' start-up; tokens/s per process likewise."""
+    stage_run = read_json(state_dir(folder) / "stage-run.json")
+    workers = max(1, int(stage_run["stage_config"].get("workers") or 1))
+    busy = sum(m.get("seconds", 0.0) - m.get("load_s", 0.0) for m in markers)
+    done = state_dir(run / stage_run["in_folder"]) / "done"
+    read = sum(read_json(p).get("raw_bytes", 0) for p in done.glob("*.json")) if done.is_dir() else 0
+    if busy <= 0:
+        return {}
+    return {
+        "mb_per_s_per_core": round(read / 1e6 / busy / workers, 2) if read else None,
+        "tokens_per_s_per_core": round(sum(m.get("tokens", 0) for m in markers) / busy / workers, 1),
+    }
 
 
 def rounds(folder: Path) -> int:
