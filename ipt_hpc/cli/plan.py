@@ -65,6 +65,7 @@ WORK = {"records": "records", "input_tokens": "tokens in", "output_tokens": "tok
 def show(console: Any, result: dict[str, Any]) -> None:
     """The plan as a table, its layout notes and where its figures come from."""
     from ..planning.compare import fmt_bytes, fmt_seconds
+    from ..planning.estimate import MEASURED
 
     cur = result["currency"]
     priced = "cost" in result["total"]
@@ -114,6 +115,8 @@ def show(console: Any, result: dict[str, Any]) -> None:
     for s in result["stages"]:
         note = s["layout"].get("note") if "shards" in s["layout"] else None
         console.print(f"{s['stage']}: {s['source']}" + (f"; {note}" if note else ""))
+        if s.get("measured"):
+            console.print("  measured: " + ", ".join(f"{MEASURED[k]} {v:,.4g}" for k, v in s["measured"].items()))
         for extra in s.get("notes", []):
             console.print(f"  [yellow]{extra}")
     if result.get("queue_wait"):

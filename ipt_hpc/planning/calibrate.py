@@ -163,6 +163,12 @@ def stage_figures(run: Path, docs: int, walls: dict[str, float]) -> dict[str, di
             fig.update(_synth_waves(markers, rounds(folder), docs))
         if info["stage"] == "tokenize":
             fig.update(_tokenize_rate(run, folder, markers))
+        if info["stage"] == "templify":  # the augmented corpus's JSON Lines bytes over the raw corpus's
+            raw = [read_json(p) for p in (state_dir(RunLayout.of(run).raw) / "done").glob("*.json")]
+            raw_bytes = sum(m.get("raw_bytes", 0) for m in raw)
+            fig["output_ratio"] = (
+                round(sum(m.get("raw_bytes", 0) for m in markers) / raw_bytes, 3) if raw_bytes else None
+            )
         out[name] = fig
     return out
 

@@ -108,6 +108,18 @@ def _wall(cfg: Config, lay: dict[str, Any], shard_s: float, load_s: float, overh
     return overhead_s + rounds_of_tasks * (load_s + lay["shards_per_task"] * shard_s)
 
 
+# the calibration's rates shown with the plan (what each stage's figures scale)
+MEASURED = {
+    "gen_tokens_per_s": "engine tokens/s",
+    "gen_tokens_mean": "generated tokens/document",
+    "prompt_tokens_mean": "prompt tokens/document",
+    "load_s": "load s/task",
+    "mb_per_s_per_core": "MB/s per core",
+    "output_ratio": "output/raw bytes",
+    "seconds_per_doc": "s/document",
+}
+
+
 def full_waves(fig: dict[str, Any], cal: dict[str, Any]) -> int:
     """Sample documents whose synthesized share fills every round's wave in every calibration shard."""
     return math.ceil(fig["rounds"] * fig["engine_batch"] * cal["concurrency"] / max(1e-9, fig["synthesized_per_doc"]))
@@ -164,6 +176,7 @@ def data_stage(
         "wall_s": _wall(cfg, lay, shard_s, load_s, fig["overhead_s"]),
         "uncertainty": spread / math.sqrt(max(1, n)),
         "source": src,
+        "measured": {k: fig[k] for k in MEASURED if fig.get(k) is not None},
         "notes": notes,
     }
 
