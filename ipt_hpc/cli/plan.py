@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from . import render
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     say = render.stderr_log if args.json else render.console().print
-    result = plan(cfg, args.run, calibrate_docs=args.calibrate, docs=args.docs, doctor=args.doctor, say=say)
+    with _stdout_to_stderr(args.json):  # --json: stdout holds the plan alone, whatever the calibration prints
+        result = plan(cfg, args.run, calibrate_docs=args.calibrate, docs=args.docs, doctor=args.doctor, say=say)
     if args.json:
         import orjson
 
@@ -57,6 +61,23 @@ def run(args: argparse.Namespace) -> int:
 
     show(Console(width=None if sys.stdout.isatty() else 160), result)
     return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(on: bool) -> Iterator[None]:
+    """File descriptor 1 pointed at 2 while on (so that child processes, torchrun's ranks, follow)."""
+    if not on:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 WORK = {"records": "records", "input_tokens": "tokens in", "output_tokens": "tokens out", "train_tokens": "tokens"}
