@@ -486,3 +486,12 @@ def config_hash(data: dict[str, Any]) -> str:
     """Stable short hash of a JSON-able config fragment (key order does not matter)."""
     blob = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
     return "sha256:" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+def data_hash(cfg: Config) -> str:
+    """A hash of every config section that can decide data: not where tasks run (``execution``), the
+    plan's prices and margins (``plan``), or where ``publish`` writes (the plan and the dataset card
+    state it)."""
+    return config_hash(
+        cfg.model_dump(mode="json", exclude={"execution": True, "plan": True, "publish": {"part", "out"}})
+    )

@@ -20,6 +20,7 @@ from .config import Config, ExecutionConfig
 from .errors import IptError
 from .execution import StageRun, StageState, build, launch, run_stage
 from .execution.backends import submit_job
+from .execution.state import stage_label
 from .layout import RunLayout
 from .timeline import log_step
 
@@ -42,8 +43,7 @@ class ShardStage:
 
     @property
     def name(self) -> str:
-        run = self.run  # a run has one tokenize stage per group (RUN/tokens/<group>)
-        return f"{run.stage} {Path(run.out_folder).name}" if run.stage == "tokenize" else run.stage
+        return stage_label(self.run.stage, self.run.out_folder)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .atomic import atomic_write_bytes, read_json
 from .charts import pyplot, save
+from .execution.state import StageState, wall_span
 from .layout import RunLayout, state_dir
 from .status import find_stages
 
@@ -24,22 +25,16 @@ Block = tuple[Any, ...]  # ("h2", text) | ("p", text) | ("table", headers, rows)
 
 
 # -- gathering ---------------------------------------------------------------------------------------
-def _shards(stage_dir: Path) -> list[dict[str, Any]]:
-    done = state_dir(stage_dir) / "done"
-    return [read_json(p) for p in sorted(done.glob("*.json"))] if done.is_dir() else []
-
-
 def stage_rows(run: Path) -> list[list[str]]:
     """One row per stage folder: shards done, records, tokens, summed task time, wall span, records/s."""
     rows = []
     for folder in find_stages(run):
         info = read_json(state_dir(folder) / "stage.json")
-        shards = _shards(folder)
+        shards = StageState(folder).read_all("done")
         records = sum(s.get("records", s.get("docs", 0)) for s in shards)
         tokens = sum(s.get("tokens", 0) for s in shards)
         task_s = sum(s.get("seconds", 0.0) for s in shards)
-        starts = [s["finished"] - s.get("seconds", 0.0) for s in shards if "finished" in s]
-        wall = max(s["finished"] for s in shards if "finished" in s) - min(starts) if starts else 0.0
+        wall = wall_span(shards) or 0.0
         total = info.get("num_shards", len(shards))
         rows.append(
             [

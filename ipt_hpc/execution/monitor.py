@@ -19,7 +19,7 @@ from typing import Any
 
 from ..layout import state_dir
 from . import backends
-from .state import StageState, shard_name
+from .state import StageState, shard_name, stage_label, wall_span
 
 STATES = ("done", "running", "pending", "failed", "never_submitted")
 ALIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
@@ -141,23 +141,15 @@ def stage_status(stage_dir: str | os.PathLike[str], *, use_queue: bool = True) -
         else:
             states[name] = "never_submitted"
     counts = Counter(states.values())
-    records = tokens = 0
-    first_start, last_end, busy = None, None, 0.0
-    for name in done:
-        m = state.read("done", name) or {}
-        records += int(m.get("records", 0))
-        tokens += int(m.get("tokens", 0))
-        fin, sec = m.get("finished"), m.get("seconds")
-        if fin is not None and sec is not None:
-            first_start = min(first_start or fin - sec, fin - sec)
-            last_end = max(last_end or fin, fin)
-            busy += sec
+    markers = [state.read("done", name) or {} for name in done]
+    records = sum(int(m.get("records", 0)) for m in markers)
+    tokens = sum(int(m.get("tokens", 0)) for m in markers)
     in_flight = 0
     for name in running:
         if states.get(name) == "running":
             m = state.read("running", name) or {}
             in_flight += int(m.get("records", 0))
-    wall = (last_end - first_start) if first_start is not None and last_end is not None else 0.0
+    wall = wall_span(markers) or 0.0
     remaining = n - counts["done"]
     eta = None
     if counts["done"] and wall > 0 and remaining:
@@ -182,8 +174,7 @@ def stage_status(stage_dir: str | os.PathLike[str], *, use_queue: bool = True) -
         )
     return {
         "stage": info["stage"],
-        # a run has one tokenize stage per group (RUN/tokens/<group>): the name tells them apart
-        "name": f"{info['stage']} {Path(stage_dir).name}" if info["stage"] == "tokenize" else info["stage"],
+        "name": stage_label(info["stage"], stage_dir),
         "folder": str(Path(stage_dir)),
         "num_shards": n,
         "counts": {s: counts.get(s, 0) for s in STATES},

@@ -32,6 +32,18 @@ def now() -> float:
     return round(time.time(), 3)
 
 
+def stage_label(stage: str, folder: str | os.PathLike[str]) -> str:
+    """How ``status``, the pipeline and the plan name a stage: a run has one tokenize stage per group
+    (``RUN/tokens/<group>``), told apart by the folder's name."""
+    return f"{stage} {Path(folder).name}" if stage == "tokenize" else stage
+
+
+def wall_span(markers: list[dict[str, Any]]) -> float | None:
+    """Seconds from the first shard's start to the last one's finish, by their done markers (None: none)."""
+    timed = [(m["finished"] - m.get("seconds", 0.0), m["finished"]) for m in markers if "finished" in m]
+    return max(end for _, end in timed) - min(start for start, _ in timed) if timed else None
+
+
 def shard_name(k: int, num_shards: int) -> str:
     """File name of shard ``k`` (zero-padded to at least 5 digits), the same in every stage."""
     return f"shard-{k:0{max(5, len(str(num_shards - 1)))}d}.jsonl.zst"
@@ -67,6 +79,11 @@ class StageState:
                 return {e.name[:-5] for e in it if e.name.endswith(".json")}
         except FileNotFoundError:
             return set()
+
+    def read_all(self, kind: str) -> list[dict[str, Any]]:
+        """Every marker of ``kind`` (e.g. the done shards' stats), in shard order."""
+        folder = self.root / kind
+        return [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
     def is_done(self, name: str) -> bool:
         return self.marker("done", name).exists()
@@ -128,7 +145,4 @@ class StageState:
         write_json_atomic(path, {**read_json(path), "ended": now()})
 
     def submissions(self) -> list[dict[str, Any]]:
-        folder = self.root / "submissions"
-        if not folder.exists():
-            return []
-        return [read_json(p) for p in sorted(folder.glob("*.json"))]
+        return self.read_all("submissions")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import read_json, write_json_atomic
-from ..config import Config, config_hash
+from ..config import Config, data_hash
 from ..errors import IptError
 from ..layout import RunLayout
 from .calibrate import Say, calibrate, calibration_file
@@ -40,7 +40,7 @@ def plan(
             )
         cal = read_json(path)
     result = make_plan(cfg, cal, docs=docs, doctor=doctor)
-    result["config_hash"] = config_hash(cfg.model_dump(mode="json", exclude={"execution", "plan"}))
+    result["config_hash"] = data_hash(cfg)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     write_json_atomic(RunLayout.of(run_dir).plan, result)
     return result

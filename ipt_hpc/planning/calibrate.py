@@ -22,6 +22,7 @@ from typing import Any
 from ..atomic import read_json, write_json_atomic
 from ..config import Config
 from ..errors import IptError
+from ..execution.state import StageState, stage_label
 from ..layout import RunLayout, state_dir
 from .compare import folder_bytes, scaling_and_fixed_bytes
 from .sample import sample_corpus
@@ -122,10 +123,6 @@ def calibrate_here(cfg: Config, run_dir: str, n: int, label: str | None = None, 
     return figures
 
 
-def _step_name(stage: str, folder: Path) -> str:
-    return f"tokenize {folder.name}" if stage == "tokenize" else stage
-
-
 def stage_figures(run: Path, docs: int, walls: dict[str, float]) -> dict[str, dict[str, Any]]:
     """Per stage of the calibration run: seconds, output bytes, records and tokens per sample document,
     the fixed costs (model load per task, launch and finalize per step) and their spread."""
@@ -133,16 +130,18 @@ def stage_figures(run: Path, docs: int, walls: dict[str, float]) -> dict[str, di
 
     out: dict[str, dict[str, Any]] = {}
     for folder in find_stages(run):
-        info = read_json(state_dir(folder) / "stage.json")
-        name = _step_name(info["stage"], folder)
-        markers = [read_json(p) for p in sorted((state_dir(folder) / "done").glob("*.json"))]
+        state = StageState(folder)
+        info = state.read_stage() or {}
+        name = stage_label(info["stage"], folder)
+        markers = state.read_all("done")
         seconds = [m.get("seconds", 0.0) for m in markers]
         if info["stage"] == "shard":  # the scans run before the shards (one task per input file)
-            scans = [read_json(p) for p in sorted((state_dir(folder) / "scan").glob("*.json"))]
+            scans = state.read_all("scan")
             seconds = [s + sum(x.get("seconds", 0.0) for x in scans) / max(1, len(markers)) for s in seconds]
         load = [m.get("load_s", 0.0) for m in markers]
         busy = max(seconds) if seconds else 0.0
         wall = walls.get(name, busy)
+        growing, fixed = scaling_and_fixed_bytes(run, folder)
         fig: dict[str, Any] = {
             "folder": str(folder.relative_to(run)),
             "shards": len(markers),
@@ -150,8 +149,8 @@ def stage_figures(run: Path, docs: int, walls: dict[str, float]) -> dict[str, di
             "overhead_s": round(max(0.0, wall - busy), 3),  # launch, input checks, finalize (per step)
             "load_s": round(statistics.fmean(load), 3) if load else 0.0,  # per task (the model, once)
             "seconds_per_doc": (sum(seconds) - sum(load)) / docs,
-            "bytes_per_doc": scaling_and_fixed_bytes(run, folder)[0] / docs,
-            "fixed_bytes": scaling_and_fixed_bytes(run, folder)[1],
+            "bytes_per_doc": growing / docs,
+            "fixed_bytes": fixed,
             "records_per_doc": sum(m.get("records", m.get("docs", 0)) for m in markers) / docs,
         }
         for key in ("tokens", "prompt_tokens", "text_bytes", "pairs"):
@@ -164,8 +163,7 @@ def stage_figures(run: Path, docs: int, walls: dict[str, float]) -> dict[str, di
         if info["stage"] == "tokenize":
             fig.update(_tokenize_rate(run, folder, markers))
         if info["stage"] == "templify":  # the augmented corpus's JSON Lines bytes over the raw corpus's
-            raw = [read_json(p) for p in (state_dir(RunLayout.of(run).raw) / "done").glob("*.json")]
-            raw_bytes = sum(m.get("raw_bytes", 0) for m in raw)
+            raw_bytes = sum(m.get("raw_bytes", 0) for m in StageState(RunLayout.of(run).raw).read_all("done"))
             fig["output_ratio"] = (
                 round(sum(m.get("raw_bytes", 0) for m in markers) / raw_bytes, 3) if raw_bytes else None
             )
@@ -179,8 +177,7 @@ def _tokenize_rate(run: Path, folder: Path, markers: list[dict[str, Any]]) -> di
     stage_run = read_json(state_dir(folder) / "stage-run.json")
     workers = max(1, int(stage_run["stage_config"].get("workers") or 1))
     busy = sum(m.get("seconds", 0.0) - m.get("load_s", 0.0) for m in markers)
-    done = state_dir(run / stage_run["in_folder"]) / "done"
-    read = sum(read_json(p).get("raw_bytes", 0) for p in done.glob("*.json")) if done.is_dir() else 0
+    read = sum(m.get("raw_bytes", 0) for m in StageState(run / stage_run["in_folder"]).read_all("done"))
     if busy <= 0:
         return {}
     return {

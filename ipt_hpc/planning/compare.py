@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import read_json
-from ..layout import STATE, RunLayout, state_dir
+from ..execution.state import StageState, wall_span
+from ..layout import STATE, RunLayout
 
 
 def folder_bytes(folder: Path) -> int:
@@ -43,15 +44,6 @@ def load_plan(run_dir: str | Path) -> dict[str, Any] | None:
     return read_json(path) if path.exists() else None
 
 
-def _marker_span(folder: Path) -> tuple[float | None, int]:
-    """(first start to last finish of the done markers, shards done)."""
-    done = state_dir(folder) / "done"
-    markers = [read_json(p) for p in done.glob("*.json")] if done.is_dir() else []
-    ends = [m["finished"] for m in markers if "finished" in m]
-    starts = [m["finished"] - m.get("seconds", 0.0) for m in markers if "finished" in m]
-    return (max(ends) - min(starts) if ends else None), len(markers)
-
-
 def _actual_folder(run: RunLayout, stage: dict[str, Any]) -> Path | None:
     if stage.get("folder"):
         return run.root / stage["folder"]
@@ -73,7 +65,8 @@ def rows(run_dir: str | Path, plan: dict[str, Any] | None = None) -> list[dict[s
         wall = walls.get(stage["stage"])
         done = total = None
         if stage["kind"] == "data" and folder is not None:
-            span, done = _marker_span(folder)
+            markers = StageState(folder).read_all("done")
+            span, done = wall_span(markers), len(markers)
             total = stage["layout"]["shards"]
             wall = wall if wall is not None else (span if done == total else None)
         size = output_bytes(run.root, folder) if folder is not None and folder.exists() else None

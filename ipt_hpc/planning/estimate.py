@@ -102,8 +102,8 @@ def layout(cfg: Config, shards: int, shard_s: float, load_s: float, max_array: i
 
 
 def _wall(cfg: Config, lay: dict[str, Any], shard_s: float, load_s: float, overhead_s: float) -> float:
-    if lay["backend"] != "slurm":
-        return overhead_s + load_s + lay["shards_per_task"] * shard_s
+    """The step's fixed costs, then its tasks in rounds of those that run at once (local: one round of
+    workers)."""
     rounds_of_tasks = math.ceil(lay["tasks"] / concurrency(cfg, lay["tasks"]))
     return overhead_s + rounds_of_tasks * (load_s + lay["shards_per_task"] * shard_s)
 
@@ -130,10 +130,10 @@ def data_stage(
 ) -> dict[str, Any]:
     """One per-shard stage of the plan from its calibration figures."""
     shards = cfg.shard.num_shards
-    shard_s = docs / shards * fig["seconds_per_doc"]
+    per_shard = docs / shards
+    shard_s = per_shard * fig["seconds_per_doc"]
     notes = []
     if fig.get("gen_tokens_per_s"):  # synthesis: generated tokens at the engine's measured rate, and the rest
-        per_shard = docs / shards
         synthesized = per_shard * cfg.synth.convert_share  # the by-id choice converts this share on average
         shard_s = (
             synthesized * fig["gen_tokens_mean"] / fig["gen_tokens_per_s"] + per_shard * fig["other_seconds_per_doc"]
@@ -246,19 +246,12 @@ def model_stages(
     rows.append(
         row("export", fig["export_s"], fig["hf_bytes"], {}, src.replace("iterations of", "iterations, export of"))
     )
-    if "eval_s" not in fig:
+    if "eval_s" in fig:
+        scaled = f"scaled {fig['eval_scale']:.1f}x to the tasks' sizes"
+        rows.append(row("eval", fig["eval_s"] * fig["eval_scale"], 0, {}, f"calibration: evaluation, {scaled}"))
+    else:
         rows[-1]["notes"] = [f"eval was not measured by the calibration: {fig.get('eval_error', 'no figure')}"]
-        return rows
-    return [
-        *rows,
-        row(
-            "eval",
-            fig["eval_s"] * fig["eval_scale"],
-            0,
-            {},
-            f"calibration: evaluation of the calibration model, scaled {fig['eval_scale']:.1f}x to the tasks' sizes",
-        ),
-    ]
+    return rows
 
 
 def make_plan(

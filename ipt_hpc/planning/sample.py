@@ -36,8 +36,8 @@ def _rows(inp: InputFile, cfg: ShardConfig) -> Iterator[tuple[Row, int]]:
             yield row, -1
 
 
-def _table_rows(inp: InputFile) -> int | None:
-    """Rows of a Parquet/Arrow file from its metadata (no data read)."""
+def _metadata_rows(inp: InputFile) -> int | None:
+    """Rows of a Parquet file from its footer, of an Arrow file from its memory-mapped batches (not copied)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -88,7 +88,7 @@ def sample_corpus(cfg: ShardConfig, n: int, out: Path, *, prefix_bytes: int = PR
         {round(k * (len(inputs) - 1) / max(1, min(n, len(inputs)) - 1)) for k in range(min(n, len(inputs)))}
     )
     quota = math.ceil(n / len(chosen))
-    docs_found, exact_docs, sizes, spans, rows = 0.0, True, [], [], []
+    docs_found, exact_docs, sizes, rows = 0.0, True, [], []
     per_byte: list[float] = []
     for i in chosen:
         inp = inputs[i]
@@ -99,13 +99,12 @@ def sample_corpus(cfg: ShardConfig, n: int, out: Path, *, prefix_bytes: int = PR
         sizes += pre["sizes"]
         if pre["ended"]:
             total = float(count)
-        elif (meta := _table_rows(inp)) is not None:
+        elif (meta := _metadata_rows(inp)) is not None:
             total = float(meta)  # rows by the file's metadata; bad rows among them show when the shard stage scans
         else:
             exact_docs = False
             total = count * inp.size / max(1, pre["read"])
         docs_found += total
-        spans.append(inp.size)
         per_byte.append(total / max(1, inp.size))
         step = max(1, count // quota)
         wanted = set(pre["positions"][::step][:quota])

@@ -17,9 +17,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..atomic import atomic_write_bytes, read_json
-from ..config import Config, config_hash
+from ..config import Config, data_hash
 from ..errors import IptError
-from ..layout import RunLayout, state_dir
+from ..execution.state import StageState
+from ..layout import RunLayout
 from .mixture import group_tokens
 from .publish import CARD, PARTS, SUFFIX, input_folder, schema
 
@@ -83,17 +84,14 @@ def content_sha256(root: Path, names: list[str]) -> str:
 
 
 def _parquet_sizes(files: list[Path]) -> tuple[int, int]:
-    """(uncompressed data bytes, file bytes) of Parquet files."""
+    """(uncompressed data bytes, file bytes) of Parquet files, each footer read once."""
     import pyarrow.parquet as pq
 
-    data = sum(pq.ParquetFile(f).metadata.row_group(i).total_byte_size for f in files for i in range(_groups(f)))
+    data = 0
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        data += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     return data, sum(f.stat().st_size for f in files)
-
-
-def _groups(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_row_groups
 
 
 def card_metadata(cfg: Config, out: Path, parts: dict[str, dict[str, Any]]) -> Any:
@@ -140,14 +138,8 @@ def pretty_name(cfg: Config, out: Path) -> str:
 
 def _stage(folder: Path) -> tuple[dict[str, Any] | None, str]:
     """A run stage folder's manifest and config hash (``?`` when the stage did not run)."""
-    info = read_json(state_dir(folder) / "stage.json") if (state_dir(folder) / "stage.json").exists() else {}
+    info = StageState(folder).read_stage() or {}
     return _manifest(folder), info.get("config_hash", "?")
-
-
-def whole_hash(cfg: Config) -> str:
-    """A hash of every config section that can decide data (not where tasks run or the folder written)."""
-    data = cfg.model_dump(mode="json", exclude={"execution": True, "publish": {"part", "out"}})
-    return config_hash(data)
 
 
 def card_text(cfg: Config, run_dir: str | Path, out: Path, parts: dict[str, dict[str, Any]]) -> str:
@@ -193,7 +185,7 @@ def card_text(cfg: Config, run_dir: str | Path, out: Path, parts: dict[str, dict
         f" revision: {model_revision(sj.get('model'))}",
         f"- stage configs (hash of what decides each stage's bytes): shard `{raw_hash}`, synthesize `{synth_hash}`,"
         f" templify `{aug_hash}`",
-        f"- the whole config publish ran with (execution and output folder aside): `{whole_hash(cfg)}`",
+        f"- the whole config publish ran with (execution, plan and output folder aside): `{data_hash(cfg)}`",
     ]
     for part, m in parts.items():
         lines.append(f"- `{part}` Parquet: config `{m['config_hash']}`, one file per run shard, checksums in"
