@@ -311,10 +311,32 @@ class TrainConfig(_Section):
         description="Megatron-Core layer spec: local (plain PyTorch), transformer_engine (fused kernels, needs TE"
         " and CUDA), auto (TE when importable)",
     )
+    attention: Literal["sdpa", "unfused"] = Field(
+        "sdpa",
+        description="core attention of the local layer spec: sdpa (PyTorch's scaled_dot_product_attention: flash,"
+        " cuDNN or memory-efficient kernels) or unfused (Megatron-Core's DotProductAttention, the full score matrix)",
+    )
+    fusions: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="the fusions that run without Transformer Engine or apex (SwiGLU through torch.compile, the"
+        " native fused cross-entropy); auto: on with device cuda",
+    )
+    rope_fusion: Literal["auto", "off", "compiled"] = Field(
+        "auto",
+        description="RoPE of the local spec: compiled (torch.compile of Megatron-Core's eager RoPE; its own"
+        " apply_rope_fusion needs Transformer Engine), off, or auto (compiled where train.fusions is on)",
+    )
     recompute_activations: bool = Field(False, description="full activation recomputation (saves memory)")
     log_interval: int = Field(1, ge=1, description="iterations per log line (loss, lr, grad norm, tokens/s, MFU)")
     save_interval: int | None = Field(None, ge=1, description="periodic checkpoint every N iterations")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept (older ones are deleted)")
+    final_save: bool = Field(True, description="save a checkpoint when train_iters is reached (benchmarks: false)")
+    torch_profile_step: int | None = Field(
+        None,
+        ge=1,
+        description="profile this iteration with torch.profiler: RUN/train/torch-profile-<N>.txt (top kernels by"
+        " self time) and .json (rank 0)",
+    )
     exit_duration_min: float | None = Field(None, gt=0, description="save and exit after this many minutes")
     exit_signal: str = Field("USR1", description="Slurm's warning signal name (sbatch --signal=B:NAME@delay)")
     signal_delay_s: int = Field(120, ge=1, description="warning signal this long before the time limit")
@@ -327,7 +349,7 @@ class TrainConfig(_Section):
     )
     peak_flops: float = Field(989e12, gt=0, description="per-device peak for MFU (H100 SXM dense bf16: 989 TFLOP/s)")
 
-    @field_validator("distributed_optimizer", mode="before")
+    @field_validator("distributed_optimizer", "fusions", mode="before")
     @classmethod
     def _on_off(cls, value: object) -> object:
         # YAML 1.1 reads an unquoted on/off (in a config file or --set train.distributed_optimizer=on) as a bool

@@ -87,14 +87,17 @@ class Context:
     log: Callable[[str], None]
     gpus: int = 0
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)  # default: GPU_MODEL or CPU_MODEL
+    shape: dict[str, int] = field(default_factory=dict)  # default: GPU_RUN or CPU_RUN
+
+    def __post_init__(self) -> None:
+        self.model = self.model or (GPU_MODEL if self.gpu else CPU_MODEL)
+        self.shape = self.shape or (GPU_RUN if self.gpu else CPU_RUN)
 
     @property
-    def model(self) -> dict[str, Any]:
-        return GPU_MODEL if self.gpu else CPU_MODEL
-
-    @property
-    def shape(self) -> dict[str, int]:
-        return GPU_RUN if self.gpu else CPU_RUN
+    def run(self) -> Path:
+        """The run folder of the doctor's training (tokens, checkpoints, log)."""
+        return self.work / "run"
 
     @property
     def ranks(self) -> int:
@@ -225,8 +228,9 @@ def check_synthesis(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _train_config(ctx: Context, iters: int) -> Path:
-    """The run's config: the model and batch of this mode, the profile a real run of this device gets."""
+def train_config(ctx: Context, iters: int, name: str | None = None, **overrides: Any) -> Path:
+    """The run's config: the model and batch of this mode, the profile a real run of this device gets
+    (``overrides``: more ``train.*`` keys, e.g. ``attention="unfused"``)."""
     shape = ctx.shape
     train = {
         "device": "cuda" if ctx.gpu else "cpu",
@@ -243,19 +247,21 @@ def _train_config(ctx: Context, iters: int) -> Path:
         "ranks_per_node": ctx.ranks,
         "log_interval": 1,
         "keep_checkpoints": 1,
+        **overrides,
     }
-    path = ctx.work / f"train-{iters}.yaml"
+    path = ctx.work / f"{name or 'train'}-{iters}.yaml"
     path.write_text(yaml.safe_dump({"train": train}, sort_keys=False), encoding="utf-8")
     return path
 
 
-def _write_tokens(ctx: Context) -> Path:
-    """Synthetic documents (short repeating patterns, learnable) as a Megatron indexed dataset group."""
+def write_tokens(ctx: Context) -> Path:
+    """Synthetic documents (short repeating patterns, learnable) as a Megatron indexed dataset group in
+    ``ctx.run``; returns the run folder."""
     import numpy as np
 
     from .indexed import IndexedWriter, dtype_for_vocab
 
-    run = ctx.work / "run"
+    run = ctx.run
     shape, vocab = ctx.shape, ctx.model["vocab_size"]
     need = (shape["train_iters"] + shape["resume_iters"] + 4) * shape["global_batch_size"] * (shape["seq_length"] + 1)
     rng = np.random.default_rng(0)
@@ -281,7 +287,7 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
-def _torchrun(ctx: Context, run: Path, config: Path, nproc: int) -> None:
+def torchrun(ctx: Context, run: Path, config: Path, nproc: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29431"]
     cmd += ["-m", "ipt_hpc.model.train", str(run), "--config", str(config)]
     log = ctx.work / f"{config.stem}.log"
@@ -292,7 +298,7 @@ def _torchrun(ctx: Context, run: Path, config: Path, nproc: int) -> None:
         raise RuntimeError(f"training exited with {rc} (log: {log}):\n{tail}")
 
 
-def _train_log(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def train_log(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(steps in iteration order, events) of ``RUN/train/log.jsonl``; a step redone after a resume counts once."""
     from .model.train.metrics import read_steps
 
@@ -303,9 +309,9 @@ def _train_log(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 
 def check_train(ctx: Context) -> dict[str, Any]:
-    run = _write_tokens(ctx)
-    _torchrun(ctx, run, _train_config(ctx, ctx.shape["train_iters"]), ctx.ranks)
-    all_steps, events = _train_log(run)
+    run = write_tokens(ctx)
+    torchrun(ctx, run, train_config(ctx, ctx.shape["train_iters"]), ctx.ranks)
+    all_steps, events = train_log(run)
     first, steps = all_steps[0], all_steps[1:]  # the first step compiles and allocates
     start = next(e for e in events if e["event"] == "start")
     from .config import ModelConfig, TrainConfig
@@ -317,6 +323,8 @@ def check_train(ctx: Context) -> dict[str, Any]:
         "parameters": params,
         "ranks": ctx.ranks,
         "profile": start.get("profile"),
+        "attention": (start.get("profile") or {}).get("attention"),
+        "attention_kernel": start.get("attention_kernel"),
         "steps": len(all_steps),
         "loss_first_last": [round(first["loss"], 4), round(steps[-1]["loss"], 4)],
         "tokens_per_s": round(statistics.median(s["tokens_per_s"] for s in steps), 1),
@@ -360,7 +368,7 @@ def check_hf_baseline(ctx: Context) -> dict[str, Any]:
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
-    probe = RunLayout.of(ctx.work / "run").token_group("probe").with_suffix(".bin")
+    probe = RunLayout.of(ctx.run).token_group("probe").with_suffix(".bin")
     data = np.memmap(probe, mode="r", dtype=dtype_for_vocab(m["vocab_size"]))
     seq, mbs = shape["seq_length"], shape["micro_batch_size"]
     micro = shape["global_batch_size"] // (mbs * ctx.ranks)
@@ -397,11 +405,11 @@ def check_hf_baseline(ctx: Context) -> dict[str, Any]:
 
 
 def check_resume(ctx: Context) -> dict[str, Any]:
-    run = ctx.work / "run"
+    run = ctx.run
     first = ctx.shape["train_iters"]
-    config = _train_config(ctx, first + ctx.shape["resume_iters"])
-    _torchrun(ctx, run, config, ctx.ranks)
-    steps, events = _train_log(run)
+    config = train_config(ctx, first + ctx.shape["resume_iters"])
+    torchrun(ctx, run, config, ctx.ranks)
+    steps, events = train_log(run)
     resumed = [e for e in events if e["event"] == "resume"]
     if not resumed or resumed[-1]["iteration"] != first:
         raise RuntimeError(f"no resume from iteration {first}: events {[e.get('event') for e in events]}")
@@ -417,7 +425,7 @@ def check_resume(ctx: Context) -> dict[str, Any]:
 
 
 def check_export(ctx: Context) -> dict[str, Any]:
-    run = ctx.work / "run"
+    run = ctx.run
     out = ctx.work / "hf-export"
     cmd = [
         sys.executable,

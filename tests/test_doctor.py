@@ -67,6 +67,7 @@ def test_cpu_doctor_passes_without_the_heavy_dependencies(tmp_path: Path) -> Non
     assert sum(checks["synthesis"]["pairs"]) > 0
     assert checks["train"]["loss_first_last"][1] < checks["train"]["loss_first_last"][0]
     assert checks["train"]["profile"]["device"] == "cpu"
+    assert checks["train"]["attention"] == "sdpa" and checks["train"]["attention_kernel"].startswith("flash")
     assert checks["hf_baseline"]["tokens_per_s"] > 0 and checks["hf_baseline"]["megatron_over_hf_per_device"] > 0
     assert checks["resume"]["resumed_from"] == 8 and checks["resume"]["iteration"] == 12
     assert checks["export"]["max_abs_logit_diff"] < 1e-3

@@ -151,6 +151,25 @@ def test_tiny_model_learns_and_logs(reference: Path) -> None:
     assert read_json(reference / "train" / "done.json")["iteration"] == ITERS
     ckpts = sorted(p.name for p in (reference / "train" / "checkpoints").iterdir())
     assert ckpts == ["iter_0000016", "iter_0000020", "iter_0000024", "latest.json"]  # keep_checkpoints=3
+    start_event = events(reference)[0]
+    assert start_event["profile"]["attention"] == "sdpa"  # the default, on CPU too
+    assert start_event["attention_kernel"] == "flash (native GQA)"  # what PyTorch dispatches fp32 GQA to on CPU
+
+
+def test_unfused_attention_trains_to_the_same_losses(tmp_path: Path, reference: Path) -> None:
+    """``train.attention=unfused`` (Megatron-Core's DotProductAttention) against the SDPA default through the
+    real loop, step for step; the run also skips its final save and profiles one step."""
+    run = new_run(tmp_path, "unfused")
+    sets = ("train.attention=unfused", "train.final_save=false", "train.torch_profile_step=3")
+    assert finish(start(run, 1, *sets)) == 0, tail(run)
+    assert events(run)[0]["profile"]["attention"] == "unfused" and events(run)[0]["attention_kernel"] is None
+    np.testing.assert_allclose(losses(run), losses(reference), rtol=0, atol=1e-5)
+    ckpts = sorted(p.name for p in (run / "train" / "checkpoints").iterdir())
+    assert ckpts == ["iter_0000012", "iter_0000016", "iter_0000020", "latest.json"]  # no iter_0000024
+    assert read_json(run / "train" / "done.json") == {"iteration": ITERS, "checkpoint": None}
+    top = read_json(run / "train" / "torch-profile-3.json")["top"]
+    assert top and any(k["name"] == "aten::bmm" for k in top)  # the unfused scores and context products
+    assert "Self CPU" in (run / "train" / "torch-profile-3.txt").read_text()
 
 
 @pytest.mark.parametrize("parallel", ["train.tensor_parallel=2", "train.pipeline_parallel=2"])

@@ -58,6 +58,8 @@ def test_gpu_configs_resolve_to_kernels_we_ship(name: str) -> None:
     assert not local.masked_softmax_fusion  # apex is not a dependency
     assert not local.sequence_parallel  # WrappedTorchNorm asserts against it
     assert local.distributed_optimizer and local.optim_sharding == "dp_reshardable" and local.fully_parallel_checkpoint
+    assert local.attention == "sdpa" and local.swiglu_fusion and local.cross_entropy_fusion
+    assert local.rope_fusion == "compiled"
     auto = resolve(cfg.model_copy(update={"layer_spec": "auto"}), transformer_engine=True)
     assert auto.layer_spec == "transformer_engine"
     assert auto.sequence_parallel == (cfg.tensor_parallel > 1)
@@ -97,6 +99,9 @@ def test_gpu_profile_trains_saves_and_resumes_exactly_on_cpu(tmp_path: Path) -> 
     profile = start["profile"]
     assert profile["device"] == "cuda" and profile["bf16"] and profile["distributed_optimizer"]
     assert profile["optim_sharding"] == "dp_reshardable" and not profile["masked_softmax_fusion"]
+    # SDPA, the SwiGLU and cross-entropy fusions and the compiled RoPE: a GPU rank's kernels, compiled for the CPU
+    assert profile["attention"] == "sdpa" and profile["swiglu_fusion"] and profile["cross_entropy_fusion"]
+    assert profile["rope_fusion"] == "compiled" and start["attention_kernel"] == "flash (native GQA)"
     assert (start["tp"], start["dp"]) == (2, 2)
     assert np.isfinite(losses(ref)).all() and len(losses(ref)) == 6
 

@@ -27,8 +27,9 @@ from ...config import TrainConfig
 from ...errors import IptError
 from ...layout import RunLayout
 from . import checkpoint, cpu_shims, early, hf_init
+from .attention import probe_choice
 from .data import build_dataset, micro_batches
-from .metrics import MetricsLog
+from .metrics import MetricsLog, step_profiler
 from .model import build_model, flops_per_token, num_parameters, wrap_ddp
 from .profile import Profile, placement, rank_seed, resolve
 
@@ -163,6 +164,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     if resume_from is not None:
         iteration = checkpoint.load(resume_from, ddp, optimizer, scheduler, on_gpu, profile)
     dataset = build_dataset(cfg, run_dir, out / "cache")
+    device = torch.cuda.current_device() if on_gpu else "cpu"
     log.event(
         "resume" if resume_from else "start",
         iteration=iteration,
@@ -174,30 +176,31 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
         parameters=num_parameters(cfg),
         device="cuda" if on_gpu else "cpu",
         profile=profile.describe(),  # layer spec, precision, fusions, optimizer and checkpoint format that ran
+        attention_kernel=attention_kernel(cfg, profile, device),
         setup_s=round(time.time() - started, 2),
     )
 
     forward_backward = get_forward_backward_func()
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
-    device = torch.cuda.current_device() if on_gpu else "cpu"
     flag = torch.zeros(1, dtype=torch.int32, device=device)
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
     step_sleep = float(os.environ.get(STEP_SLEEP_ENV, "0"))
     reason, interval_start, interval_steps = None, time.time(), 0
     while iteration < cfg.train_iters:
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses = forward_backward(
-            forward_step_func=_forward_step,
-            data_iterator=micro_batches(dataset, cfg, iteration, dp_rank, dp, device),
-            model=[ddp],
-            num_microbatches=num_micro,
-            seq_length=cfg.seq_length,
-            micro_batch_size=cfg.micro_batch_size,
-            forward_only=False,
-        )
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
+        with step_profiler(cfg.torch_profile_step == iteration + 1, on_gpu, out, iteration + 1, rank == 0):
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            losses = forward_backward(
+                forward_step_func=_forward_step,
+                data_iterator=micro_batches(dataset, cfg, iteration, dp_rank, dp, device),
+                model=[ddp],
+                num_microbatches=num_micro,
+                seq_length=cfg.seq_length,
+                micro_batch_size=cfg.micro_batch_size,
+                forward_only=False,
+            )
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
         iteration += 1
         if step_sleep:
             time.sleep(step_sleep)
@@ -224,6 +227,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
                 if on_gpu
                 else None,
                 step_s=round(elapsed / interval_steps, 4),
+                mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
             )
             interval_start, interval_steps = time.time(), 0
         if flag.item():
@@ -232,18 +236,38 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
         if cfg.save_interval and iteration % cfg.save_interval == 0 and iteration < cfg.train_iters:
             _save(ckpt_root, ddp, optimizer, scheduler, iteration, cfg, on_gpu, profile, log, dp)
 
-    _save(ckpt_root, ddp, optimizer, scheduler, iteration, cfg, on_gpu, profile, log, dp)
     done = iteration >= cfg.train_iters
+    if cfg.final_save or not done:
+        _save(ckpt_root, ddp, optimizer, scheduler, iteration, cfg, on_gpu, profile, log, dp)
     log.event("done" if done else "exit", iteration=iteration, reason=reason)
     if done and rank == 0:
-        write_json_atomic(
-            out / "done.json", {"iteration": iteration, "checkpoint": str(checkpoint.iter_dir(ckpt_root, iteration))}
-        )
+        final = checkpoint.iter_dir(ckpt_root, iteration) if cfg.final_save else None
+        write_json_atomic(out / "done.json", {"iteration": iteration, "checkpoint": final and str(final)})
     log.close()
     torch.distributed.barrier()
     ps.destroy_model_parallel()
     torch.distributed.destroy_process_group()
     return 0 if done else EXIT_RESUME
+
+
+def attention_kernel(cfg: TrainConfig, profile: Profile, device: Any) -> str | None:
+    """The SDPA kernel this rank's attention runs (flash, cudnn, efficient, math), as PyTorch's dispatcher
+    picks it for the rank's per-partition shapes and dtype; None where SDPA does not run."""
+    if profile.attention != "sdpa":
+        return None
+    m, tp = cfg.model, cfg.tensor_parallel
+    heads = m.num_attention_heads // tp
+    groups = max(1, (m.num_query_groups or m.num_attention_heads) // tp)
+    choice = probe_choice(
+        heads=heads,
+        groups=groups,
+        head_dim=m.hidden_size // m.num_attention_heads,
+        seq=cfg.seq_length,
+        batch=cfg.micro_batch_size,
+        dtype=torch.bfloat16 if profile.bf16 else torch.float32,
+        device=device,
+    )
+    return choice.describe()
 
 
 def _over_time(cfg: TrainConfig, started: float) -> bool:

@@ -3,13 +3,16 @@ PNG loss curve (``loss.png``) redrawn from the whole JSONL history, so it spans 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from ...atomic import atomic_write_bytes, write_json_atomic
 from ...charts import pyplot, save
 
 
@@ -87,3 +90,39 @@ def plot_loss(steps: dict[int, dict[str, Any]], png: Path) -> bool:
     fig.tight_layout()
     save(fig, png)
     return True
+
+
+@contextlib.contextmanager
+def step_profiler(enabled: bool, on_gpu: bool, out: Path, iteration: int, write: bool) -> Iterator[None]:
+    """``torch.profiler`` around one training step (``train.torch_profile_step``); the writing rank leaves
+    ``torch-profile-<N>.txt`` (PyTorch's table, top 30 by self time on the device, or the CPU) and ``.json``
+    (the same top kernels as records) in ``out``."""
+    if not enabled:
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        yield
+        if on_gpu:
+            torch.cuda.synchronize()
+    if not write:
+        return
+    averages = prof.key_averages()
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    table = averages.table(sort_by=key, row_limit=30)
+    top = sorted(averages, key=lambda e: getattr(e, key, 0), reverse=True)[:30]
+    total = sum(getattr(e, key, 0) for e in averages) or 1
+    records = [
+        {
+            "name": e.key,
+            "self_ms": round(getattr(e, key, 0) / 1000, 3),
+            "share": round(getattr(e, key, 0) / total, 4),
+            "calls": e.count,
+        }
+        for e in top
+    ]
+    atomic_write_bytes(out / f"torch-profile-{iteration}.txt", table.encode())
+    write_json_atomic(out / f"torch-profile-{iteration}.json", {"sort_by": key, "top": records})

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import TrainConfig
+from .attention import sdpa_attention_class
 from .profile import Profile
 
 
@@ -43,11 +44,13 @@ def transformer_config(cfg: TrainConfig, profile: Profile, *, initialize: bool =
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
-        bias_activation_fusion=False,  # the fused kernels need the bias / apex
+        bias_activation_fusion=profile.swiglu_fusion,  # SwiGLU through torch.compile; needs no bias (profile.py)
+        cross_entropy_loss_fusion=profile.cross_entropy_fusion,
+        cross_entropy_fusion_impl="native",  # torch.compile'd; "te" needs Transformer Engine
         masked_softmax_fusion=profile.masked_softmax_fusion,  # apex's kernel; off, see profile.py
         attention_softmax_in_fp32=True,
         gradient_accumulation_fusion=False,  # needs apex's fused_weight_gradient_mlp_cuda
-        apply_rope_fusion=False,
+        apply_rope_fusion=profile.rope_fusion == "transformer_engine",  # TE's kernel; "compiled": see layer_spec
         persist_layer_norm=False,
         recompute_granularity="full" if cfg.recompute_activations else None,
         recompute_method="uniform" if cfg.recompute_activations else None,
@@ -77,12 +80,33 @@ def _seeded_layer_class(seed: int, layers_per_stage: int):
 
 
 def layer_spec(profile: Profile):
-    """Megatron-Core's layer spec for the profile: Transformer Engine's fused layers, or plain PyTorch."""
+    """Megatron-Core's layer spec for the profile: Transformer Engine's fused layers, or plain PyTorch with
+    the profile's core attention (SDPA or Megatron's unfused ``DotProductAttention``)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if profile.layer_spec == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if profile.attention == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = sdpa_attention_class()
+    if profile.rope_fusion == "compiled":
+        compile_rope()
+    return spec
+
+
+def compile_rope() -> None:
+    """Megatron-Core's eager RoPE (``rope_utils._apply_rotary_pos_emb_bshd``: cos, sin, rotate-half, two
+    multiplies and a concat, each a kernel) replaced by its ``torch.compile``d self, once per process.
+
+    The function is looked up as a module global at each call, so the replacement reaches every attention
+    layer; the maths is Megatron's own. Megatron's ``apply_rope_fusion`` would import Transformer Engine.
+    """
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if not getattr(rope_utils._apply_rotary_pos_emb_bshd, "_ipt_compiled", False):
+        compiled = torch.compile(rope_utils._apply_rotary_pos_emb_bshd, dynamic=False)
+        compiled._ipt_compiled = True
+        rope_utils._apply_rotary_pos_emb_bshd = compiled
 
 
 def build_model(cfg: TrainConfig, profile: Profile, *, initialize: bool = True, device: str = "cpu"):
