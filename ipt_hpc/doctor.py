@@ -288,7 +288,9 @@ def _child_env() -> dict[str, str]:
 
 
 def torchrun(ctx: Context, run: Path, config: Path, nproc: int) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29431"]
+    from .model.train.stage import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
     cmd += ["-m", "ipt_hpc.model.train", str(run), "--config", str(config)]
     log = ctx.work / f"{config.stem}.log"
     with open(log, "w") as out:

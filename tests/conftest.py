@@ -110,6 +110,27 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``, make test): every test module runs on one worker, so its module-
+    and session-scoped fixtures (trained checkpoints, a planned run) are built once; and every module that has a
+    Slurm test runs on one "slurm" worker, one test after another, since the local cluster is shared (the chaos
+    drill sets its node DOWN: no other Slurm test may overlap it). A module with ``XDIST_SPREAD = True`` shares no
+    fixture: its tests go to any worker, its Slurm tests to the Slurm one."""
+    if not hasattr(config, "workerinput"):  # not an xdist worker: nothing to group
+        return
+    slurm = {item.module.__name__ for item in items if item.get_closest_marker("slurm")}
+    for item in items:
+        module = item.module.__name__
+        if item.get_closest_marker("slurm") or (module in slurm and not getattr(item.module, "XDIST_SPREAD", False)):
+            group = "slurm"
+        elif getattr(item.module, "XDIST_SPREAD", False):  # tests that share no fixture: each on any worker
+            group = item.nodeid
+        else:
+            group = module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     """A folder with two JSON Lines files (one gzipped) holding 300 documents."""

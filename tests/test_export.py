@@ -18,6 +18,8 @@ from tokenizer_fixture import train_tokenizer
 
 from ipt_hpc.atomic import write_json_atomic
 
+pytestmark = pytest.mark.train  # starts training runs: not in make test-fast
+
 MODEL = [  # GQA: 4 query heads share 2 key/value heads, so the fused QKV split is exercised
     "train.model.hidden_size=32",
     "train.model.ffn_hidden_size=64",

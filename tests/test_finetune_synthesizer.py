@@ -22,6 +22,8 @@ from ipt_hpc.stages import synthesize
 
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.train  # starts training runs: not in make test-fast
+
 DATA = REPO / "data" / "synth-ft"
 SHIPPED = REPO / "models" / "tiny-synthesizer"
 TINY = [  # a smaller model than the shipped one: the CLI test only proves that the stage learns

@@ -9,11 +9,12 @@ import json
 import math
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import make_docs, run_cli, write_jsonl
+from conftest import REPO, make_docs, run_cli, write_jsonl
 
 from ipt_hpc.atomic import read_json
 from ipt_hpc.config import Config, ShardConfig
@@ -143,6 +144,19 @@ def test_calibrated_plan_covers_every_stage_with_its_sources(planned_run: tuple[
     assert synth["gpu_hours"] == 0 and synth["cpu_hours"] > 0  # the CPU engine
 
 
+def test_bench_plan_sets_plan_beside_actual(planned_run: tuple[Path, list[str]]) -> None:
+    """tools/bench_plan.py on the planned run (``--skip-run``): the table docs/benchmarks.md quotes."""
+    run, _ = planned_run
+    cmd = [sys.executable, str(REPO / "tools" / "bench_plan.py"), "--run", str(run), "--skip-run"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"stage\s+plan wall\s+actual\s+ratio\s+plan size\s+actual\s+ratio", out), out
+    for stage in ("shard", "synthesize", "templify", "tokenize augmented", "tokenize raw"):
+        assert re.search(rf"^{stage}\s+\S+.*\s[0-9]+\.[0-9]{{2}}$", out, re.M), (stage, out)
+    assert re.search(r"data stages within ±35%: [0-9]+/[0-9]+ figures", out)
+
+
 def test_report_and_status_set_the_plan_beside_the_run(planned_run: tuple[Path, list[str]]) -> None:
     run, _ = planned_run
     plan = read_json(run / "plan.json")
@@ -252,6 +266,7 @@ def test_calibration_runs_as_one_job_on_the_partition(tmp_path: Path) -> None:
     assert list((run / "_state" / "logs" / "calibration").rglob("*.out"))  # the job's own log
 
 
+@pytest.mark.train
 def test_calibration_trains_exports_and_evaluates_the_configured_model(tmp_path: Path) -> None:
     """With a train section the calibration trains the configured model briefly, exports and evaluates it;
     the plan's train, export and eval rows scale those figures."""

@@ -19,6 +19,9 @@ from ipt_hpc.config import load_config
 from ipt_hpc.errors import ConfigError, IptError
 from ipt_hpc.indexed import IndexedWriter
 from ipt_hpc.model.train.metrics import read_steps
+from ipt_hpc.model.train.stage import free_port
+
+pytestmark = pytest.mark.train  # starts training runs: not in make test-fast
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "train" / "tiny.yaml"
@@ -60,14 +63,10 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-_port = [29700 + os.getpid() % 1000]
-
-
 def start(run: Path, nproc: int, *sets: str, **env: str) -> subprocess.Popen[str]:
     """torchrun with ``nproc`` ranks of ``python -m ipt_hpc.model.train`` (gloo), output kept in RUN/torchrun-*.log."""
-    _port[0] += 1
     log = open(run / f"torchrun-{time.time_ns()}.log", "w")  # noqa: SIM115 - closed with the process
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port[0]}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
     cmd += ["-m", "ipt_hpc.model.train", str(run), "--config", str(TINY)]
     for s in [*SMALL, *sets]:
         cmd += ["--set", s]
@@ -208,10 +207,29 @@ def test_signal_to_one_rank_stops_all_and_resumes_at_another_dp_size(tmp_path: P
     np.testing.assert_allclose(losses(run), losses(reference), rtol=0, atol=2e-5)
 
 
+def survivors(folder: Path, timeout: float = 15) -> list[str]:
+    """Processes still running in ``folder`` (their working directory) after ``timeout`` seconds."""
+    import psutil
+
+    deadline, found = time.time() + timeout, []
+    while time.time() < deadline:
+        found = []
+        for p in psutil.process_iter(["pid", "cwd", "cmdline"]):
+            if p.info["cwd"] == str(folder) and p.pid != os.getpid():
+                found.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:200]}")
+        if not found:
+            return []
+        time.sleep(0.2)
+    return found
+
+
 def test_checkpoint_torn_by_sigkill_is_skipped_on_resume(tmp_path: Path, reference: Path) -> None:
     run = new_run(tmp_path, "torn")
     ckpts = run / "train" / "checkpoints"
     assert finish(start(run, 1, IPT_TRAIN_TEST_KILL_DURING_SAVE="8")) != 0
+    # the rank died of SIGKILL mid-save: its checkpoint helper (deaf to SIGTERM on purpose) and multiprocessing's
+    # resource tracker used to live on with parent 1 (issue 28); they must die with it
+    assert survivors(run) == []
     assert (ckpts / "iter_0000008.tmp" / "common.pt").exists()  # written, never completed
     assert not (ckpts / "iter_0000008").exists()
     assert read_json(ckpts / "latest.json")["iteration"] == 4
@@ -282,8 +300,7 @@ def test_a_warning_signal_during_startup_is_kept_not_fatal(tmp_path: Path) -> No
     cmd = [sys.executable, "-m", "ipt_hpc.model.train", str(run), "--config", str(TINY)]
     for s in SMALL:
         cmd += ["--set", s]
-    _port[0] += 1
-    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port[0]))
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=run)
     time.sleep(0.5)  # Python is up, torch is being imported
     assert proc.poll() is None

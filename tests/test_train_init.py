@@ -21,6 +21,8 @@ from ipt_hpc.config import load_config
 from ipt_hpc.errors import IptError
 from ipt_hpc.model.train import hf_init, hf_mapping
 
+pytestmark = pytest.mark.train  # starts training runs: not in make test-fast
+
 HF_VOCAB = 500  # < train.model.vocab_size 512: the import pads 12 rows
 ITERS = 8
 MODEL = [  # must describe the HF model below

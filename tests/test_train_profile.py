@@ -26,6 +26,8 @@ from ipt_hpc.model.train.profile import PROFILE_ON_CPU_ENV, rank_seed, resolve
 
 pytest.importorskip("megatron.core")
 
+pytestmark = pytest.mark.train  # starts training runs: not in make test-fast
+
 GPU_CONFIGS = ["instructlm-500m.yaml", "instructlm-1.3b.yaml", "continual-llama.yaml"]
 # the GPU profile at TP=2 x DP=2; seq 32, 2 heads per TP rank and micro-batch 2 meet every condition under
 # which Megatron's fused softmax would take apex's kernel (16 < seq <= 4096, seq % 4, batch x heads % 4)

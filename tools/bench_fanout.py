@@ -63,7 +63,16 @@ def execution() -> Any:
     ).execution
 
 
+def complete_input(run: Path, n: int) -> None:
+    """``run/raw`` as a finished input stage leaves it (its stage record and manifest), so the launch's input
+    check passes at once, as it does for a stage whose input stage is done; the shards' files are never read."""
+    raw = run / "raw"
+    StageState(raw).write_stage({"stage": "shard", "num_shards": n, "config_hash": "bench"})
+    write_json_atomic(raw / "manifest.json", {"stage": "shard", "num_shards": n, "bench": True})
+
+
 def bench_ours(run: Path, n: int, log: Path) -> dict[str, Any]:
+    complete_input(run, n)
     stage = StageRun("bench", str(run), "bench", "raw", n, noop, {})
     before = calls(log)
     t = time.perf_counter()

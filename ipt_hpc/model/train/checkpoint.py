@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ...atomic import fsync_dir, read_json, write_json_atomic
+from . import early
 from .profile import Profile
 
 COMPLETE = re.compile(r"^iter_(\d{7})$")
@@ -104,19 +105,28 @@ def _state_dict(
 
 
 def start_writer_helper(signal_names: list[str]) -> None:
-    """Start dist_checkpointing's helper process now, deaf to the stop signals.
+    """Start dist_checkpointing's helper process now, deaf to the stop signals, and bound to this rank's life.
 
-    Its file writer collects results through a ``multiprocessing`` manager, a child process started at the
-    first save. Slurm delivers the warning signal and SIGTERM to every process of a job step, and the
-    default action of both would kill that helper in the middle of the very save they ask for. Ignored
-    signals stay ignored across the helper's exec, so it is started here with them ignored.
+    Its file writer collects results through a ``multiprocessing`` manager, a child process that it would
+    start at the first save (``filesystem_async._get_write_results_queue``: a spawn-context manager's queue).
+    Slurm delivers the warning signal and SIGTERM to every process of a job step, and the default action of
+    both would kill that helper in the middle of the very save they ask for. Ignored signals stay ignored
+    across the helper's exec, so it is started here with them ignored. Deaf to them, it would outlive a rank
+    killed outright (SIGKILL): so the same manager is started here with :func:`.early.die_with_parent` as its
+    initializer, and its queue is the one the writer finds.
     """
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     numbers = [getattr(signal, f"SIG{n.upper().removeprefix('SIG')}") for n in signal_names]
     previous = [signal.signal(n, signal.SIG_IGN) for n in numbers]
     try:
-        filesystem_async._get_write_results_queue()
+        if filesystem_async._results_queue is None:
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(initializer=early.die_with_parent, initargs=(os.getpid(),))
+            filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
     finally:
         for n, handler in zip(numbers, previous, strict=True):
             signal.signal(n, handler)

@@ -48,6 +48,16 @@ def freeze_config(cfg: Config, run_dir: Path) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port free on this host now, for a local rendezvous (torchrun's ``--master-port``): asked of the
+    kernel, so runs started side by side (tests in parallel, two users' debug runs) do not collide."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def torchrun_command(cfg: Config, run_dir: Path, port: int | None = None) -> list[str]:
     """``torchrun`` for one node: ``train.ranks_per_node`` rank processes of ``python -m ipt_hpc.model.train``."""
     t = cfg.train
@@ -57,7 +67,7 @@ def torchrun_command(cfg: Config, run_dir: Path, port: int | None = None) -> lis
         "torch.distributed.run",
         f"--nproc-per-node={t.ranks_per_node}",
         "--nnodes=1",
-        f"--master-port={port or 29500 + os.getpid() % 2000}",
+        f"--master-port={port or free_port()}",
         "-m",
         "ipt_hpc.model.train",
         str(run_dir),
@@ -97,7 +107,7 @@ def run_debug(cfg: Config, run_dir: Path) -> int:
         raise IptError("train --executor debug runs one rank: set train.tensor_parallel=1 train.pipeline_parallel=1")
     check_local_cuda(cfg)
     freeze_config(cfg, run_dir)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     return train(cfg.train, run_dir)
 
 
