@@ -11,6 +11,9 @@ DEMO_RUN ?= runs/demo
 # uv (from PyPI, into .cache/uv) creates and fills the venvs: ~25 s for .venv against ~110 s with pip.
 # It does not read pip's configuration, so pip's find-links (where a machine keeps wheels such as a CPU
 # build of torch) are handed on; --seed puts pip in the venv for the tools that call it.
+# --compile-bytecode: uv, unlike pip, writes no .pyc files by default, and where PYTHONDONTWRITEBYTECODE is
+# set (CI's machines) every new interpreter then compiles torch, transformers and megatron-core from source
+# again: ~5 s of CPU for each training rank, CLI call or Slurm task that imports them.
 UV_VERSION ?= 0.13.9
 UV := .cache/uv/bin/uv
 FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
@@ -23,9 +26,9 @@ venv: $(STAMP)
 $(UV):
 	$(PYTHON) -m pip install --quiet --target .cache/uv "uv==$(UV_VERSION)"
 
-$(STAMP): pyproject.toml | $(UV)
+$(STAMP): pyproject.toml Makefile | $(UV)
 	test -x $(PY) || $(UV) venv --quiet --seed --python $(PYTHON) $(VENV)
-	$(UV) pip install --quiet --python $(PY) -e '.[test]'
+	$(UV) pip install --quiet --compile-bytecode --python $(PY) -e '.[test]'
 	touch $(STAMP)
 
 # the whole chain on the bundled corpus: shard -> synthesize -> templify -> tokenize -> mixture ->

@@ -1,6 +1,6 @@
 """``plan``: the corpus sample and its count, the array layout arithmetic, a calibrated plan of a real
-pipeline set beside what that pipeline then measured (report and status), and a 10,000-shard plan on the
-local Slurm cluster that submits nothing."""
+pipeline set beside what that pipeline then measured (report and status). The Slurm plans are in
+test_plan_slurm.py (a module of its own, so that these CPU-bound tests do not wait in the Slurm tests' queue)."""
 
 from __future__ import annotations
 
@@ -97,15 +97,13 @@ def test_waves_follow_rounds_and_batches() -> None:
     assert waves(33, 1, 16) == 3
 
 
-@pytest.fixture(scope="module")
-def planned_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """A calibrated plan of a small real pipeline (synthesize to tokenize), then that pipeline run."""
+def small_pipeline(tmp: Path) -> list[str]:
+    """``--set`` flags of a small real pipeline (synthesize to tokenize) with a tiny random model, made in ``tmp``."""
     from tiny_model import tiny_llama
 
-    tmp = tmp_path_factory.mktemp("plan")
     model = tiny_llama(tmp / "model")
     inp = write_jsonl(tmp / "in.jsonl", make_docs(60, seed=5, max_words=60))
-    args = corpus_sets(
+    return corpus_sets(
         inp,
         shard__num_shards=4,
         synth__model=model,
@@ -117,9 +115,20 @@ def planned_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[st
         tokenize__workers=1,
         execution__workers=2,
     )
-    run = tmp / "run"
+
+
+def calibrate(run: Path, args: list[str]) -> None:
     proc = run_cli("plan", "--run", str(run), "--calibrate", "16", "--json", *args)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def planned_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A calibrated plan of a small real pipeline (synthesize to tokenize), then that pipeline run."""
+    tmp = tmp_path_factory.mktemp("plan")
+    args = small_pipeline(tmp)
+    run = tmp / "run"
+    calibrate(run, args)
     proc = run_cli("pipeline", "--run", str(run), "--plan", "--yes", *args)
     assert proc.returncode == 0, proc.stderr
     return run, args
@@ -202,34 +211,6 @@ def test_pipeline_plan_asks_before_submitting(planned_run: tuple[Path, list[str]
     assert proc.returncode == 2 and "plan --calibrate N first" in proc.stderr
 
 
-def _my_jobs() -> int:
-    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
-    return len(out.split())
-
-
-@pytest.mark.slurm
-def test_plan_of_10000_shards_on_slurm_submits_nothing(planned_run: tuple[Path, list[str]], tmp_path: Path) -> None:
-    from ipt_hpc.execution.backends import cluster_max_array_size
-
-    run, args = planned_run
-    before = _my_jobs()
-    submissions = sorted(run.glob("*/_state/submissions/*"))
-    proc = run_cli(
-        "plan", "--run", str(run), "--json", *args, "--executor", "slurm", "--set", "shard.num_shards=10000",
-        "--parallelism", "64", "--set", "execution.slurm.time_min=30",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    plan = json.loads(proc.stdout)
-    limit = cluster_max_array_size()
-    synth = next(s for s in plan["stages"] if s["stage"] == "synthesize")["layout"]
-    assert plan["max_array_size"] == limit and synth["shards"] == 10_000 and synth["throttle"] == 64
-    assert synth["arrays"] == math.ceil(synth["tasks"] / limit) == synth["sbatch_calls"]
-    assert synth["tasks"] == math.ceil(10_000 / synth["shards_per_task"])
-    assert synth["task_min"] <= 30 * 0.75 or not synth["fits"]
-    assert _my_jobs() == before and sorted(run.glob("*/_state/submissions/*")) == submissions
-    assert re.search(r"not included", plan["queue_wait"])  # the plan says what it leaves out
-
-
 def test_doctor_report_gives_training_throughput(tmp_path: Path) -> None:
     from ipt_hpc.model.train.model import flops_per_token
     from ipt_hpc.planning.estimate import doctor_throughput
@@ -244,26 +225,6 @@ def test_doctor_report_gives_training_throughput(tmp_path: Path) -> None:
     (tmp_path / "doctor.json").write_text(json.dumps(report))
     with pytest.raises(IptError, match="no Megatron-Core training figure"):
         doctor_throughput(cfg, tmp_path / "doctor.json")
-
-
-@pytest.mark.slurm
-def test_calibration_runs_as_one_job_on_the_partition(tmp_path: Path) -> None:
-    """On Slurm the calibration is one job on the target partition; its figures come back to the plan."""
-    from tokenizer_fixture import train_tokenizer
-
-    tok = train_tokenizer(tmp_path / "tok")
-    inp = write_jsonl(tmp_path / "in.jsonl", make_docs(30, seed=9, max_words=40))
-    args = corpus_sets(inp, shard__num_shards=6, tokenize__tokenizer=tok)
-    run = tmp_path / "run"
-    proc = run_cli("plan", "--run", str(run), "--calibrate", "10", "--executor", "slurm", "--json", *args)
-    assert proc.returncode == 0, proc.stderr
-    assert "calibration: Slurm job" in proc.stderr
-    cal = read_json(run / "_state" / "plan" / "calibration.json")
-    assert cal["executor"].startswith("slurm: one job") and cal["concurrency"] == 1  # one task's worth
-    assert list(cal["stages"]) == ["shard", "tokenize raw"]
-    plan = json.loads(proc.stdout)
-    assert plan["backend"] == "slurm" and plan["stages"][1]["layout"]["shards"] == 6
-    assert list((run / "_state" / "logs" / "calibration").rglob("*.out"))  # the job's own log
 
 
 @pytest.mark.train
