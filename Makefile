@@ -49,6 +49,10 @@ test-assets: venv
 # (tests/conftest.py); PYTEST_WORKERS=0 runs in this process
 PYTEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
+# one OpenMP thread per process in the tests (torchrun's own default for several ranks): the workers and their
+# training ranks, CLI runs and Slurm tasks already keep every core busy, and a second thread per process then
+# only waits at OpenMP's barriers, spinning on a core another process needs. Set it to override.
+test-main test-fast: export OMP_NUM_THREADS ?= 1
 
 test-main: venv test-assets
 	$(PY) -m pytest -m "not vllm" $(XDIST) $(PYTEST_ARGS)

@@ -7,6 +7,7 @@ attempt (to test ``--shards failed``). The engine around it is the real one.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -31,4 +32,6 @@ def slow_upper(cfg: dict[str, Any], ctx: ShardContext) -> dict[str, Any]:
         if (i + 1) % flush_every == 0:
             writer.flush()
             ctx.report(i + 1)
-    return {**writer.close().to_json(), "next_inputs": [p.name for p in ctx.next_inputs]}
+    # what the executor gave the task (test_fanout: the local executor shares the CPUs out as OpenMP threads)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return {**writer.close().to_json(), "next_inputs": [p.name for p in ctx.next_inputs], "omp_num_threads": threads}

@@ -259,6 +259,22 @@ def test_a_shard_is_never_written_by_two_tasks(tmp_path: Path) -> None:
     assert not (run / "upper" / shard_name(1, 2)).exists()
 
 
+def test_local_workers_share_the_cpus_out_as_openmp_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of the local executor's worker processes gets its share of the CPUs as OMP_NUM_THREADS (torch would
+    start a thread per core in each); a value the user set is kept."""
+    cpus = len(os.sched_getaffinity(0))
+    for workers, env, want in ((2, None, max(1, cpus // 2)), (1, None, cpus), (2, "3", 3)):
+        if env is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", env)
+        run = make_raw(tmp_path / f"run-{workers}-{env}", 2)
+        launch(stage(run, 2), "all", execution(backend="local", workers=workers))
+        state = StageState(run / "upper")
+        got = [state.read("done", shard_name(k, 2))["omp_num_threads"] for k in range(2)]
+        assert got == [str(want), str(want)], (workers, env, got)
+
+
 def test_in_flight_shards_are_not_submitted_twice(tmp_path: Path) -> None:
     run = make_raw(tmp_path / "run", 2, docs=200)
     name = shard_name(1, 2)

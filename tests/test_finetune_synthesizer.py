@@ -81,7 +81,7 @@ def test_cli_brief_training_learns_and_saves_a_loadable_synthesizer(tmp_path: Pa
     out = tmp_path / "synth"
     args = ["--data", str(DATA / "train.jsonl"), "--heldout", str(DATA / "heldout.jsonl"), "--out", str(out)]
     proc = run_cli(
-        "finetune-synthesizer", *args, "--max-minutes", "0.75", "--seed", "1", *TINY,
+        "finetune-synthesizer", *args, "--max-minutes", "0.5", "--seed", "1", *TINY,
         "--set", "finetune_synth.eval_contexts=8", "--set", "finetune_synth.eval_max_new_tokens=48",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

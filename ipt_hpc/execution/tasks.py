@@ -282,7 +282,7 @@ def _run_local(
 ) -> list[Outcome]:
     """``workers`` submitit local jobs, each a pack of interleaved items (no process per item)."""
     workers = min(cfg.workers or os.cpu_count() or 1, len(items))
-    executor = backends.local_executor(cfg, log_dir)
+    executor = backends.local_executor(cfg, log_dir, workers)
     packs = [list(range(i, len(items), workers)) for i in range(workers)]
     jobs = [
         executor.submit(PackRunner(fn, log_dir=str(log_dir)), [items[i] for i in p], [labels[i] for i in p])
