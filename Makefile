@@ -12,7 +12,7 @@ DEMO_RUN ?= runs/demo
 # It does not read pip's configuration, so pip's find-links (where a machine keeps wheels such as a CPU
 # build of torch) are handed on; --seed puts pip in the venv for the tools that call it.
 # --compile-bytecode: uv, unlike pip, writes no .pyc files by default, and where PYTHONDONTWRITEBYTECODE is
-# set (CI's machines) every new interpreter then compiles torch, transformers and megatron-core from source
+# set (as on these machines) every new interpreter then compiles torch, transformers and megatron-core from source
 # again: ~5 s of CPU for each training rank, CLI call or Slurm task that imports them.
 UV_VERSION ?= 0.13.9
 UV := .cache/uv/bin/uv
