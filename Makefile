@@ -8,6 +8,8 @@ DEMO_RUN ?= runs/demo
 
 .PHONY: venv vllm-venv demo test test-fast test-assets test-main test-vllm lint format slurm-up slurm-down clean bench
 
+SLURM_NODES ?= 3
+
 # uv (from PyPI, into .cache/uv) creates and fills the venvs: ~25 s for .venv against ~110 s with pip.
 # It does not read pip's configuration, so pip's find-links (where a machine keeps wheels such as a CPU
 # build of torch) are handed on; --seed puts pip in the venv for the tools that call it.
@@ -75,8 +77,8 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-slurm-up:
-	tools/local-slurm up
+slurm-up:  # the host's node, and SLURM_NODES namespaced nodes for the multi-node tests (as CI)
+	tools/local-slurm up --nodes $(SLURM_NODES)
 
 slurm-down:
 	tools/local-slurm down

@@ -54,6 +54,7 @@ class Job:
     name: str
     run_here: Callable[[], int]
     submit: Callable[[str | None], str]
+    nodes: int = 1  # of the Slurm job (training: train.nodes)
 
 
 Step = Coordinator | ShardStage | Job
@@ -94,14 +95,16 @@ def submit(
                 step.fn, *step.args, cfg=cfg, log_dir=log_dir, job_name=f"ipt-{step.name}", dependency=dependency
             )
             ids = [job]
-            results.append({"step": step.name, "job_ids": ids, "dependency": dependency})
+            results.append({"step": step.name, "job_ids": ids, "tasks": 1, "nodes": 1, "dependency": dependency})
         elif isinstance(step, Job):
             ids = [step.submit(dependency)]
-            results.append({"step": step.name, "job_ids": ids, "dependency": dependency})
+            results.append(
+                {"step": step.name, "job_ids": ids, "tasks": 1, "nodes": step.nodes, "dependency": dependency}
+            )
         else:
             info = launch(step.run, step.spec, cfg, dependency=dependency)
             ids = info.get("job_ids", [])
-            results.append({"step": step.name, **info, "dependency": dependency})
+            results.append({"step": step.name, **info, "nodes": 1, "dependency": dependency})
         if ids:
             dependency = "afterok:" + ":".join(ids)
     if cfg.backend == "slurm":
@@ -239,7 +242,12 @@ def training_steps(cfg: Config, run_dir: Path) -> list[Step]:
     hf = run.hf
     ecfg = cfg.eval.model_copy(update={"model": str(hf)})
     return [
-        Job("train", partial(train_stage.run_local, tcfg, run_dir), partial(train_stage.submit_slurm, tcfg, run_dir)),
+        Job(
+            "train",
+            partial(train_stage.run_local, tcfg, run_dir),
+            partial(train_stage.submit_slurm, tcfg, run_dir),
+            nodes=tcfg.train.nodes,
+        ),
         # the latest complete checkpoint; the tokenizer is the one the token groups were made with
         Coordinator("export", partial(export.export, force=True), (str(run.checkpoints), str(hf))),
         Coordinator("eval", evaluate.run, (ecfg, str(run.eval))),

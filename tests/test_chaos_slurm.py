@@ -107,7 +107,9 @@ def test_whole_pipeline_through_slurm_arrays_and_dependencies(reference: Path) -
 def test_chaos_drill_ends_with_the_undisturbed_bytes_and_losses(
     reference: Path, tiny_synth: Path, tmp_path: Path
 ) -> None:
-    node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True).stdout.split()[0]
+    # the default partition's node (tools/local-slurm up --nodes N adds partition "nodes": not this drill's)
+    parts = subprocess.run(["sinfo", "-h", "-o", "%P %N"], capture_output=True, text=True).stdout.splitlines()
+    node = next(line.split()[1] for line in parts if line.split()[0].endswith("*"))
     run = tmp_path / "run"
     chaos = Chaos(node=node, seed=7, max_actions=16, max_kills=2).start()
     rounds: list[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,28 @@ def test_pipeline_runs_shard_to_mixture_locally(tmp_path: Path) -> None:
     report = read_json(run / "mixture.json")
     docs = sum(g["documents"] for g in report["groups"].values())
     assert docs == 40 and sum(g["weight"] for g in report["groups"].values()) == pytest.approx(1.0)
+
+
+def test_slurm_submissions_print_as_a_table() -> None:
+    """``pipeline --executor slurm`` prints what it submitted as a table: step, job ids, tasks, nodes, dependency."""
+    from rich.console import Console
+
+    from ipt_hpc.cli.pipeline import submissions_table
+
+    results = [
+        {"step": "shard", "job_ids": ["510"], "tasks": 1, "nodes": 1, "dependency": None},
+        {"step": "synthesize", "submitted": 4, "job_ids": ["511"], "tasks": 2, "nodes": 1, "dependency": "afterok:510"},
+        {"step": "templify", "submitted": 0, "backend": "slurm", "nodes": 1, "dependency": "afterok:511"},
+        {"step": "train", "job_ids": ["513"], "tasks": 1, "nodes": 2, "dependency": "afterok:512"},
+    ]
+    console = Console(record=True, width=120)
+    console.print(submissions_table(results))
+    lines = [line for line in console.export_text().splitlines() if "│" in line or "┃" in line]
+    rows = [[c.strip() for c in re.split("[│┃]", line)[1:-1]] for line in lines]
+    assert rows[0] == ["step", "job ids", "tasks", "nodes", "dependency"]
+    assert rows[1:] == [
+        ["shard", "510", "1", "1", "-"],
+        ["synthesize", "511", "2 (4 shards)", "1", "afterok:510"],
+        ["templify", "-", "-", "-", "afterok:511"],
+        ["train", "513", "1", "2", "afterok:512"],
+    ]

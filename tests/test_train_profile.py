@@ -22,7 +22,7 @@ from test_train import REPO, TINY, _env, events, finish, losses, new_run, ranks,
 from ipt_hpc.atomic import read_json
 from ipt_hpc.config import load_config
 from ipt_hpc.errors import IptError
-from ipt_hpc.model.train.profile import PROFILE_ON_CPU_ENV, rank_seed, resolve
+from ipt_hpc.model.train.profile import PROFILE_ON_CPU_ENV, rank_placement, rank_seed, resolve
 
 pytest.importorskip("megatron.core")
 
@@ -160,3 +160,28 @@ def test_local_training_with_cuda_device_stops_before_torchrun(tmp_path: Path) -
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "CUDA device(s)" in proc.stderr and "train.device=cpu" in proc.stderr
     assert not (run / "train" / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "gpus", "device"),
+    [
+        ({"SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4"}, 2, "cuda:0"),  # second host, first GPU
+        ({"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"}, 2, "cuda:1"),
+        ({"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "SLURM_PROCID": "9"}, 4, "cuda:1"),  # torchrun's wins
+        ({"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"}, 1, "cuda:0"),  # one GPU bound per task
+        ({"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"}, None, "cuda:1"),  # CPU rank: recorded
+    ],
+)
+def test_a_rank_takes_the_gpu_of_its_local_rank_never_its_global_rank(env: dict, gpus: int | None, device: str) -> None:
+    where = rank_placement(env, gpus)
+    assert where.cuda_device == device
+    assert where.rank == int(env.get("RANK", env.get("SLURM_PROCID")))
+    assert where.host == os.uname().nodename
+
+
+def test_more_local_ranks_than_gpus_is_one_clear_error() -> None:
+    env = {"SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NTASKS": "8", "CUDA_VISIBLE_DEVICES": "0,1"}
+    with pytest.raises(
+        IptError, match=r"rank 6 is local rank 2 .* 2 visible CUDA device\(s\) \(CUDA_VISIBLE_DEVICES=0,1\)"
+    ):
+        rank_placement(env, 2)

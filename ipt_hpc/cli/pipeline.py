@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
         preflight.pipeline(cfg, args.run, steps)
     if cfg.execution.backend == "slurm":
         submitted = submit(steps, cfg.execution, args.run)
-        for result in submitted:
-            console.print(result)
+        console.print(submissions_table(submitted))
         if not args.wait:
             console.print(f"submitted; follow with: python -m ipt_hpc.launch status --run {args.run}")
             return 0
@@ -129,3 +128,23 @@ def _print_outputs(console: Any, run_dir: str, seconds: float) -> None:
     rows = [(what, str(path)) for what, path in outputs(run_dir)]
     title = f"pipeline finished in {seconds / 60:,.1f} min: where everything lies"
     console.print(render.table(title, ("what", "path"), rows, left=2))
+
+
+def submissions_table(results: list[dict[str, Any]]) -> Any:
+    """What ``pipeline --executor slurm`` submitted: per step its job ids, array tasks (the shards they
+    hold), nodes per task and the dependency it waits on. A step with nothing to do shows ``-``."""
+
+    def row(r: dict[str, Any]) -> tuple[str, ...]:
+        ids = r.get("job_ids") or []
+        tasks = r.get("tasks", len(ids))
+        shards = r.get("submitted")
+        tasks_text = f"{tasks} ({shards} shards)" if shards is not None and shards != tasks else str(tasks)
+        return (
+            r["step"],
+            ", ".join(ids) or "-",
+            tasks_text if ids else "-",
+            str(r.get("nodes", 1)) if ids else "-",
+            r.get("dependency") or "-",
+        )
+
+    return render.table("submitted", ("step", "job ids", "tasks", "nodes", "dependency"), map(row, results), left=2)

@@ -145,7 +145,14 @@ def record_submission(
         return {"submitted": len(shards), "backend": backend, "record": path}
     arrays = [{"job_id": a["job_id"], "tasks": [[shards[i] for i in t] for t in a["tasks"]]} for a in sub.arrays]
     state.record_submission({"backend": "slurm", "arrays": arrays, "shards": len(shards)})
-    return {"submitted": len(shards), "backend": "slurm", "job_ids": sub.job_ids, "sbatch_calls": sub.sbatch_calls}
+    tasks = sum(len(a["tasks"]) for a in sub.arrays)
+    return {
+        "submitted": len(shards),
+        "backend": "slurm",
+        "job_ids": sub.job_ids,
+        "tasks": tasks,
+        "sbatch_calls": sub.sbatch_calls,
+    }
 
 
 def launch(

@@ -31,7 +31,7 @@ from .attention import probe_choice
 from .data import build_dataset, micro_batches
 from .metrics import MetricsLog, step_profiler
 from .model import build_model, flops_per_token, num_parameters, wrap_ddp
-from .profile import Profile, placement, rank_seed, resolve
+from .profile import Profile, RankPlacement, placement, rank_placement, rank_seed, resolve
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: "saved a checkpoint, run me again" (the sbatch script requeues on it)
 STEP_SLEEP_ENV = "IPT_TRAIN_TEST_STEP_SLEEP"  # test hook: seconds to sleep after each step (signal tests)
@@ -49,9 +49,11 @@ class StopFlag:
         self.reason = signal.Signals(signum).name
 
 
-def _init_distributed(on_gpu: bool) -> None:
-    """Join the process group from torchrun's or srun's environment (srun: SLURM_PROCID, SLURM_NTASKS)."""
+def _init_distributed(on_gpu: bool) -> RankPlacement:
+    """Join the process group from torchrun's or srun's environment (srun: SLURM_PROCID, SLURM_NTASKS); a GPU
+    rank takes the CUDA device of its node-local rank."""
     env = os.environ
+    where = rank_placement(env, torch.cuda.device_count() if on_gpu else None)
     if "RANK" not in env and "SLURM_PROCID" in env:
         env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = (
             env["SLURM_PROCID"],
@@ -64,8 +66,43 @@ def _init_distributed(on_gpu: bool) -> None:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29511")
     if on_gpu:
-        torch.cuda.set_device(int(env["LOCAL_RANK"]))
+        torch.cuda.set_device(where.cuda_device)
     torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
+    return where
+
+
+def _log_ranks(where: RankPlacement, device: str, out: Path, log: MetricsLog) -> None:
+    """Every rank's host, global and local rank, device and model-parallel groups: one line per rank on
+    stderr (the Slurm log), and the whole table from rank 0 in RUN/train/ranks.json and a ``ranks`` event."""
+    from megatron.core import parallel_state as ps
+
+    def members(group: Any) -> list[int]:
+        return torch.distributed.get_process_group_ranks(group)
+
+    me = {
+        **where.describe(),
+        "device": device,
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
+        "tp_group": members(ps.get_tensor_model_parallel_group()),
+        "pp_group": members(ps.get_pipeline_model_parallel_group()),
+        "dp_group": members(ps.get_data_parallel_group()),
+    }
+    print(
+        f"train: rank {me['rank']}/{me['world_size']} on {me['host']} (local rank {me['local_rank']}, {device},"
+        f" GPU path {me['cuda_device']}): tp {me['tp_group']} pp {me['pp_group']} dp {me['dp_group']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    table: list[Any] = [None] * where.world_size
+    torch.distributed.all_gather_object(table, me)
+    if where.rank == 0:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        write_json_atomic(
+            out / "ranks.json", {"job": os.environ.get("SLURM_JOB_ID"), "restart": restart, "ranks": table}
+        )
+        log.event("ranks", hosts=sorted({r["host"] for r in table}), ranks=table)
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -129,7 +166,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     bf16 = profile.bf16
     stop = StopFlag([cfg.exit_signal, "TERM"])  # before the (slow) setup: a signal during it is kept
     hf_init.ensure_imported(cfg, run_dir)  # train.init_from_hf: iter_0000000 from a Hugging Face folder, once
-    _init_distributed(on_gpu)
+    where = _init_distributed(on_gpu)
     if not on_gpu:
         cpu_shims.apply()  # no-op with CUDA
     ps.initialize_model_parallel(cfg.tensor_parallel, cfg.pipeline_parallel)
@@ -179,6 +216,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
         attention_kernel=attention_kernel(cfg, profile, device),
         setup_s=round(time.time() - started, 2),
     )
+    _log_ranks(where, where.cuda_device if on_gpu else "cpu", out, log)
 
     forward_backward = get_forward_backward_func()
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)

@@ -149,3 +149,39 @@ def cpu_profile(cfg: TrainConfig, *, bf16: bool) -> Profile:
         "rope_fusion": "off",
     }
     return resolve(cfg.model_copy(update=update), transformer_engine=False)
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    """Where one rank runs: its host, global and node-local rank, and the CUDA device the GPU path gives it.
+
+    ``cuda_device`` is what ``torch.cuda.set_device`` gets on a GPU node; a CPU rank records it too, so the
+    GPU path's per-node choice is visible (and tested) without a GPU."""
+
+    host: str
+    rank: int
+    local_rank: int
+    world_size: int
+    cuda_device: str
+
+    def describe(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def rank_placement(env: dict[str, str] | os._Environ[str], visible_gpus: int | None) -> RankPlacement:
+    """This rank's place, from torchrun's (RANK, LOCAL_RANK, WORLD_SIZE) or srun's environment (SLURM_PROCID,
+    SLURM_LOCALID, SLURM_NTASKS). The GPU index is the **node-local** rank, never the global one: rank 2 of a
+    2-GPU-per-node job is local rank 0 on the second node and takes ``cuda:0`` there. Where the task sees
+    exactly one GPU (Slurm's per-task binding, ``--gpus-per-task=1``) it is ``cuda:0``. ``visible_gpus``:
+    the CUDA devices this process sees (None on a CPU rank: not checked)."""
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", "0")))
+    local_rank = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0")))
+    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1")))
+    index = 0 if visible_gpus == 1 else local_rank
+    if visible_gpus is not None and index >= visible_gpus:
+        raise IptError(
+            f"train: rank {rank} is local rank {local_rank} on {os.uname().nodename}, which has {visible_gpus} visible"
+            f" CUDA device(s) (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank per"
+            " GPU (train.ranks_per_node <= GPUs per node)"
+        )
+    return RankPlacement(os.uname().nodename, rank, local_rank, world, f"cuda:{index}")
