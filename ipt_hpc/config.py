@@ -53,6 +53,7 @@ class SynthConfig(_Section):
     """The ``synthesize`` stage: the instruction synthesizer's multi-round inference."""
 
     model: str | None = Field(None, description="synthesizer: a folder or hub name (instruction-synthesizer)")
+    input_stage: str = Field("raw", description="run sub-folder of documents to synthesize from (raw, raw-clean)")
     backend: Literal["transformers", "vllm"] = "transformers"
     rounds: int = Field(2, ge=1, description="M: documents of a shard are split into M rounds")
     max_new_tokens: int = Field(400, ge=1)
@@ -119,6 +120,39 @@ class MixtureConfig(_Section):
         description="group name -> {repeat: R} or {share: S}",
     )
     train_tokens: int | None = Field(None, ge=1, description="planned training tokens (reports epochs per group)")
+
+
+class DecontaminateConfig(_Section):
+    """The ``decontaminate`` stage: benchmark items (the eval tasks' documents) out of the training texts."""
+
+    enabled: bool = Field(
+        False,
+        description="pipeline: decontaminate the raw shards before synthesis and the synthesized pairs after it",
+    )
+    input_stage: str = Field("raw", description="run sub-folder to read: raw (before synthesis) or synth")
+    output_folder: str | None = Field(None, description="run sub-folder to write (default: <input_stage>-clean)")
+    group: str | None = Field(
+        None, description="whose policy applies: augmented for the synth folder, raw otherwise (default)"
+    )
+    tasks: list[str] | None = Field(None, description="lm-eval tasks to look for (default: every task of eval.groups)")
+    references: list[str] = Field(
+        default_factory=list, description="more texts to look for: JSON Lines or Parquet files with a text field"
+    )
+    reference_text_field: str = Field("text", min_length=1)
+    n: int = Field(13, ge=1, description="words per n-gram (GPT-3 and lm-eval's janitor: 13)")
+    min_words: int = Field(8, ge=1, description="an eval text shorter than n words is looked for whole if this long")
+    lowercase: bool = True
+    nfkc: bool = Field(True, description="Unicode NFKC before matching (full-width letters, ligatures, odd spaces)")
+    punctuation: Literal["unicode", "ascii", "keep"] = Field(
+        "unicode", description="characters deleted before matching: Unicode punctuation and symbols, ASCII's, none"
+    )
+    policy: dict[str, Literal["flag", "drop_pair", "excise", "drop_doc"]] = Field(
+        default_factory=lambda: {"augmented": "drop_pair", "raw": "excise"},
+        description="per group: flag (log only), drop_pair, excise (lm-eval's janitor rule), drop_doc",
+    )
+    excise_window: int = Field(200, ge=0, description="characters cut either side of a match")
+    excise_min_piece: int = Field(200, ge=0, description="pieces this short or shorter are dropped")
+    excise_max_hits: int = Field(10, ge=0, description="a text with more matches is dropped")
 
 
 class TokenizeConfig(_Section):
@@ -426,6 +460,7 @@ class Config(_Section):
     templify: TemplifyConfig = Field(default_factory=TemplifyConfig)
     mixture: MixtureConfig = Field(default_factory=MixtureConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -37,7 +37,7 @@ from .layout import RunLayout
 # "Preflight"): synthesize 0.72 (half the documents converted), templify 1.52 (it also copies the
 # unconverted raw texts), tokenize 1.92 for the shard files plus as much again for the merged group.
 # Rounded up; a stage's own done shards replace them as soon as there are some.
-RATIOS = {"shard": 1.0, "synthesize": 1.0, "templify": 1.6, "tokenize": 4.0}
+RATIOS = {"shard": 1.0, "synthesize": 1.0, "templify": 1.6, "tokenize": 4.0, "decontaminate": 1.0}
 MARGIN = 1.5  # room asked for beyond the estimate
 
 

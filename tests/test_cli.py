@@ -24,7 +24,7 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_has_a_handler_and_its_keys_name_config_fields() -> None:
     commands = subparsers()
-    assert list(commands)[:3] == ["shard", "synthesize", "finetune-synthesizer"] and len(commands) == 18
+    assert list(commands)[:3] == ["shard", "synthesize", "finetune-synthesizer"] and len(commands) == 19
     for name, p in commands.items():
         assert callable(p.get_default("handler")), name
         for dest, (key, _) in (p.get_default(CONFIG_KEYS) or {}).items():

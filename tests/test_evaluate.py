@@ -17,7 +17,8 @@ from tokenizer_fixture import train_tokenizer
 
 from ipt_hpc.config import EvalConfig, load_config
 from ipt_hpc.errors import IptError
-from ipt_hpc.model import eval_tasks, evaluate
+from ipt_hpc.model import evaluate
+from ipt_hpc.stages import eval_tasks
 
 # The two commands of the InstructLM model card (instruction-pretrain/InstructLM-500M and -1.3B), verbatim
 # after `accelerate launch -m`, with MODEL and add_bos_token substituted.

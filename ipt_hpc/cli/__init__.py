@@ -13,6 +13,7 @@ import sys
 from .. import __version__
 from ..errors import IptError
 from . import (
+    decontaminate,
     doctor,
     evaluate,
     export,
@@ -39,6 +40,7 @@ COMMANDS = (
     synthesize,
     finetune_synthesizer,
     templify,
+    decontaminate,
     mixture,
     report,
     tokenize,

@@ -26,7 +26,7 @@ from ..atomic import atomic_write_bytes, read_json, write_json_atomic
 from ..config import EvalConfig, ExecutionConfig, config_hash
 from ..errors import IptError
 from ..layout import RunLayout, state_dir
-from .eval_tasks import TaskDataset, load_tasks, model_args, task_datasets, task_manager
+from ..stages.eval_tasks import TaskDataset, load_tasks, model_args, task_datasets, task_manager
 
 GEN_KWARGS = {"do_sample": False}  # greedy, as the model card's --gen_kwargs do_sample=False
 MANIFEST = "manifest.json"

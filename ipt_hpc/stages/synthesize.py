@@ -435,7 +435,7 @@ def synth_job(cfg: Config, layout: RunLayout) -> SynthJob:
 STAGE = Stage(
     name="synthesize",
     upstream="the shard stage",
-    input=lambda cfg, layout: layout.raw,
+    input=lambda cfg, layout: layout.stage(cfg.synth.input_stage),
     output=lambda cfg, layout: layout.synth,
     shard_fn=synthesize_shard,
     job=synth_job,

@@ -1,6 +1,6 @@
-"""lm-eval's tasks for ``eval``: the task manager (built-in tasks plus custom YAML), the datasets behind a
-task or group, loading them before the model (so a dataset missing from an offline cache stops the run at
-once), and the message that says how to fetch what is missing."""
+"""lm-eval's tasks for ``eval`` and ``decontaminate``: the task manager (built-in tasks plus custom YAML),
+the datasets behind a task or group, loading them before the model (so a dataset missing from an offline
+cache stops the run at once), and the message that says how to fetch what is missing."""
 
 from __future__ import annotations
 
