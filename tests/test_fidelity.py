@@ -137,7 +137,7 @@ class ScriptedEngine:
 def job_for(**sets: Any) -> synthesize.SynthJob:
     base = {"synth.model": "scripted", "synth.max_model_len": 4096, "synth.max_new_tokens": 400, "synth.rounds": 3}
     cfg = load_config(None, None, {**base, **{f"synth.{k}": v for k, v in sets.items()}})
-    return synthesize.SynthJob(**cfg.synth.model_dump())
+    return synthesize.synth_job(cfg, None)
 
 
 def mistral_sp() -> Any:

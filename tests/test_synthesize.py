@@ -180,7 +180,7 @@ def test_background_context_ids_equal_one_eager_call(model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    job = synthesize.SynthJob(**cfg_for(model_dir, max_model_len=40, max_new_tokens=8).synth.model_dump())
+    job = synthesize.synth_job(cfg_for(model_dir, max_model_len=40, max_new_tokens=8), None)
     texts = [("word " * n).strip() for n in range(1, 60)]
     room = synthesize.context_room(job)
     eager, used, cut = synthesize.context_ids(synthesize.PieceTokenizer(tok), texts, room)

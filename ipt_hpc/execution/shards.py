@@ -15,7 +15,7 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,21 @@ class ShardContext:
         if writer.records:
             self.state.log_event(self.name, "resumed", attempt=self.attempt, records=writer.records)
         return writer
+
+    def write_all(self, records: Iterable[dict[str, Any]], flush_every: int = 1000) -> dict[str, Any]:
+        """Write a stage's deterministic output: the records the output already holds durably (a resumed task)
+        are skipped, the rest written, flushed every ``flush_every`` records with a progress report. Returns
+        the closed writer's stats."""
+        writer = self.open_output()
+        skip = writer.records
+        for n, rec in enumerate(records):
+            if n < skip:
+                continue
+            writer.write(rec)
+            if writer.records % flush_every == 0:
+                writer.flush()
+                self.report(writer.records)
+        return writer.close().to_json()
 
     def report(self, records: int, **counters: Any) -> None:
         """Progress for ``status`` (rewrites the running marker at most once per ``REPORT_EVERY_S``)."""

@@ -173,24 +173,13 @@ def log_path(out_dir: Path, name: str) -> Path:
 def decontaminate_shard(job: DecontaminateJob, ctx: ShardContext) -> dict[str, Any]:
     """Decontaminate one shard (a task of the execution layer); resumes after the last durable record."""
     index = _index(job.index)
-    writer = ctx.open_output()
-    skip = writer.records  # the output is deterministic: the first `skip` records are already durable
     log: list[bytes] = []
     counts: Counter[str] = Counter()
-    for n, rec in enumerate(cleaned(job, ctx.input_path, index, log, counts)):
-        if n < skip:
-            continue
-        writer.write(rec)
-        if writer.records % FLUSH_EVERY == 0:
-            writer.flush()
-            ctx.report(writer.records)
-    stats = writer.close().to_json()
-    by_task: dict[str, Counter[str]] = defaultdict(Counter)
+    stats = ctx.write_all(cleaned(job, ctx.input_path, index, log, counts), FLUSH_EVERY)
     records_of: dict[str, set[str]] = defaultdict(set)
     for line in log:
         entry = orjson.loads(line)
         records_of[entry["task"]].add(entry["record"])
-        by_task[entry["task"]][entry["action"]] += 1
     atomic_write_bytes(log_path(ctx.run.out_dir, ctx.name), b"".join(log))
     return {
         **stats,

@@ -419,12 +419,12 @@ def shard_stats(path: Path, over_budget: int, wait_s: float, engine_s: float, to
     }
 
 
-def synth_job(cfg: Config, layout: RunLayout) -> SynthJob:
+def synth_job(cfg: Config, layout: RunLayout | None) -> SynthJob:
     """The stage's job: ``synth.*`` with the model known to be set and the backend's options checked."""
     s = cfg.synth
     if not s.model:
         raise IptError("synthesize: no synthesizer model (--model PATH_OR_NAME or synth.model)")
-    job = SynthJob(**s.model_dump())  # the same fields, model now known to be set
+    job = SynthJob(**s.model_dump(exclude={"input_stage"}))  # the same fields (the input: the StageRun's), model set
     if job.backend == "vllm" and job.no_repeat_ngram_size:
         raise IptError(
             "synth.no_repeat_ngram_size is a transformers-backend option; with vllm use synth.repetition_penalty"

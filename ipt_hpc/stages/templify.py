@@ -161,17 +161,9 @@ def templify_shard(job: TemplifyJob, ctx: ShardContext) -> dict[str, Any]:
     raw_path = RunLayout.of(ctx.run.run_dir).stage(job.raw_stage) / ctx.name if job.raw_stage else None
     if raw_path is not None and not raw_path.exists():
         raise IptError(f"{ctx.name}: raw shard {raw_path} is missing (templify.raw_stage={job.raw_stage!r})")
-    writer = ctx.open_output()
-    skip = writer.records  # output is deterministic: the first `skip` texts are already durable
     stats: dict[str, Any] = {}
-    for n, rec in enumerate(texts_of_shard(job, ctx.input_path, raw_path, stats)):
-        if n < skip:
-            continue
-        writer.write(rec)
-        if writer.records % FLUSH_EVERY == 0:
-            writer.flush()
-            ctx.report(writer.records)
-    return {**writer.close().to_json(), **stats}
+    written = ctx.write_all(texts_of_shard(job, ctx.input_path, raw_path, stats), FLUSH_EVERY)
+    return {**written, **stats}
 
 
 # -- finalize: stage manifest with totals and charts ------------------------------------------------
