@@ -171,7 +171,9 @@ def verdict(run_dir: str | Path, started: float) -> tuple[bool, str, dict[str, A
 def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
     """The stages ``cfg`` asks for, in pipeline order, built before any of them ran.
 
-    shard always; synthesize and templify when ``synth.model`` is set; tokenize (per record group of
+    shard always; with ``decontaminate.enabled``, the n-gram index of the eval tasks and decontaminate over the raw
+    shards (raw -> raw-clean, read by everything after it); synthesize and templify when ``synth.model`` is set
+    (with decontaminate over the synthesized records between them: synth -> synth-clean); tokenize (per record group of
     templify's output, or of the raw shards without synthesis) and the mixture report when
     ``tokenize.tokenizer`` is set; train (blending the groups by the mixture report), export and eval
     when the config has a ``train`` section; the report last. Shard counts come from ``shard.num_shards``
@@ -179,7 +181,7 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
     predecessor.
     """
     from . import report
-    from .stages import mixture, shard, synthesize, templify, tokenize
+    from .stages import decontam_index, decontaminate, mixture, shard, synthesize, templify, tokenize
 
     run_dir = Path(run_dir)
     n = cfg.shard.num_shards
@@ -188,15 +190,25 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
     inner = inner.model_copy(update={"shard": inner.shard.model_copy(update={"output_folder": raw.name})})
     # scan and plan, then the shard arrays: one coordinator job that submits them and waits
     steps: list[Step] = [Coordinator("shard", partial(run_stage, wait=True), (shard.STAGE, inner, str(run_dir)))]
+    raw_folder = raw.name
+    if cfg.decontaminate.enabled:  # the index once, then the raw shards before synthesis (docs/decontamination.md)
+        steps.append(Coordinator("decontaminate-index", decontam_index.build_index, (cfg, str(run_dir))))
+        steps.append(ShardStage(build(decontaminate.STAGE, _decontaminating(cfg, raw_folder), run_dir, n)))
+        raw_folder = decontaminate.output_folder(_decontaminating(cfg, raw_folder))
+        cfg = _reading(cfg, synth=raw_folder, raw=raw_folder)
     if cfg.synth.model:
         steps.append(ShardStage(build(synthesize.STAGE, cfg, run_dir, n)))
+        if cfg.decontaminate.enabled:  # the synthesized pairs: the synthesizer may write a benchmark item
+            synth = RunLayout.of(run_dir).synth.name
+            steps.append(ShardStage(build(decontaminate.STAGE, _decontaminating(cfg, synth), run_dir, n)))
+            cfg = _reading(cfg, templify=decontaminate.output_folder(_decontaminating(cfg, synth)))
         steps.append(ShardStage(build(templify.STAGE, cfg, run_dir, n)))
     if cfg.tokenize.tokenizer:
         if cfg.synth.model:
             groups = [g for g in ("augmented", "raw") if g != "raw" or cfg.synth.convert_share < 1]
             variants = [{"input_stage": cfg.templify.output_folder, "record_group": g, "group": g} for g in groups]
         else:
-            variants = [{"input_stage": RunLayout.of(run_dir).raw.name, "record_group": None, "group": "raw"}]
+            variants = [{"input_stage": raw_folder, "record_group": None, "group": "raw"}]
         for v in variants:
             tcfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update=v)})
             steps.append(ShardStage(build(tokenize.STAGE, tcfg, run_dir, n)))
@@ -208,6 +220,28 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
                 steps += training_steps(cfg, run_dir)
     steps.append(Coordinator("report", report.build, (str(run_dir),)))
     return steps
+
+
+def _decontaminating(cfg: Config, folder: str) -> Config:
+    """The config of the decontaminate step that reads ``folder`` (into ``<folder>-clean``)."""
+    d = cfg.decontaminate.model_copy(update={"input_stage": folder, "output_folder": None, "group": None})
+    return cfg.model_copy(update={"decontaminate": d})
+
+
+def _reading(cfg: Config, *, synth: str | None = None, raw: str | None = None, templify: str | None = None) -> Config:
+    """``cfg`` with the stages after a decontaminate step reading its output: synthesize's documents, templify's
+    unconverted documents (``raw``) and its synthesized records."""
+    update: dict[str, Any] = {}
+    if synth:
+        update["synth"] = cfg.synth.model_copy(update={"input_stage": synth})
+    t = {}
+    if raw and cfg.templify.raw_stage:
+        t["raw_stage"] = raw
+    if templify:
+        t["input_stage"] = templify
+    if t:
+        update["templify"] = cfg.templify.model_copy(update=t)
+    return cfg.model_copy(update=update)
 
 
 def outputs(run_dir: str | Path) -> list[tuple[str, Path]]:

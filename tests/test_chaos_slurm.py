@@ -96,7 +96,10 @@ def test_whole_pipeline_through_slurm_arrays_and_dependencies(reference: Path) -
         assert (run / path).exists(), path
     pipelines = sorted((run / "_state").glob("pipeline-*.json"))
     steps = read_json(pipelines[-1])["steps"]
-    assert [s["step"] for s in steps][:5] == ["shard", "synthesize", "templify", "tokenize augmented", "tokenize raw"]
+    assert [s["step"] for s in steps][:8] == [
+        "shard", "decontaminate-index", "decontaminate raw-clean", "synthesize", "decontaminate synth-clean",
+        "templify", "tokenize augmented", "tokenize raw",
+    ]  # fmt: skip
     assert all(s["dependency"].startswith("afterok:") for s in steps[1:])
     assert read_json(run / "eval" / "demo.json")["results"]["demo_mc"]
     text = (run / "report" / "report.md").read_text()

@@ -35,6 +35,10 @@ def demo_sets(model: Path) -> list[str]:
     return ["--config", "configs/demo.yaml", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
 
 
+# the tests of a failing synthesize step: without the decontaminate step, which would read the bad shard first
+SYNTH_FIRST = ["--set", "decontaminate.enabled=false"]
+
+
 def truncated_raw(run: Path, shard: int = 2) -> Path:
     """RUN/raw made by the real shard stage of the demo config, then one shard cut in half by hand."""
     proc = run_cli("shard", "--config", "configs/demo.yaml", "--run", str(run))
@@ -48,7 +52,7 @@ def truncated_raw(run: Path, shard: int = 2) -> Path:
 def test_truncated_shard_stops_the_local_pipeline_with_the_root_cause_first(tmp_path: Path, tiny_synth: Path) -> None:
     run = tmp_path / "run"
     bad = truncated_raw(run)
-    proc = run_cli("pipeline", "--run", str(run), *demo_sets(tiny_synth))
+    proc = run_cli("pipeline", "--run", str(run), *demo_sets(tiny_synth), *SYNTH_FIRST)
     assert proc.returncode == 2
     error = proc.stderr[proc.stderr.index("error: ") :]
     lines = error.splitlines()

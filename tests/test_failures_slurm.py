@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_failures import demo_sets, truncated_raw
+from test_failures import SYNTH_FIRST, demo_sets, truncated_raw
 from test_local_slurm import slurm_cluster  # noqa: F401 - module fixture: skip/fail without a cluster
 
 from ipt_hpc.execution import StageState, shard_name
@@ -24,7 +24,7 @@ SLURM = ["--executor", "slurm", "--set", "execution.slurm.time_min=20"]
 def test_truncated_shard_stops_the_slurm_chain_with_the_root_cause_first(tmp_path: Path, tiny_synth: Path) -> None:
     run = tmp_path / "run"
     bad = truncated_raw(run)
-    proc = run_cli("pipeline", "--run", str(run), *demo_sets(tiny_synth), *SLURM, "--wait")
+    proc = run_cli("pipeline", "--run", str(run), *demo_sets(tiny_synth), *SYNTH_FIRST, *SLURM, "--wait")
     assert proc.returncode == 1, proc.stderr
     err = proc.stderr
     assert "pipeline failed after" in err

@@ -94,6 +94,12 @@ def test_each_node_is_a_host_of_its_own() -> None:
         assert re.search(
             rf"slurmd +running \(pid \d+\) for node {node} in namespace lslurm-{node} at 10\.", status.stdout
         )
+    # up again from the tests' environment (OMP_NUM_THREADS=1, which GNU nproc answers): nothing changes
+    again = subprocess.run([str(LOCAL_SLURM), "up", "--nodes", "3"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert again.returncode == 0 and "slurm.conf unchanged" in again.stdout, again.stdout + again.stderr
+    cpus = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %c"], capture_output=True, text=True, timeout=30).stdout
+    assert {line.split()[1] for line in cpus.splitlines()} == {str(len(os.sched_getaffinity(0)))}, cpus
     bad = subprocess.run([str(LOCAL_SLURM), "up", "--nodes", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "--nodes must be 1..99, got '0'" in bad.stderr, bad.stderr
     bad = subprocess.run([str(LOCAL_SLURM), "crash", "node9"], capture_output=True, text=True, timeout=60)
@@ -257,7 +263,7 @@ def test_warning_signal_then_a_lost_node_resume_to_the_same_losses(tmp_path: Pat
     finally:
         subprocess.run(["scancel", job], check=False, timeout=30)
         if crashed:  # the node comes back for the tests after this one
-            subprocess.run([str(LOCAL_SLURM), "up", "--nodes", "3"], check=False, timeout=120, capture_output=True)
+            subprocess.run([str(LOCAL_SLURM), "revive", crashed], check=False, timeout=120, capture_output=True)
         t0 = timeline[0][0] if timeline else 0
         print("\n".join(f"{t - t0:7.1f} s  {what}" for t, what in timeline))
     table = json.loads((run / "train" / "ranks.json").read_text())
@@ -337,7 +343,7 @@ def test_arrays_across_nodes_give_the_local_bytes_and_survive_a_lost_node(tmp_pa
             stage(run, tiny_synth, "synthesize", "--shards", "failed", slurm=True)
     finally:
         if crashed:
-            subprocess.run([str(LOCAL_SLURM), "up", "--nodes", "3"], check=False, timeout=120, capture_output=True)
+            subprocess.run([str(LOCAL_SLURM), "revive", crashed], check=False, timeout=120, capture_output=True)
     stage(run, tiny_synth, "templify", slurm=True)
     stage(run, tiny_synth, "tokenize", *TOKENIZE, slurm=True)
 

@@ -32,10 +32,10 @@ sys.path.insert(0, str(TOOLS))
 
 from bench_records import make_records  # noqa: E402
 
-from ipt_hpc.config import SynthConfig  # noqa: E402
+from ipt_hpc.config import Config, SynthConfig  # noqa: E402
 from ipt_hpc.records import RecordWriter  # noqa: E402
 from ipt_hpc.stages.synth_format import Entry, Slot, advance, build_prompt, example_text, parse_pairs, rounds_of  # noqa: E402
-from ipt_hpc.stages.synthesize import ContextIds, PieceTokenizer, SynthJob, context_ids, context_room  # noqa: E402
+from ipt_hpc.stages.synthesize import ContextIds, PieceTokenizer, SynthJob, context_ids, context_room, synth_job  # noqa: E402
 
 GENERATION = (
     "<QUE> What does the passage say about {w0}? <ANS> It explains that {w1} and {w2} are related. </END>\n\n"
@@ -193,7 +193,7 @@ def main() -> None:
             gen_text = GENERATION.format(**{f"w{i}": rng.choice(words) for i in range(6)})
             gens.append((tok(gen_text, add_special_tokens=False)["input_ids"], gen_text))
         # the config's defaults: 2 rounds, max_new_tokens 400, max_model_len 4096
-        job = SynthJob(**SynthConfig(model="bench", device="cpu", chunk_docs=64).model_dump())
+        job = synth_job(Config(synth=SynthConfig(model="bench", device="cpu", chunk_docs=64)), None)
         times: dict[str, list[float]] = {"ours": [], "floor": [], "wordcount": [], "reference": []}
         for rep in range(args.repeat):
             times["floor"].append(floor(tok, texts))

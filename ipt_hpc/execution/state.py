@@ -34,8 +34,9 @@ def now() -> float:
 
 def stage_label(stage: str, folder: str | os.PathLike[str]) -> str:
     """How ``status``, the pipeline and the plan name a stage: a run has one tokenize stage per group
-    (``RUN/tokens/<group>``), told apart by the folder's name."""
-    return f"{stage} {Path(folder).name}" if stage == "tokenize" else stage
+    (``RUN/tokens/<group>``) and one decontaminate stage per input (``RUN/raw-clean``, ``RUN/synth-clean``),
+    told apart by the folder's name."""
+    return f"{stage} {Path(folder).name}" if stage in ("tokenize", "decontaminate") else stage
 
 
 def wall_span(markers: list[dict[str, Any]]) -> float | None:
