@@ -2,8 +2,9 @@
 
 Sections appear for what the run holds: the stage table (shards, records, tokens, task and wall time,
 throughput), synthesis stats (pairs per document, parse failures, truncations), the templified texts
-(layouts, malformed pairs, pairs per text), the mixture's token shares, the training loss curve and the evaluation
-scores. Charts are PNG files next to the page (``RUN/report/``), so the folder is self-contained.
+(layouts, malformed pairs, pairs per text), decontamination per eval task, the mixture's token shares, the
+training loss curve and the evaluation scores (with each task's clean subset when the run was decontaminated).
+Charts are PNG files next to the page (``RUN/report/``), so the folder is self-contained.
 """
 
 from __future__ import annotations
@@ -148,6 +149,21 @@ def templify_blocks(run: Path, out: Path) -> list[Block]:
     return blocks
 
 
+def decontamination_blocks(run: Path) -> list[Block]:
+    """Per decontaminate stage and eval task: the training records that held the task's documents, those
+    removed, and the share of the task found (docs/decontamination.md)."""
+    from .stages.decontam_index import DECONTAMINATION_HEADERS, decontamination_rows
+
+    rows = decontamination_rows(run)
+    if not rows:
+        return []
+    note = (
+        "13-word n-grams of the eval tasks' documents found in the training texts; every action is logged in"
+        " FOLDER/decontamination/. With policy flag the texts were kept as they are."
+    )
+    return [("h2", "Decontamination"), ("p", note), ("table", DECONTAMINATION_HEADERS, rows)]
+
+
 def mixture_blocks(run: Path, out: Path) -> list[Block]:
     path = RunLayout.of(run).mixture
     if not path.exists():
@@ -200,16 +216,30 @@ def evaluation_blocks(run: Path) -> list[Block]:
     folder = RunLayout.of(run).eval
     files = [p for p in sorted(folder.glob("*.json")) if p.name != "manifest.json"] if folder.is_dir() else []
     rows = []
+    with_clean = False
     for path in files:
         data = read_json(path)
+        clean = data.get("ipt_hpc", {}).get("clean", {})
+        with_clean = with_clean or bool(clean)
         for task, metrics in sorted(data.get("results", {}).items()):
             for key, value in sorted(metrics.items()):
                 name = key.split(",")[0]
                 if name in ("acc", "acc_norm", "exact_match") and isinstance(value, (int, float)):
-                    rows.append([path.stem, task, name, f"{100 * value:.1f}"])
+                    c = clean.get(task, {})
+                    subset = c.get(f"{name}_clean")
+                    rows.append([
+                        path.stem, task, name, f"{100 * value:.1f}",
+                        "-" if subset is None else f"{100 * subset:.1f}",
+                        f"{c['contaminated_docs']:,} of {c['docs']:,}" if c else "-",
+                    ])  # fmt: skip
     if not rows:
         return []
-    return [("h2", "Evaluation (lm-evaluation-harness)"), ("table", ["group", "task", "metric", "score"], rows)]
+    headers = ["group", "task", "metric", "score"]
+    if with_clean:
+        headers += ["clean subset", "eval docs in training"]
+    else:
+        rows = [r[:4] for r in rows]
+    return [("h2", "Evaluation (lm-evaluation-harness)"), ("table", headers, rows)]
 
 
 # -- rendering ---------------------------------------------------------------------------------------
@@ -282,6 +312,7 @@ def build(run_dir: str | Path) -> dict[str, Any]:
     blocks += plan_blocks(run)
     blocks += synthesis_blocks(run, out)
     blocks += templify_blocks(run, out)
+    blocks += decontamination_blocks(run)
     blocks += mixture_blocks(run, out)
     blocks += training_blocks(run, out)
     blocks += evaluation_blocks(run)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +324,25 @@ def test_missing_index_and_missing_policy_are_clear_errors(tmp_path: Path, task_
         launch(stage, "all", config(task_dir).execution)
     failed = StageState(run / "raw-clean").read("failed", shard_name(0, 1))
     assert failed and "decontaminate: no index in" in failed["error"], failed
+
+
+def test_status_the_report_and_the_dataset_card_show_the_hits_per_task(raw_run: Path, task_dir: Path) -> None:
+    from conftest import run_cli
+
+    from ipt_hpc.report import build
+
+    clean(raw_run, task_dir, **{"decontaminate.policy": {"raw": "drop_doc"}, "decontaminate.output_folder": "shown"})
+    row = ["shown", "raw: drop_doc", "planted_qa", "2", "2", "2 of 3 (66.7%)"]
+    status = run_cli("status", "--run", str(raw_run), "--no-queue")
+    assert status.returncode == 0 and "decontamination" in status.stdout, status.stderr
+    assert re.search(r"shown\s+│ raw: drop_doc\s+│ planted_qa\s+│\s+2 │\s+2 │ 2 of 3 \(66.7%\)", status.stdout)
+    report = Path(build(raw_run)["markdown"]).read_text()
+    assert "## Decontamination" in report and "| " + " | ".join(row) + " |" in report
+    card = publish_card(raw_run)
+    assert "## Decontamination" in card and "| " + " | ".join(row) + " |" in card
+
+
+def publish_card(run: Path) -> str:
+    from ipt_hpc.stages.publish_hub import card_text
+
+    return card_text(config(Path("/nonexistent")), run, run / "published", {})

@@ -150,6 +150,40 @@ def test_config_file_eval_section(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_a_decontaminated_run_scores_each_task_on_its_clean_subset_too(
+    model_dir: Path, task_dir: Path, tmp_path: Path
+) -> None:
+    """eval writes RUN/eval of a run whose decontaminate step found documents 0-9 of tiny_mc in its training
+    texts: each metric also over the other 26 documents, equal to the mean of lm-eval's own per-document
+    scores there; results.md and the report set both side by side; the contaminated set is part of the
+    fingerprint (a changed set evaluates again)."""
+    from ipt_hpc.report import evaluation_blocks
+
+    run = tmp_path / "run"
+    hit = [str(i) for i in range(10)]
+    (run / "raw-clean").mkdir(parents=True)
+    manifest = {"stage": "decontaminate", "tasks": {"tiny_mc": {"eval_doc_ids_hit": hit, "eval_docs": 36}}}
+    (run / "raw-clean" / "manifest.json").write_text(json.dumps(manifest))
+    out = run / "eval"
+    assert evaluate.run(eval_config(model_dir, task_dir, log_samples=True), out)["ran"] == ["custom"]
+    res = json.loads((out / "custom.json").read_text(encoding="utf-8"))
+    clean = res["ipt_hpc"]["clean"]["tiny_mc"]
+    assert (clean["docs"], clean["contaminated_docs"], clean["clean_docs"]) == (36, 10, 26)
+    samples = json.loads((out / "custom.samples.json").read_text(encoding="utf-8"))["tiny_mc"]
+    kept = [r for r in samples if str(r["doc_id"]) not in hit]
+    assert clean["acc_norm_clean"] == pytest.approx(sum(r["acc_norm"] for r in kept) / 26)
+    assert clean["acc_norm"] == pytest.approx(res["results"]["tiny_mc"]["acc_norm,none"])  # all docs: lm-eval's own
+    table = (out / "results.md").read_text(encoding="utf-8")
+    assert "| ours | ours, clean subset | eval docs in training |" in table
+    assert f"| {100 * clean['acc_norm_clean']:.1f} | 10 of 36 |" in table
+    rows = evaluation_blocks(run)[1][2]
+    assert ["custom", "tiny_mc", "acc_norm", f"{100 * clean['acc_norm']:.1f}", f"{100 * clean['acc_norm_clean']:.1f}",
+            "10 of 36"] in rows  # fmt: skip
+    manifest["tasks"]["tiny_mc"]["eval_doc_ids_hit"] = hit[:5]
+    (run / "raw-clean" / "manifest.json").write_text(json.dumps(manifest))
+    assert evaluate.run(eval_config(model_dir, task_dir, log_samples=True), out)["ran"] == ["custom"]
+
+
 @pytest.mark.slow
 def test_simple_evaluate_end_to_end_bos_reaches_the_model(
     model_dir: Path, task_dir: Path, tmp_path: Path, model_inputs: list[list[int]]

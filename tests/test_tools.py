@@ -50,6 +50,16 @@ def test_bench_records(tmp_path: Path) -> None:
     assert "target (ours within 1.2x of raw zstd, write and read)" in out
 
 
+def test_bench_decontaminate() -> None:
+    out = tool("bench_decontaminate.py", "--mb", "0.2", "--eval-docs", "200", "--repeat", "1")
+    rows = {
+        m.group(1): int(m.group(2).replace(",", ""))
+        for m in re.finditer(r"^(ours|janitor)\s+.*x\s+([\d,]+)\s", out, re.M)
+    }
+    assert set(rows) == {"ours", "janitor"} and rows["ours"] == rows["janitor"] > 0, out  # the same hits
+    assert "same hits: yes" in out and "target (ours >= 10 MB/s on one core and >= 5x the janitor)" in out
+
+
 def test_bench_preflight() -> None:
     out = tool("bench_preflight.py", "--shards", "50", "--repeats", "1")
     rows(out, "input check (launch, always)", "disk estimate + room", "model folder", figures=2)

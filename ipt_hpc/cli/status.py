@@ -31,9 +31,13 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import orjson
 
+    from ..stages.decontam_index import DECONTAMINATION_HEADERS, decontamination_rows
     from ..status import run_status
 
     report = run_status(args.run, use_queue=not args.no_queue)
+    decontamination = decontamination_rows(args.run)
+    if decontamination:
+        report["decontamination"] = [dict(zip(DECONTAMINATION_HEADERS, r, strict=True)) for r in decontamination]
     if not report["stages"]:
         raise IptError(f"{args.run}: no stage output found (no */_state/stage.json)")
     plan = _plan_rows(args.run, report)
@@ -53,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(render.table(f"status of {args.run}", columns, rows))
     if plan:
         console.print(_plan_table(plan))
+    if decontamination:  # the eval tasks' documents found in the training texts (docs/decontamination.md)
+        console.print(render.table("decontamination", DECONTAMINATION_HEADERS, decontamination, left=3))
     render.print_failures(console, report)
     return 0
 

@@ -26,6 +26,7 @@ from ..atomic import atomic_write_bytes, read_json, write_json_atomic
 from ..config import EvalConfig, ExecutionConfig, config_hash
 from ..errors import IptError
 from ..layout import RunLayout, state_dir
+from ..stages.decontam_index import contaminated_docs
 from ..stages.eval_tasks import TaskDataset, load_tasks, model_args, task_datasets, task_manager
 
 GEN_KWARGS = {"do_sample": False}  # greedy, as the model card's --gen_kwargs do_sample=False
@@ -155,8 +156,9 @@ def _lm_eval_version() -> str:
     return version("lm_eval")
 
 
-def fingerprint(cfg: EvalConfig, p: GroupPlan) -> str:
-    """What decides a group's scores: the model's files, the plan and settings, lm-eval's version."""
+def fingerprint(cfg: EvalConfig, p: GroupPlan, contaminated: dict[str, list[str]] | None = None) -> str:
+    """What decides a group's scores: the model's files, the plan and settings, lm-eval's version (and the
+    contaminated documents that split each task into its clean subset)."""
     model = Path(cfg.model or "")
     files = (
         sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model.iterdir() if f.is_file())
@@ -174,6 +176,7 @@ def fingerprint(cfg: EvalConfig, p: GroupPlan) -> str:
             "seed": cfg.seed,
             "include_path": [str(Path(x).resolve()) for x in cfg.include_path],
             "lm_eval": _lm_eval_version(),
+            **({"contaminated": {t: contaminated.get(t, []) for t in sorted(contaminated)}} if contaminated else {}),
         }
     )
 
@@ -203,9 +206,10 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     manifest = read_json(manifest_path) if manifest_path.exists() else {"groups": {}}
+    contaminated = contaminated_docs(out.parent)  # the run's decontaminate logs, when eval writes RUN/eval
     todo = []
     for p in plans:
-        fp = fingerprint(cfg, p)
+        fp = fingerprint(cfg, p, contaminated)
         done = manifest["groups"].get(p.name, {})
         if not force and done.get("fingerprint") == fp and (out / f"{p.name}.json").exists():
             say(f"eval {p.name}: done already ({out / (p.name + '.json')}); --force redoes it")
@@ -220,7 +224,7 @@ def run(
         handler = _file_log(out)
         try:
             for p, fp in todo:
-                _evaluate_group(cfg, p, fp, tm, loaded, out, manifest, say)
+                _evaluate_group(cfg, p, fp, tm, loaded, out, manifest, say, contaminated)
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
@@ -300,6 +304,7 @@ def _evaluate_group(
     out: Path,
     manifest: dict[str, Any],
     say: Callable[[str], None],
+    contaminated: dict[str, list[str]] | None = None,
 ) -> None:
     import lm_eval
 
@@ -315,7 +320,7 @@ def _evaluate_group(
         max_batch_size=cfg.max_batch_size,
         device=resolve_device(cfg.device),
         limit=cfg.limit,
-        log_samples=cfg.log_samples,
+        log_samples=cfg.log_samples or contaminated is not None,  # per-document scores: the clean subsets
         gen_kwargs=dict(GEN_KWARGS),
         task_manager=tm,
         random_seed=random_seed,
@@ -335,6 +340,8 @@ def _evaluate_group(
         "fingerprint": fp,
         "seconds": round(seconds, 1),
     }
+    if contaminated is not None and samples is not None:
+        results["ipt_hpc"]["clean"] = clean_scores(samples, contaminated)
     atomic_write_bytes(out / f"{p.name}.json", _dumps(results))
     if samples is not None and cfg.log_samples:
         atomic_write_bytes(out / f"{p.name}.samples.json", _dumps(samples))
@@ -350,6 +357,27 @@ def _evaluate_group(
     }
     write_json_atomic(out / MANIFEST, manifest)
     say(f"eval {p.name}: {out / (p.name + '.json')} ({seconds:.0f} s)")
+
+
+def clean_scores(samples: dict[str, list[dict[str, Any]]], contaminated: dict[str, list[str]]) -> dict[str, Any]:
+    """Per task, the mean of each per-document metric over all its scored documents and over the clean subset
+    (the documents no training record of the run held), as GPT-3 reported them side by side."""
+    out: dict[str, Any] = {}
+    for task, rows in sorted(samples.items()):
+        hit = set(contaminated.get(task, []))
+        metrics = [m for m in (rows[0].get("metrics", []) if rows else []) if all(isinstance(r.get(m), (int, float))
+                                                                                 for r in rows)]  # fmt: skip
+        clean = [r for r in rows if str(r.get("doc_id")) not in hit]
+        entry: dict[str, Any] = {
+            "docs": len(rows),
+            "contaminated_docs": len(rows) - len(clean),
+            "clean_docs": len(clean),
+        }
+        for m in metrics:
+            entry[m] = sum(float(r[m]) for r in rows) / len(rows)
+            entry[f"{m}_clean"] = sum(float(r[m]) for r in clean) / len(clean) if clean else None
+        out[task] = entry
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -394,13 +422,26 @@ def write_table(out_dir: str | os.PathLike[str]) -> Path:
     merged: dict[str, dict[str, Any]] = {}
     nshot: dict[str, Any] = {}
     requested: list[str] = []
+    clean: dict[str, dict[str, Any]] = {}
     for res in runs.values():
         ours = res.get("ipt_hpc", {})
+        clean.update(ours.get("clean", {}))
         nshot.update({t: ours.get("num_fewshot") for t in ours.get("tasks", [])})  # groups (mmlu): the group's shots
         nshot.update(res.get("n-shot", {}))
         merged.update(res.get("results", {}))
         requested += ours.get("tasks", [])
-    header = ["Benchmark", "lm-eval task", "n-shot", "metric", "ours", *models]
+    extra = ["ours, clean subset", "eval docs in training"] if clean else []
+    header = ["Benchmark", "lm-eval task", "n-shot", "metric", "ours", *extra, *models]
+
+    def clean_cells(task: str, score: tuple[str, float, Any] | None) -> list[str]:
+        if not clean:
+            return []
+        c = clean.get(task)
+        if c is None or score is None:
+            return ["–", "–"]
+        value = c.get(f"{score[0]}_clean")
+        return ["–" if value is None else f"{100 * value:.1f}", f"{c['contaminated_docs']:,} of {c['docs']:,}"]
+
     rows = []
     listed = set()
     for bench in paper["benchmarks"]:
@@ -410,6 +451,7 @@ def write_table(out_dir: str | os.PathLike[str]) -> Path:
         shots = nshot.get(task, "") if score else ""
         rows.append(
             [bench["label"], task, str(shots), score[0] if score else (bench.get("metric") or ""), _cell(score)]
+            + clean_cells(task, score)
             + [_paper_cell(bench["scores"].get(m)) for m in models]
         )
     for task in dict.fromkeys(requested):  # tasks we ran that the paper does not report (custom tasks)
@@ -417,7 +459,9 @@ def write_table(out_dir: str | os.PathLike[str]) -> Path:
             continue
         score = _score(merged[task], None)
         rows.append(
-            [task, task, str(nshot.get(task, "")), score[0] if score else "", _cell(score)] + ["–"] * len(models)
+            [task, task, str(nshot.get(task, "")), score[0] if score else "", _cell(score)]
+            + clean_cells(task, score)
+            + ["–"] * len(models)
         )
     any_res = next(iter(runs.values()), {})
     model = next((info.get("model") for info in manifest["groups"].values()), None)
@@ -433,6 +477,12 @@ def write_table(out_dir: str | os.PathLike[str]) -> Path:
     limits = {g: r.get("config", {}).get("limit") for g, r in runs.items() if r.get("config", {}).get("limit")}
     if limits:
         lines += [f"**Not comparable with the paper**: run with `limit` {limits} (a subset of each task).", ""]
+    if clean:
+        lines += [
+            "Clean subset: the task's documents that no training record of this run held (13-gram matches found by"
+            " `decontaminate`, whatever its policy did with them; docs/decontamination.md), scored alone.",
+            "",
+        ]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     src = paper.get("source")

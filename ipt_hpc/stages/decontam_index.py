@@ -203,3 +203,53 @@ def load_index(run_dir: str | Path) -> tuple[NgramIndex, dict[str, Any]]:
     settings = NgramSettings(**manifest["settings"])
     segments = [Segment(*orjson.loads(line)) for line in (folder / "segments.jsonl").read_bytes().splitlines()]
     return NgramIndex.load(folder, settings, segments), manifest
+
+
+def contaminated_docs(run_dir: str | Path) -> dict[str, list[str]] | None:
+    """Per eval task, the ids of its documents that some training record of the run held (any decontaminate
+    stage folder's log, whatever its action); None when the run has no decontaminate output. ``eval`` scores
+    the other documents as the task's clean subset."""
+    run = Path(run_dir)
+    found: dict[str, set[str]] = {}
+    any_stage = False
+    for manifest in sorted(run.glob("*/manifest.json")):
+        try:
+            m = read_json(manifest)
+        except (OSError, ValueError):
+            continue
+        if m.get("stage") != "decontaminate" or "tasks" not in m:
+            continue
+        any_stage = True
+        for task, r in m["tasks"].items():
+            found.setdefault(task, set()).update(r.get("eval_doc_ids_hit", []))
+    if not any_stage:
+        return None
+    return {t: sorted(ids, key=lambda d: (len(d), d)) for t, ids in sorted(found.items())}
+
+
+def decontamination_rows(run_dir: str | Path) -> list[list[str]]:
+    """One row per (decontaminate stage folder, eval task): group and policy, training records hit and removed,
+    eval documents hit and their share of the task. For ``status``, the run report and the dataset card."""
+    rows = []
+    for manifest in sorted(Path(run_dir).glob("*/manifest.json")):
+        try:
+            m = read_json(manifest)
+        except (OSError, ValueError):
+            continue
+        if m.get("stage") != "decontaminate" or "tasks" not in m:
+            continue
+        job = m.get("config", {})
+        for task, r in m["tasks"].items():
+            share = r.get("eval_docs_hit_share")
+            rows.append([
+                manifest.parent.name,
+                f"{job.get('group', '?')}: {job.get('policy', '?')}",
+                task,
+                f"{r['training_records_hit']:,}",
+                f"{r['removed']:,}",
+                f"{r['eval_docs_hit']:,} of {r['eval_docs']:,}" + (f" ({share:.1%})" if share is not None else ""),
+            ])  # fmt: skip
+    return rows
+
+
+DECONTAMINATION_HEADERS = ["folder", "group: policy", "eval task", "training records hit", "removed", "eval docs hit"]

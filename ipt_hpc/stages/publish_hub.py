@@ -21,6 +21,7 @@ from ..config import Config, data_hash
 from ..errors import IptError
 from ..execution.state import StageState
 from ..layout import RunLayout
+from .decontam_index import DECONTAMINATION_HEADERS, decontamination_rows
 from .mixture import group_tokens
 from .publish import CARD, PARTS, SUFFIX, input_folder, schema
 
@@ -216,6 +217,20 @@ def card_text(cfg: Config, run_dir: str | Path, out: Path, parts: dict[str, dict
         lines.append(f"- tokens of group `{group}`: {t['tokens']:,} in {t['documents']:,} documents")
     if not tokens:
         lines.append("- tokens per group: the run was not tokenized")
+    lines += ["", "## Decontamination", ""]
+    rows = decontamination_rows(layout.root)
+    if rows:
+        lines += [
+            "13-word n-grams of the evaluation tasks' documents looked for in the training texts (`ipt_hpc"
+            " decontaminate`: lowercase, NFKC, punctuation deleted; every action logged in FOLDER/decontamination/ of"
+            " the run). Policy `flag` keeps the texts as they are.",
+            "",
+            "| " + " | ".join(DECONTAMINATION_HEADERS) + " |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        lines.append("The run was not decontaminated: texts may hold evaluation benchmarks' documents.")
     lines += [
         "",
         "## Reproducing",
