@@ -205,20 +205,24 @@ def load_index(run_dir: str | Path) -> tuple[NgramIndex, dict[str, Any]]:
     return NgramIndex.load(folder, settings, segments), manifest
 
 
-def contaminated_docs(run_dir: str | Path) -> dict[str, list[str]] | None:
-    """Per eval task, the ids of its documents that some training record of the run held (any decontaminate
-    stage folder's log, whatever its action); None when the run has no decontaminate output. ``eval`` scores
-    the other documents as the task's clean subset."""
-    run = Path(run_dir)
-    found: dict[str, set[str]] = {}
-    any_stage = False
-    for manifest in sorted(run.glob("*/manifest.json")):
+def stage_manifests(run_dir: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(folder, manifest) of every complete decontaminate stage of a run."""
+    for manifest in sorted(Path(run_dir).glob("*/manifest.json")):
         try:
             m = read_json(manifest)
         except (OSError, ValueError):
             continue
-        if m.get("stage") != "decontaminate" or "tasks" not in m:
-            continue
+        if m.get("stage") == "decontaminate" and "tasks" in m:
+            yield manifest.parent, m
+
+
+def contaminated_docs(run_dir: str | Path) -> dict[str, list[str]] | None:
+    """Per eval task, the ids of its documents that some training record of the run held (any decontaminate
+    stage folder's log, whatever its action); None when the run has no decontaminate output. ``eval`` scores
+    the other documents as the task's clean subset."""
+    found: dict[str, set[str]] = {}
+    any_stage = False
+    for _, m in stage_manifests(run_dir):
         any_stage = True
         for task, r in m["tasks"].items():
             found.setdefault(task, set()).update(r.get("eval_doc_ids_hit", []))
@@ -231,18 +235,12 @@ def decontamination_rows(run_dir: str | Path) -> list[list[str]]:
     """One row per (decontaminate stage folder, eval task): group and policy, training records hit and removed,
     eval documents hit and their share of the task. For ``status``, the run report and the dataset card."""
     rows = []
-    for manifest in sorted(Path(run_dir).glob("*/manifest.json")):
-        try:
-            m = read_json(manifest)
-        except (OSError, ValueError):
-            continue
-        if m.get("stage") != "decontaminate" or "tasks" not in m:
-            continue
+    for folder, m in stage_manifests(run_dir):
         job = m.get("config", {})
         for task, r in m["tasks"].items():
             share = r.get("eval_docs_hit_share")
             rows.append([
-                manifest.parent.name,
+                folder.name,
                 f"{job.get('group', '?')}: {job.get('policy', '?')}",
                 task,
                 f"{r['training_records_hit']:,}",
