@@ -346,3 +346,56 @@ def publish_card(run: Path) -> str:
     from ipt_hpc.stages.publish_hub import card_text
 
     return card_text(config(Path("/nonexistent")), run, run / "published", {})
+
+
+KILL_RECORDS = 120_000  # ~2.5 s of scanning in the task: room to kill it after its first durable records
+
+
+@pytest.mark.slow
+def test_a_sigkilled_shard_resumes_to_identical_bytes(tmp_path: Path, task_dir: Path) -> None:
+    """The shard task (``run-shard``, as a Slurm array task runs it) SIGKILLed after its first durable records;
+    the rerun resumes after them and ends with the uninterrupted run's bytes and log."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = random.Random(3)
+    words = (FILLER_A + " " + FILLER_B).split()
+    records = []
+    for i in range(KILL_RECORDS):
+        text = " ".join(rng.choices(words, k=20))
+        if i % 97 == 0:
+            text += " " + QUESTIONS[i % 3] + ". " + " ".join(rng.choices(words, k=10))
+        records.append({"id": f"doc-{i}", "text": text})
+    cfg = config(task_dir)
+    ref = make_run(tmp_path / "ref", "raw", [records])
+    run_stage(decontaminate.STAGE, cfg, ref)
+    name = shard_name(0, 1)
+    want = (ref / "raw-clean" / name).read_bytes()
+    run = make_run(tmp_path / "run", "raw", [records])
+    build_index(cfg, run)
+    prepare(build(decontaminate.STAGE, cfg, run))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipt_hpc.launch", "run-shard", "--stage-dir", str(run / "raw-clean")],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = StageState(run / "raw-clean")
+    deadline = time.time() + 120
+    while time.time() < deadline and (state.read("running", name) or {}).get("records", 0) < 1000:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the task finished before it could be killed; make the shard longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    out = run / "raw-clean" / name
+    assert not out.exists() and partial_path(out).exists()
+    run_stage(decontaminate.STAGE, cfg, run)
+    assert out.read_bytes() == want
+    assert log_of(run) == log_of(ref) and len(log_of(ref)) > 300
+    resumed = next(e for e in state.events(name) if e["event"] == "resumed")
+    assert 1000 <= resumed["records"] < KILL_RECORDS

@@ -161,24 +161,20 @@ class NgramIndex:
         return int(arrays + sum(len(w) + 60 for w in self.vocab) + 120 * len(self.segments))
 
     # -- scanning -----------------------------------------------------------------------------------
-    def scan_words(self, ws: Sequence[str]) -> list[Hit]:
-        """Every indexed n-gram (and whole short text) in a text's words, with the segments it matches."""
-        if not ws:
-            return []
-        get = self.vocab.get
-        ids = np.fromiter((get(w, 0) for w in ws), dtype=np.uint64, count=len(ws))
+    def _matches(self, ids: np.ndarray) -> list[tuple[int, int, int]]:
+        """(start, length, segment) of every indexed n-gram in a sequence of word ids (0: a word no eval text
+        has; no window holding one can match, so 0s also separate texts scanned together)."""
         known = ids != 0
         if not known.any():
             return []
-        hits: list[Hit] = []
+        out: list[tuple[int, int, int]] = []
         zeros = np.concatenate(([0], np.cumsum(~known)))
         for m, (table, seg_of, off_of) in self.tables.items():
             if len(ids) < m:
                 continue
-            full = (zeros[m:] - zeros[:-m]) == 0  # windows without an unknown word
-            if not full.any():
+            starts = np.flatnonzero((zeros[m:] - zeros[:-m]) == 0)  # windows without an unknown word
+            if not len(starts):
                 continue
-            starts = np.flatnonzero(full)
             h = window_hashes(ids, m)[starts]
             pos = np.searchsorted(table, h)  # the first entry >= each hash
             found = np.zeros(len(h), dtype=bool)
@@ -190,13 +186,29 @@ class NgramIndex:
                 while p < len(table) and table[p] == target:  # every entry of this hash
                     seg, off = int(seg_of[p]), int(off_of[p])
                     if np.array_equal(self.segment_words[seg][off : off + m], window):  # not a hash collision
-                        hits.append(Hit(self.segments[seg], start, m, tuple(ws[start : start + m])))
+                        out.append((start, m, seg))
                     p += 1
-        hits.sort(key=lambda x: (x.start, x.length, x.segment.task, x.segment.doc, x.segment.part))
+        return out
+
+    def scan_batch(self, texts: Sequence[str]) -> list[list[Hit]]:
+        """The hits of each text, found in one vectorised pass over all of them (their word ids back to back,
+        a 0 between two texts): the per-text cost of the numpy calls is paid once per batch."""
+        lists = [words(t, self.settings) for t in texts]
+        get = self.vocab.get
+        total = sum(len(ws) for ws in lists) + len(lists)
+        ids = np.fromiter((get(w, 0) for ws in lists for w in (*ws, "")), dtype=np.uint64, count=total)
+        firsts = np.cumsum([0] + [len(ws) + 1 for ws in lists])[:-1]
+        hits: list[list[Hit]] = [[] for _ in lists]
+        for start, m, seg in self._matches(ids):
+            k = int(np.searchsorted(firsts, start, side="right")) - 1
+            local = start - int(firsts[k])
+            hits[k].append(Hit(self.segments[seg], local, m, tuple(lists[k][local : local + m])))
+        for found in hits:
+            found.sort(key=lambda x: (x.start, x.length, x.segment.task, x.segment.doc, x.segment.part))
         return hits
 
     def scan(self, text: str) -> list[Hit]:
-        return self.scan_words(words(text, self.settings))
+        return self.scan_batch([text])[0]
 
     # -- files --------------------------------------------------------------------------------------
     def save(self, folder: Path) -> dict[str, Any]:

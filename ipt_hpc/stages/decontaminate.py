@@ -24,6 +24,7 @@ skips the records it already wrote and ends with the same bytes, and its log is 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ from .decontam_index import build_index, index_folder, load_index, wanted
 from .decontam_ngrams import Hit, NgramIndex, excise, spans_of
 
 FLUSH_EVERY = 1000
+SCAN_BATCH = 256  # records scanned in one vectorised pass
 LOG_FOLDER = "decontamination"
 Policy = Literal["flag", "drop_pair", "excise", "drop_doc"]
 
@@ -100,20 +102,31 @@ def log_lines(rid: str, where: str, text: str, hits: list[Hit], action: str, ind
     return out
 
 
+def pairs_of(rec: dict[str, Any]) -> list[Any] | None:
+    return rec.get("pairs") if isinstance(rec.get("pairs"), list) else None
+
+
+def pair_text(pair: Any) -> str:
+    """A synthesized pair as one text (question, then answer): a match may straddle both."""
+    return f"{pair.get('Q', '')} {pair.get('A', '')}" if isinstance(pair, dict) else str(pair)
+
+
 def clean_record(
-    job: DecontaminateJob, rec: dict[str, Any], index: NgramIndex, log: list[bytes], counts: Counter[str]
+    job: DecontaminateJob,
+    rec: dict[str, Any],
+    hits: list[list[Hit]],
+    index: NgramIndex,
+    log: list[bytes],
+    counts: Counter[str],
 ) -> dict[str, Any] | None:
-    """The record after its group's policy (None: dropped); appends its log lines and counts."""
+    """The record after its group's policy (None: dropped), given the hits of its text and of each of its pairs
+    (in that order); appends its log lines and counts."""
     rid = str(rec.get("id"))
     text = rec["text"]
-    text_hits = index.scan(text)
-    pairs = rec.get("pairs") if isinstance(rec.get("pairs"), list) else None
-    pair_hits: list[tuple[int, str, list[Hit]]] = []
-    for k, pair in enumerate(pairs or []):
-        ptext = f"{pair.get('Q', '')} {pair.get('A', '')}" if isinstance(pair, dict) else str(pair)
-        found = index.scan(ptext)
-        if found:
-            pair_hits.append((k, ptext, found))
+    text_hits = hits[0]
+    pairs = pairs_of(rec)
+    pair_hits = [(k, pair_text(pair), found) for k, (pair, found) in enumerate(zip(pairs or [], hits[1:], strict=True))
+                 if found]  # fmt: skip
     if not text_hits and not pair_hits:
         return rec
     counts["records_hit"] += 1
@@ -150,20 +163,36 @@ def clean_record(
 
 
 def cleaned(job: DecontaminateJob, path: Path, index: NgramIndex, log: list[bytes], counts: Counter[str]):
-    """The shard's output records in order; a dropped record's id leaves the chains of the records after it."""
+    """The shard's output records in order; a dropped record's id leaves the chains of the records after it.
+    Records are scanned ``SCAN_BATCH`` at a time (one vectorised pass), then cleaned one by one in order."""
     dropped: set[str] = set()
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> Iterator[dict[str, Any]]:
+        texts = [t for rec in batch for t in (rec["text"], *map(pair_text, pairs_of(rec) or []))]
+        hits = index.scan_batch(texts)
+        at = 0
+        for rec in batch:
+            n = 1 + len(pairs_of(rec) or [])
+            out = clean_record(job, rec, hits[at : at + n], index, log, counts)
+            at += n
+            if out is None:
+                dropped.add(str(rec.get("id")))
+                continue
+            if dropped and isinstance(out.get("chain"), list) and any(c in dropped for c in out["chain"]):
+                out = {**out, "chain": [c for c in out["chain"] if c not in dropped]}
+            counts["records_out"] += 1
+            yield out
+        batch.clear()
+
     for i, rec in enumerate(read_records(path)):
         if not isinstance(rec.get("text"), str):
             raise RecordError(path, i + 1, "no 'text' field")
         counts["records_in"] += 1
-        out = clean_record(job, rec, index, log, counts)
-        if out is None:
-            dropped.add(str(rec.get("id")))
-            continue
-        if dropped and isinstance(out.get("chain"), list) and any(c in dropped for c in out["chain"]):
-            out = {**out, "chain": [c for c in out["chain"] if c not in dropped]}
-        counts["records_out"] += 1
-        yield out
+        batch.append(rec)
+        if len(batch) >= SCAN_BATCH:
+            yield from flush()
+    yield from flush()
 
 
 def log_path(out_dir: Path, name: str) -> Path:
