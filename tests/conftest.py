@@ -171,3 +171,29 @@ def shard_corpus(cfg, out: Path, *, force: bool = False) -> dict:
     cfg = cfg.model_copy(update={"shard": cfg.shard.model_copy(update={"output_folder": Path(out).name})})
     result = run_stage(shard.STAGE, cfg, Path(out).parent, force=force)
     return result["manifest"]
+
+
+def sigkill_shard_task(stage_dir: Path, name: str, records: int, timeout: float = 120) -> None:
+    """Start ``run-shard`` on a prepared stage folder (as a hand-written Slurm array task runs it), wait until
+    the shard's running marker reports ``records`` durable records, then SIGKILL the task's process group."""
+    import signal
+    import time
+
+    from ipt_hpc.execution import StageState
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipt_hpc.launch", "run-shard", "--stage-dir", str(stage_dir)],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = StageState(stage_dir)
+    deadline = time.time() + timeout
+    while time.time() < deadline and (state.read("running", name) or {}).get("records", 0) < records:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the task finished before it could be killed; make the shard longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)

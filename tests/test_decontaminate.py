@@ -355,11 +355,7 @@ KILL_RECORDS = 120_000  # ~2.5 s of scanning in the task: room to kill it after 
 def test_a_sigkilled_shard_resumes_to_identical_bytes(tmp_path: Path, task_dir: Path) -> None:
     """The shard task (``run-shard``, as a Slurm array task runs it) SIGKILLed after its first durable records;
     the rerun resumes after them and ends with the uninterrupted run's bytes and log."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from conftest import sigkill_shard_task
 
     rng = random.Random(3)
     words = (FILLER_A + " " + FILLER_B).split()
@@ -377,21 +373,8 @@ def test_a_sigkilled_shard_resumes_to_identical_bytes(tmp_path: Path, task_dir: 
     run = make_run(tmp_path / "run", "raw", [records])
     build_index(cfg, run)
     prepare(build(decontaminate.STAGE, cfg, run))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ipt_hpc.launch", "run-shard", "--stage-dir", str(run / "raw-clean")],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    sigkill_shard_task(run / "raw-clean", name, 1000)
     state = StageState(run / "raw-clean")
-    deadline = time.time() + 120
-    while time.time() < deadline and (state.read("running", name) or {}).get("records", 0) < 1000:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the task finished before it could be killed; make the shard longer"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
     out = run / "raw-clean" / name
     assert not out.exists() and partial_path(out).exists()
     run_stage(decontaminate.STAGE, cfg, run)

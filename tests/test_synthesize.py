@@ -109,13 +109,7 @@ KILL_DOCS = 600
 
 
 def test_sigkilled_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_dir: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO
+    from conftest import sigkill_shard_task
 
     from ipt_hpc.execution.submit import prepare
 
@@ -128,21 +122,9 @@ def test_sigkilled_synthesis_resumes_to_identical_bytes(tmp_path: Path, model_di
     assert (seq / "synth" / shard_name(0, 1)).read_bytes() == want  # streamed == one document at a time
     run = make_raw(tmp_path / "run", 1, docs=KILL_DOCS)
     prepare(build(synthesize.STAGE, cfg, run))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ipt_hpc.launch", "run-shard", "--stage-dir", str(run / "synth")],
-        cwd=REPO,
-        start_new_session=True,
-    )
-    state = StageState(run / "synth")
     name = shard_name(0, 1)
-    deadline = time.time() + 120
-    while time.time() < deadline and (state.read("running", name) or {}).get("records", 0) < 6:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the task finished before it could be killed; make the shard longer"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
+    sigkill_shard_task(run / "synth", name, 6)
+    state = StageState(run / "synth")
     assert not (run / "synth" / name).exists() and partial_path(run / "synth" / name).exists()
     run_stage(synthesize.STAGE, cfg, run, "failed")
     assert (run / "synth" / name).read_bytes() == want
