@@ -342,6 +342,20 @@ def test_status_the_report_and_the_dataset_card_show_the_hits_per_task(raw_run: 
     assert "## Decontamination" in card and "| " + " | ".join(row) + " |" in card
 
 
+def test_publish_reads_what_training_read() -> None:
+    """With decontaminate.enabled, the published raw and synth parts are the decontaminated folders."""
+    from ipt_hpc.layout import RunLayout
+    from ipt_hpc.stages.publish import input_folder
+
+    layout = RunLayout.of("/runs/x")
+    on = config(Path("/nonexistent"), **{"decontaminate.enabled": True})
+    assert [input_folder(on, layout, p).name for p in ("raw", "synth", "augmented")] == [
+        "raw-clean", "synth-clean", "augmented",
+    ]  # fmt: skip
+    off = config(Path("/nonexistent"))
+    assert [input_folder(off, layout, p).name for p in ("raw", "synth", "augmented")] == ["raw", "synth", "augmented"]
+
+
 def publish_card(run: Path) -> str:
     from ipt_hpc.stages.publish_hub import card_text
 

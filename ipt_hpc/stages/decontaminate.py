@@ -285,9 +285,14 @@ def decontaminate_job(cfg: Config, layout: RunLayout) -> DecontaminateJob:
     )
 
 
+def clean_folder(folder: str) -> str:
+    """Where decontaminate writes what it read from ``folder`` (unless ``decontaminate.output_folder``)."""
+    return f"{folder}-clean"
+
+
 def output_folder(cfg: Config) -> str:
     d = cfg.decontaminate
-    return d.output_folder or f"{d.input_stage}-clean"
+    return d.output_folder or clean_folder(d.input_stage)
 
 
 def plan(run: StageRun, cfg: Config, progress: Any = None) -> None:

@@ -49,12 +49,17 @@ class PublishJob(BaseModel):
 
 # -- the parts: input folder, required record fields, and the row each record becomes ---------------
 def input_folder(cfg: Config, layout: RunLayout, part: str) -> Path:
-    """The run folder a part is read from (the folders templify and shard were configured to write)."""
+    """The run folder a part is read from (the folders templify and shard were configured to write; with
+    ``decontaminate.enabled``, the decontaminated ones the pipeline trained on)."""
     folder = {
         "augmented": cfg.templify.output_folder,
         "synth": cfg.templify.input_stage,
         "raw": cfg.shard.output_folder,
     }[part]
+    if cfg.decontaminate.enabled and part != "augmented":
+        from .decontaminate import clean_folder
+
+        folder = clean_folder(folder)
     return layout.stage(folder)
 
 
