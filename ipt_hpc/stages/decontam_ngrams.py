@@ -17,7 +17,9 @@ same words, which the slow path, taken only for texts with a hit, re-derives wit
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import re
 import sys
 import unicodedata
@@ -116,6 +118,9 @@ class NgramIndex:
         self.segment_words = segment_words  # word ids per segment
         # length -> (sorted hashes, segment of each entry, word offset of each entry)
         self.tables = tables
+        # per length, a bitmap of the hashes' low bits: most windows are ruled out by one gather, and only the
+        # few left (about n-grams / 2**22 of them at random) are looked up in the sorted table
+        self.filters = {m: _bitmap(t[0]) for m, t in tables.items()}
         self.too_short = too_short  # segments shorter than settings.min_words: not indexed
 
     # -- building -----------------------------------------------------------------------------------
@@ -158,6 +163,7 @@ class NgramIndex:
 
     def nbytes(self) -> int:
         arrays = sum(a.nbytes for t in self.tables.values() for a in t) + sum(a.nbytes for a in self.segment_words)
+        arrays += sum(b.nbytes for b in self.filters.values())
         return int(arrays + sum(len(w) + 60 for w in self.vocab) + 120 * len(self.segments))
 
     # -- scanning -----------------------------------------------------------------------------------
@@ -176,6 +182,8 @@ class NgramIndex:
             if not len(starts):
                 continue
             h = window_hashes(ids, m)[starts]
+            maybe = self.filters[m][h & FILTER_MASK]
+            starts, h = starts[maybe], h[maybe]
             pos = np.searchsorted(table, h)  # the first entry >= each hash
             found = np.zeros(len(h), dtype=bool)
             inside = pos < len(table)
@@ -194,14 +202,16 @@ class NgramIndex:
         """The hits of each text, found in one vectorised pass over all of them (their word ids back to back,
         a 0 between two texts): the per-text cost of the numpy calls is paid once per batch."""
         lists = [words(t, self.settings) for t in texts]
-        get = self.vocab.get
-        total = sum(len(ws) for ws in lists) + len(lists)
-        ids = np.fromiter((get(w, 0) for ws in lists for w in (*ws, "")), dtype=np.uint64, count=total)
-        firsts = np.cumsum([0] + [len(ws) + 1 for ws in lists])[:-1]
+        for ws in lists:
+            ws.append("")  # id 0: no window crosses into the next text
+        total = sum(len(ws) for ws in lists)
+        flat = itertools.chain.from_iterable(lists)
+        ids = np.fromiter(map(self.vocab.get, flat, itertools.repeat(0)), dtype=np.uint64, count=total)
+        firsts = list(itertools.accumulate((len(ws) for ws in lists[:-1]), initial=0))
         hits: list[list[Hit]] = [[] for _ in lists]
         for start, m, seg in self._matches(ids):
-            k = int(np.searchsorted(firsts, start, side="right")) - 1
-            local = start - int(firsts[k])
+            k = bisect.bisect_right(firsts, start) - 1
+            local = start - firsts[k]
             hits[k].append(Hit(self.segments[seg], local, m, tuple(lists[k][local : local + m])))
         for found in hits:
             found.sort(key=lambda x: (x.start, x.length, x.segment.task, x.segment.doc, x.segment.part))
@@ -255,6 +265,15 @@ class NgramIndex:
         if len(seg_words) != len(segments):
             raise IptError(f"{folder}: the index has {len(seg_words)} segments, its segment list {len(segments)}")
         return cls(settings, vocab, segments, seg_words, dict(sorted(tables.items())))
+
+
+FILTER_MASK = np.uint64((1 << 22) - 1)
+
+
+def _bitmap(hashes: np.ndarray) -> np.ndarray:
+    bits = np.zeros(1 << 22, dtype=bool)  # 4 MiB per indexed length
+    bits[hashes & FILTER_MASK] = True
+    return bits
 
 
 def window_hashes(ids: np.ndarray, m: int) -> np.ndarray:
