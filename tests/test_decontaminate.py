@@ -175,6 +175,32 @@ def test_exact_and_altered_questions_are_found_twelve_words_are_not() -> None:
     assert [h.length for h in whole.scan("A force that keeps PLANETS moving around the Sun.")] == [8]  # < n: whole
 
 
+def test_reference_files_jsonl_and_parquet_are_looked_for_too(tmp_path: Path) -> None:
+    """decontaminate.references: benchmarks outside lm-eval, one text per record; the task name is the file's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "private_qa.jsonl").write_text(json.dumps({"id": "q7", "text": QUESTIONS[0]}) + "\n")
+    pq.write_table(pa.table({"text": [QUESTIONS[1]]}), tmp_path / "held_out.parquet")
+    cfg = load_config(None, None, {
+        "decontaminate.tasks": [],
+        "decontaminate.references": [str(tmp_path / "private_qa.jsonl"), str(tmp_path / "held_out.parquet")],
+    })  # fmt: skip
+    manifest = build_index(cfg, tmp_path / "run")
+    assert set(manifest["tasks"]) == {"private_qa", "held_out"} and manifest["tasks"]["private_qa"]["documents"] == 1
+    assert manifest["tasks"]["held_out"]["fingerprint"].startswith("sha256:")
+    from ipt_hpc.stages.decontam_index import load_index
+
+    index, _ = load_index(tmp_path / "run")
+    assert {(h.segment.task, h.segment.doc) for h in index.scan(RAW[0]["text"])} == {("private_qa", "q7")}
+    assert {(h.segment.task, h.segment.doc) for h in index.scan(RAW[1]["text"])} == {("held_out", "0")}
+    bad = load_config(None, None, {"decontaminate.tasks": [], "decontaminate.references": [str(tmp_path / "x.jsonl")]})
+    from ipt_hpc.errors import IptError
+
+    with pytest.raises(IptError, match=r"decontaminate.references: .*x.jsonl does not exist"):
+        build_index(bad, tmp_path / "run2")
+
+
 def test_the_index_is_the_same_bytes_every_time(tmp_path: Path) -> None:
     for name in ("a", "b"):
         small_index().save(tmp_path / name)

@@ -39,6 +39,28 @@ def test_steps_follow_the_config(tmp_path: Path) -> None:
     # a train section adds training, export and evaluation before the report
     steps = available_steps(load_config(None, None, {**with_synth, "train.train_iters": 5}), tmp_path / "run")
     assert [s.name for s in steps][-5:] == ["mixture", "train", "export", "eval", "report"]
+    # decontaminate: the index once, the raw shards before synthesis, the pairs after it; the stages after each
+    # read its output (docs/decontamination.md)
+    steps = available_steps(load_config(None, None, {**with_synth, "decontaminate.enabled": True}), tmp_path / "run")
+    assert [s.name for s in steps][:7] == [
+        "shard", "decontaminate-index", "decontaminate raw-clean", "synthesize", "decontaminate synth-clean",
+        "templify", "tokenize augmented",
+    ]  # fmt: skip
+    synth, templ = steps[3].run, steps[5].run
+    assert (synth.in_folder, templ.in_folder, templ.stage_config.raw_stage) == ("raw-clean", "synth-clean", "raw-clean")
+    assert steps[6].run.in_folder == "augmented"
+    no_synth = available_steps(load_config(None, None, {**base, "decontaminate.enabled": True}), tmp_path / "run")
+    assert [s.name for s in no_synth][:4] == ["shard", "decontaminate-index", "decontaminate raw-clean", "tokenize raw"]
+    assert no_synth[3].run.in_folder == "raw-clean"
+
+
+def test_the_demo_decontaminates_and_dry_run_lists_it(tmp_path: Path) -> None:
+    proc = run_cli("pipeline", "--config", "configs/demo.yaml", "--run", str(tmp_path / "run"), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr  # the console's lines
+    assert "step 2: decontaminate-index (one job on local)" in out
+    assert "step 3: decontaminate raw-clean (job arrays on local)" in out
+    assert "step 5: decontaminate synth-clean (job arrays on local)" in out
 
 
 def test_pipeline_runs_shard_to_mixture_locally(tmp_path: Path) -> None:
