@@ -193,15 +193,17 @@ def available_steps(cfg: Config, run_dir: str | Path) -> list[Step]:
     raw_folder = raw.name
     if cfg.decontaminate.enabled:  # the index once, then the raw shards before synthesis (docs/decontamination.md)
         steps.append(Coordinator("decontaminate-index", decontam_index.build_index, (cfg, str(run_dir))))
-        steps.append(ShardStage(build(decontaminate.STAGE, _decontaminating(cfg, raw_folder), run_dir, n)))
-        raw_folder = decontaminate.output_folder(_decontaminating(cfg, raw_folder))
+        dcfg = _decontaminating(cfg, raw_folder)
+        steps.append(ShardStage(build(decontaminate.STAGE, dcfg, run_dir, n)))
+        raw_folder = decontaminate.output_folder(dcfg)
         cfg = _reading(cfg, synth=raw_folder, raw=raw_folder)
     if cfg.synth.model:
         steps.append(ShardStage(build(synthesize.STAGE, cfg, run_dir, n)))
         if cfg.decontaminate.enabled:  # the synthesized pairs: the synthesizer may write a benchmark item
             synth = RunLayout.of(run_dir).synth.name
-            steps.append(ShardStage(build(decontaminate.STAGE, _decontaminating(cfg, synth), run_dir, n)))
-            cfg = _reading(cfg, templify=decontaminate.output_folder(_decontaminating(cfg, synth)))
+            dcfg = _decontaminating(cfg, synth)
+            steps.append(ShardStage(build(decontaminate.STAGE, dcfg, run_dir, n)))
+            cfg = _reading(cfg, templify=decontaminate.output_folder(dcfg))
         steps.append(ShardStage(build(templify.STAGE, cfg, run_dir, n)))
     if cfg.tokenize.tokenizer:
         if cfg.synth.model:

@@ -77,7 +77,7 @@ def _index(folder: str) -> NgramIndex:
     return _INDEX[folder][1]
 
 
-def log_lines(rid: str, where: str, text: str, hits: list[Hit], action: str, index: NgramIndex) -> list[bytes]:
+def log_lines(rid: str, where: str, text: str, hits: list[Hit], action: str, index: NgramIndex) -> list[dict[str, Any]]:
     """One log line per (match, eval document): the same window matching a document's question and its
     question+answer is one line."""
     seen: set[tuple[int, int, str, str]] = set()
@@ -98,7 +98,7 @@ def log_lines(rid: str, where: str, text: str, hits: list[Hit], action: str, ind
             "span": list(span),
             "action": action,
         }
-        out.append(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
+        out.append(line)
     return out
 
 
@@ -116,7 +116,7 @@ def clean_record(
     rec: dict[str, Any],
     hits: list[list[Hit]],
     index: NgramIndex,
-    log: list[bytes],
+    log: list[dict[str, Any]],
     counts: Counter[str],
 ) -> dict[str, Any] | None:
     """The record after its group's policy (None: dropped), given the hits of its text and of each of its pairs
@@ -132,7 +132,7 @@ def clean_record(
     counts["records_hit"] += 1
     policy = job.policy
     drop = policy == "drop_doc" or (policy == "drop_pair" and (text_hits or pairs is None))
-    action = {"flag": "flag", "drop_doc": "drop_doc", "drop_pair": "drop_pair", "excise": "excise"}[policy]
+    action: str = policy  # the text's action, unless the record is dropped below
     out: dict[str, Any] | None = rec
     if policy == "flag":
         pass
@@ -162,7 +162,7 @@ def clean_record(
     return out
 
 
-def cleaned(job: DecontaminateJob, path: Path, index: NgramIndex, log: list[bytes], counts: Counter[str]):
+def cleaned(job: DecontaminateJob, path: Path, index: NgramIndex, log: list[dict[str, Any]], counts: Counter[str]):
     """The shard's output records in order; a dropped record's id leaves the chains of the records after it.
     Records are scanned ``SCAN_BATCH`` at a time (one vectorised pass), then cleaned one by one in order."""
     dropped: set[str] = set()
@@ -202,14 +202,15 @@ def log_path(out_dir: Path, name: str) -> Path:
 def decontaminate_shard(job: DecontaminateJob, ctx: ShardContext) -> dict[str, Any]:
     """Decontaminate one shard (a task of the execution layer); resumes after the last durable record."""
     index = _index(job.index)
-    log: list[bytes] = []
+    log: list[dict[str, Any]] = []
     counts: Counter[str] = Counter()
     stats = ctx.write_all(cleaned(job, ctx.input_path, index, log, counts), FLUSH_EVERY)
     records_of: dict[str, set[str]] = defaultdict(set)
-    for line in log:
-        entry = orjson.loads(line)
+    for entry in log:
         records_of[entry["task"]].add(entry["record"])
-    atomic_write_bytes(log_path(ctx.run.out_dir, ctx.name), b"".join(log))
+    atomic_write_bytes(
+        log_path(ctx.run.out_dir, ctx.name), b"".join(orjson.dumps(e, option=orjson.OPT_APPEND_NEWLINE) for e in log)
+    )
     return {
         **stats,
         "group": job.group,
