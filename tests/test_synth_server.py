@@ -1,0 +1,128 @@
+"""The server engine against a small scripted OpenAI-compatible server (stdlib http.server in a thread): token-id
+prompts, explicit sampling fields, EOS stripped, per-prompt errors, retries, fatal answers, cancel.
+WORK IN PROGRESS (issue 31)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from ipt_hpc.stages.synth_server import ServerEngine, ServerFailed
+
+EOS = 2
+
+
+class Script:
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.busy = 0  # answer 429 this many times
+        self.status: int | None = None  # answer this to everything
+
+
+def handler(script: Script) -> type[BaseHTTPRequestHandler]:
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def reply(self, status: int, obj: Any) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            script.bodies.append(body)
+            if script.status:
+                return self.reply(script.status, {"error": "scripted"})
+            if script.busy:
+                script.busy -= 1
+                return self.reply(429, {"error": "busy"})
+            prompt = body["prompt"]
+            if 9060 in prompt:
+                return self.reply(400, {"error": "Token id 9060 is out of vocabulary"})
+            ids = [*[t + 1 for t in prompt[-3:]][: body["max_tokens"] - 1], EOS]
+            self.reply(200, {"choices": [{"text": " ".join(map(str, ids)), "token_ids": ids, "finish_reason": "stop"}]})
+
+    return H
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, Script]]:
+    script = Script()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler(script))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", script
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def engine(url: str, **kw: Any) -> ServerEngine:
+    return ServerEngine(url, "tiny", max_model_len=64, eos=EOS, backoff_s=0.01, **kw)
+
+
+def test_token_id_prompts_explicit_sampling_and_the_eos_stripped(server: tuple[str, Script]) -> None:
+    url, script = server
+    e = engine(url)
+    try:
+        out = e.generate([[5, 6, 7], [10, 11, 12, 13]], 8)
+    finally:
+        e.close()
+    assert [g.ids for g in out] == [[6, 7, 8], [12, 13, 14]] and all(g.error is None for g in out)
+    body = script.bodies[0]
+    assert body["prompt"] in ([5, 6, 7], [10, 11, 12, 13]) and body["max_tokens"] == 8
+    assert body["temperature"] == 0.0 and body["return_token_ids"] is True and body["model"] == "tiny"
+
+
+def test_a_rejected_prompt_is_that_records_error_and_busy_answers_are_retried(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.busy = 2
+    e = engine(url, concurrency=1)
+    try:
+        out = e.generate([[1, 9060], [3, 4]], 8)
+    finally:
+        e.close()
+    assert out[0].error and "out of vocabulary" in out[0].error and out[1].ids == [4, 5]
+    assert len(script.bodies) == 4  # two 429s, then both prompts
+
+
+@pytest.mark.parametrize("status", [401, 404])
+def test_an_unauthorised_or_missing_endpoint_fails_the_shard_at_once(server: tuple[str, Script], status: int) -> None:
+    url, script = server
+    script.status = status
+    e = engine(url)
+    try:
+        with pytest.raises(ServerFailed, match=rf"answered {status}"):
+            e.generate([[1, 2]], 4)
+    finally:
+        e.close()
+    assert len(script.bodies) == 1  # not retried
+
+
+def test_a_server_that_is_gone_is_retried_then_fails_the_shard() -> None:
+    e = engine("http://127.0.0.1:9", retries=2)
+    try:
+        with pytest.raises(ServerFailed, match=r"failed 3 times; last: ClientConnectorError"):
+            e.generate([[1, 2]], 4)
+    finally:
+        e.close()
+
+
+def test_over_budget_prompts_never_reach_the_server(server: tuple[str, Script]) -> None:
+    url, script = server
+    e = engine(url)
+    try:
+        out = e.generate([list(range(60))], 8)
+    finally:
+        e.close()
+    assert out[0].error == "prompt of 60 tokens + 8 exceeds 64" and script.bodies == []
