@@ -21,7 +21,10 @@ class Script:
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.busy = 0  # answer 429 this many times
-        self.status: int | None = None  # answer this to everything
+        self.status: int | None = None  # answer this to every completion
+        self.health = 200
+        self.model = "tiny"
+        self.context = 64
 
 
 def handler(script: Script) -> type[BaseHTTPRequestHandler]:
@@ -37,8 +40,18 @@ def handler(script: Script) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                return self.reply(script.health, {})
+            if self.path == "/v1/models":
+                return self.reply(200, {"data": [{"id": script.model, "max_model_len": script.context}]})
+            self.reply(404, {})
+
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":
+                toks = [ord(c) % 50 for c in body["prompt"]]  # the scripted server's own "tokenizer"
+                return self.reply(200, {"tokens": toks, "count": len(toks), "max_model_len": script.context})
             script.bodies.append(body)
             if script.status:
                 return self.reply(script.status, {"error": "scripted"})
@@ -126,3 +139,26 @@ def test_over_budget_prompts_never_reach_the_server(server: tuple[str, Script]) 
     finally:
         e.close()
     assert out[0].error == "prompt of 60 tokens + 8 exceeds 64" and script.bodies == []
+
+
+def test_checks_before_the_first_request_name_both_sides(server: tuple[str, Script]) -> None:
+    url, script = server
+    ours = [ord(c) % 50 for c in ServerEngine.PROBE]
+    e = engine(url)
+    try:
+        assert e.check(ours) == {"model": "tiny", "max_model_len": 64}
+        with pytest.raises(
+            ServerFailed, match=r"the server's tokenizer gives \[.*\] for the probe text, ours \[1, 2\]"
+        ):
+            e.check([1, 2])
+        script.context = 32
+        with pytest.raises(ServerFailed, match=r"synth.max_model_len 64 exceeds the server's context 32"):
+            e.check(ours)
+        script.model = "other"
+        with pytest.raises(ServerFailed, match=r"serves \['other'\], the run asks for 'tiny'"):
+            e.check(ours)
+        script.health = 503
+        with pytest.raises(ServerFailed, match=r"/health answered 503"):
+            e.check(ours)
+    finally:
+        e.close()

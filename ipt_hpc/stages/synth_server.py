@@ -128,6 +128,49 @@ class ServerEngine:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
 
+    # -- before the first request -------------------------------------------------------------------
+    PROBE = "Instruction pre-training probe: <CON> Ünïcode, digits 12345 and\n\nnewlines. </CON>"
+
+    def check(self, our_ids: list[int]) -> dict[str, Any]:
+        """Health, the served model's name, the server's tokenizer against ours (``our_ids``: our tokenizer's ids
+        of :attr:`PROBE` without special tokens; token-id prompts need the same vocabulary) and its context
+        length against the run's budget. Each mismatch is one line naming both sides."""
+        return asyncio.run_coroutine_threadsafe(self._check(our_ids), self._loop).result(self.timeout_s + 5)
+
+    async def _check(self, our_ids: list[int]) -> dict[str, Any]:
+        import aiohttp
+
+        session = await self._client()
+        try:
+            async with session.get(f"{self.url}/health") as resp:
+                if resp.status != 200:
+                    raise ServerFailed(
+                        f"synthesize: {self.url}/health answered {resp.status}: the server's engine is not up"
+                    )
+            async with session.get(f"{self.url}/v1/models") as resp:
+                served = [m.get("id") for m in (await resp.json()).get("data", [])]
+            if self.model not in served:
+                raise ServerFailed(
+                    f"synthesize: {self.url} serves {served}, the run asks for {self.model!r} (synth.model)"
+                )
+            body = {"model": self.model, "prompt": self.PROBE, "add_special_tokens": False}
+            async with session.post(f"{self.url}/tokenize", json=body) as resp:
+                tok = await resp.json()
+        except aiohttp.ClientError as exc:
+            raise ServerFailed(f"synthesize: {self.url} cannot be reached: {type(exc).__name__}: {exc}") from None
+        if tok.get("tokens") != our_ids:
+            raise ServerFailed(
+                f"synthesize: the server's tokenizer gives {tok.get('tokens')} for the probe text, ours {our_ids}:"
+                " token-id prompts need the same vocabulary (serve the run's synth.model)"
+            )
+        context = int(tok.get("max_model_len") or 0)
+        if context and context < self.max_model_len:
+            raise ServerFailed(
+                f"synthesize: synth.max_model_len {self.max_model_len} exceeds the server's context {context}"
+                " (--max-model-len of the server)"
+            )
+        return {"model": self.model, "max_model_len": context}
+
     # -- the client ---------------------------------------------------------------------------------
     async def _start(self, key: int, prompt: list[int], max_new_tokens: int) -> None:
         task = asyncio.current_task()
