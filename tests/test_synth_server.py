@@ -25,6 +25,8 @@ class Script:
         self.health = 200
         self.model = "tiny"
         self.context = 64
+        self.tokenizer: Any = None  # a real tokenizer: /tokenize and the completions use it
+        self.answer = " <QUE> What is it? <ANS> A shard. </END>"
 
 
 def handler(script: Script) -> type[BaseHTTPRequestHandler]:
@@ -50,7 +52,12 @@ def handler(script: Script) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path == "/tokenize":
-                toks = [ord(c) % 50 for c in body["prompt"]]  # the scripted server's own "tokenizer"
+                tok = script.tokenizer
+                toks = (
+                    tok(body["prompt"], add_special_tokens=False)["input_ids"]
+                    if tok
+                    else [ord(c) % 50 for c in body["prompt"]]
+                )
                 return self.reply(200, {"tokens": toks, "count": len(toks), "max_model_len": script.context})
             script.bodies.append(body)
             if script.status:
@@ -61,6 +68,15 @@ def handler(script: Script) -> type[BaseHTTPRequestHandler]:
             prompt = body["prompt"]
             if 9060 in prompt:
                 return self.reply(400, {"error": "Token id 9060 is out of vocabulary"})
+            if script.tokenizer is not None:  # a well-formed pair, then EOS
+                tok = script.tokenizer
+                ids = [
+                    *tok(script.answer, add_special_tokens=False)["input_ids"][: body["max_tokens"] - 1],
+                    tok.eos_token_id,
+                ]
+                return self.reply(
+                    200, {"choices": [{"text": script.answer, "token_ids": ids, "finish_reason": "stop"}]}
+                )
             ids = [*[t + 1 for t in prompt[-3:]][: body["max_tokens"] - 1], EOS]
             self.reply(200, {"choices": [{"text": " ".join(map(str, ids)), "token_ids": ids, "finish_reason": "stop"}]})
 
@@ -162,3 +178,31 @@ def test_checks_before_the_first_request_name_both_sides(server: tuple[str, Scri
             e.check(ours)
     finally:
         e.close()
+
+
+def test_the_synthesize_stage_through_a_served_model(
+    server: tuple[str, Script], tiny_synth: Any, tmp_path: Any
+) -> None:
+    """synth.backend=server: the stage's token-id prompts go to the server, its answers are parsed into pairs;
+    the check before the first request passes with the same tokenizer on both sides."""
+    from test_fanout import make_raw
+    from transformers import AutoTokenizer
+
+    from ipt_hpc.config import load_config
+    from ipt_hpc.execution import run_stage, shard_name
+    from ipt_hpc.records import read_records
+    from ipt_hpc.stages import synthesize
+
+    url, script = server
+    script.tokenizer = AutoTokenizer.from_pretrained(str(tiny_synth))
+    script.model = str(tiny_synth)
+    script.context = 1024
+    run = make_raw(tmp_path / "run", 1, docs=12)
+    sets = {"synth.model": str(tiny_synth), "synth.backend": "server", "synth.server_url": url,
+            "synth.max_new_tokens": 32, "synth.max_model_len": 512, "execution.backend": "debug"}  # fmt: skip
+    result = run_stage(synthesize.STAGE, load_config(None, None, sets), run)
+    assert result["submitted"] == 1
+    records = list(read_records(run / "synth" / shard_name(0, 1)))
+    assert len(records) == 12 and all(r["error"] is None for r in records)
+    assert all(r["pairs"] == [{"Q": "What is it?", "A": "A shard."}] for r in records), records[0]
+    assert all(b["max_tokens"] == 32 and isinstance(b["prompt"][0], int) for b in script.bodies)

@@ -62,6 +62,8 @@ class ServerEngine:
         self._thread.start()
         self._session: Any = None
         self._limit: asyncio.Semaphore | None = None
+        self.tokenizer: Any = None  # ours (connect() sets it): the stage builds prompt ids with it
+        self.info: dict[str, Any] = {}  # what check() found
 
     # -- the engine interface ---------------------------------------------------------------------
     def capacity(self) -> int:
@@ -248,3 +250,29 @@ class ServerEngine:
         if ids and self.eos is not None and ids[-1] == self.eos:
             ids.pop()
         return Generation(ids, choice.get("text", ""))
+
+
+def connect(
+    model: str, *, url: str, served_model: str, max_model_len: int, concurrency: int, timeout_s: float, retries: int
+) -> ServerEngine:
+    """The engine of a task: our tokenizer (``synth.model``: the stage builds the prompts' ids with it), the
+    server checked against it before the first request."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    engine = ServerEngine(
+        url,
+        served_model,
+        max_model_len=max_model_len,
+        eos=tokenizer.eos_token_id,
+        concurrency=concurrency,
+        timeout_s=timeout_s,
+        retries=retries,
+    )
+    engine.tokenizer = tokenizer
+    try:
+        engine.info = engine.check(tokenizer(ServerEngine.PROBE, add_special_tokens=False)["input_ids"])
+    except BaseException:
+        engine.close()
+        raise
+    return engine
