@@ -446,7 +446,11 @@ def get_engine(backend: str, model: str, **options: Any) -> Engine:
     key = (backend, model, tuple(sorted(options.items())))
     if key not in _ENGINES:
         _ENGINES.clear()
-        if backend == "vllm":
+        if backend == "server":
+            from .synth_server import connect
+
+            _ENGINES[key] = connect(model, **options)
+        elif backend == "vllm":
             _ENGINES[key] = VllmEngine(model, **options)
         else:
             _ENGINES[key] = TransformersEngine(model, **options)
