@@ -1,6 +1,6 @@
 """The server engine against a small scripted OpenAI-compatible server (stdlib http.server in a thread): token-id
-prompts, explicit sampling fields, EOS stripped, per-prompt errors, retries, fatal answers, cancel.
-WORK IN PROGRESS (issue 31)."""
+prompts, explicit sampling fields, EOS stripped, per-prompt errors, retries, fatal answers, the checks before
+the first request, and the synthesize stage through it. vLLM's real server: tests/test_vllm.py."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """``synth.backend: server``: generation through an OpenAI-compatible ``/v1/completions`` server (vLLM's).
 
-WORK IN PROGRESS (issue 31, branch wip-31-server): the engine core. Not yet: launch mode, the checks before the
-first request (model name, /tokenize probe, context length), the stage's wiring, the vLLM-server tests.
+Not done yet (issue 31): launch mode (the task starting its own server), finish reasons and token usage in
+the records, a server killed mid-shard in the tests (docs/synthesis.md).
 
 The engine keeps the stage's exact token budgets over HTTP: prompts are token ids (``prompt`` as a list of
 ints), every sampling field is sent (greedy), ``max_tokens`` is the stage's and a longer generation is an
@@ -10,8 +10,9 @@ in-process vLLM engine strips it. One asyncio client (aiohttp) runs in a thread 
 request to it (at most ``concurrency`` in flight), ``collect`` returns the finished ones.
 
 Errors: a 400/422 for one prompt is that record's error; connection errors, timeouts, 429 and 502-504 are
-retried with exponential backoff and jitter, then fail the shard; 401/403/404 and 503 (an engine that died)
-fail the shard at once. A shard failure is raised by ``collect`` as one line.
+retried with exponential backoff and jitter, then fail the shard; 401/403/404 fail the shard at once, and so
+does a ``/health`` that is not 200 before the first request (an engine that died answers 503). A shard failure
+is raised by ``collect`` as one line.
 """
 
 from __future__ import annotations
