@@ -446,10 +446,9 @@ def get_engine(backend: str, model: str, **options: Any) -> Engine:
     key = (backend, model, tuple(sorted(options.items())))
     if key not in _ENGINES:
         _ENGINES.clear()
-        if backend == "server":
-            from .synth_server import connect
-
-            _ENGINES[key] = connect(model, **options)
+        factory = options.pop("factory", None)  # an engine defined elsewhere (synth_server.connect)
+        if factory is not None:
+            _ENGINES[key] = factory(model, **options)
         elif backend == "vllm":
             _ENGINES[key] = VllmEngine(model, **options)
         else:

@@ -63,9 +63,12 @@ class SynthJob(BaseModel):
 
 def _engine(job: SynthJob) -> Any:
     if job.backend == "server":
+        from .synth_server import connect
+
         return get_engine(
             "server",
             job.model,
+            factory=connect,
             url=job.server_url,
             served_model=job.served_model or job.model,
             max_model_len=job.max_model_len,
