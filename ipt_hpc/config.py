@@ -54,7 +54,11 @@ class SynthConfig(_Section):
 
     model: str | None = Field(None, description="synthesizer: a folder or hub name (instruction-synthesizer)")
     input_stage: str = Field("raw", description="run sub-folder of documents to synthesize from (raw, raw-clean)")
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers", "vllm", "server"] = "transformers"
+    server_url: str | None = Field(None, description="server backend: an OpenAI-compatible server, http://host:port")
+    served_model: str | None = Field(None, description="server backend: the name it serves (default: synth.model)")
+    server_timeout_s: float = Field(600.0, gt=0, description="server backend: seconds per request")
+    server_retries: int = Field(5, ge=0, description="server backend: retries of a busy or unreachable server")
     rounds: int = Field(2, ge=1, description="M: documents of a shard are split into M rounds")
     max_new_tokens: int = Field(400, ge=1)
     max_model_len: int = Field(4096, ge=16)

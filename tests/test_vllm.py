@@ -183,3 +183,60 @@ def test_sigkilled_vllm_synthesis_resumes_to_identical_bytes(tmp_path: Path, eng
     assert (run / "synth" / name).read_bytes() == want
     resumed = next(e for e in state.events(name) if e["event"] == "resumed")
     assert 2 <= resumed["records"] < 120
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory):
+    """vLLM's OpenAI server (the module: the CPU build's ``vllm serve`` script fails on its distribution name)
+    on the tiny synthesizer, on a free loopback port; stopped with TERM, then KILL."""
+    import urllib.request
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("server") / "vllm-server.log", "w")  # noqa: SIM115 - closed below
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL), "--port", str(port),
+           "--host", "127.0.0.1", "--max-model-len", "1024", "--enforce-eager", "--generation-config", "vllm",
+           "--dtype", "float32", "--gpu-memory-utilization", "0.1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise AssertionError("vLLM's server did not answer /health in 400 s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        log.close()
+
+
+def test_the_same_shard_through_the_server_gives_the_in_process_bytes(tmp_path: Path, vllm_server: str) -> None:
+    """synth.backend=server against vLLM's real OpenAI server, and the in-process vLLM engine, on the same shard:
+    the same generated ids, so the same records byte for byte."""
+    here = make_run(tmp_path / "in-process", docs=12)
+    run_stage(synthesize.STAGE, config(**{"synth.max_model_len": 1024}), here)
+    served = make_run(tmp_path / "served", docs=12)
+    sets = {"synth.backend": "server", "synth.server_url": vllm_server, "synth.max_model_len": 1024}
+    run_stage(synthesize.STAGE, config(**sets), served)
+    name = shard_name(0, 1)
+    ours = list(read_records(served / "synth" / name))
+    assert ours == list(read_records(here / "synth" / name)) and len(ours) == 12
+    assert (served / "synth" / name).read_bytes() == (here / "synth" / name).read_bytes()

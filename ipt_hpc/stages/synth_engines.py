@@ -446,7 +446,10 @@ def get_engine(backend: str, model: str, **options: Any) -> Engine:
     key = (backend, model, tuple(sorted(options.items())))
     if key not in _ENGINES:
         _ENGINES.clear()
-        if backend == "vllm":
+        factory = options.pop("factory", None)  # an engine defined elsewhere (synth_server.connect)
+        if factory is not None:
+            _ENGINES[key] = factory(model, **options)
+        elif backend == "vllm":
             _ENGINES[key] = VllmEngine(model, **options)
         else:
             _ENGINES[key] = TransformersEngine(model, **options)

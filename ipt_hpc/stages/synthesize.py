@@ -36,7 +36,11 @@ class SynthJob(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str
-    backend: Literal["transformers", "vllm"]
+    backend: Literal["transformers", "vllm", "server"]
+    server_url: str | None
+    served_model: str | None
+    server_timeout_s: float
+    server_retries: int
     rounds: int
     max_new_tokens: int
     max_model_len: int
@@ -58,6 +62,20 @@ class SynthJob(BaseModel):
 
 
 def _engine(job: SynthJob) -> Any:
+    if job.backend == "server":
+        from .synth_server import connect
+
+        return get_engine(
+            "server",
+            job.model,
+            factory=connect,
+            url=job.server_url,
+            served_model=job.served_model or job.model,
+            max_model_len=job.max_model_len,
+            concurrency=job.max_in_flight or 2 * job.batch_size,
+            timeout_s=job.server_timeout_s,
+            retries=job.server_retries,
+        )
     if job.backend == "vllm":
         return get_engine(
             "vllm",
@@ -425,6 +443,8 @@ def synth_job(cfg: Config, layout: RunLayout | None) -> SynthJob:
     if not s.model:
         raise IptError("synthesize: no synthesizer model (--model PATH_OR_NAME or synth.model)")
     job = SynthJob(**s.model_dump(exclude={"input_stage"}))  # the same fields (the input: the StageRun's), model set
+    if job.backend == "server" and not job.server_url:
+        raise IptError("synth.backend=server needs synth.server_url (http://host:port of an OpenAI-compatible server)")
     if job.backend == "vllm" and job.no_repeat_ngram_size:
         raise IptError(
             "synth.no_repeat_ngram_size is a transformers-backend option; with vllm use synth.repetition_penalty"
