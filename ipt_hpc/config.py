@@ -49,16 +49,38 @@ class ShardConfig(_Section):
     )
 
 
+class ServerConfig(_Section):
+    """``synth.backend: server``: an OpenAI-compatible ``/v1/completions`` server (vLLM's), running or launched."""
+
+    url: str | None = Field(None, description="a running server, http://host:port (many tasks may share it)")
+    launch: bool = Field(False, description="each task starts vLLM's OpenAI server on a free loopback port")
+    served_model: str | None = Field(None, description="the name the server serves (default: synth.model)")
+    timeout_s: float = Field(600.0, gt=0, description="seconds per request")
+    retries: int = Field(5, ge=0, description="retries of a busy or unreachable server (backoff with jitter)")
+    concurrency: int | None = Field(
+        None, ge=1, description="requests in flight (default: synth.max_in_flight, else twice synth.batch_size)"
+    )
+    startup_timeout_s: float = Field(
+        900.0, gt=0, description="seconds a task waits for the server's /health (launch: and its model list)"
+    )
+    module: str = Field(
+        "vllm.entrypoints.openai.api_server", min_length=1, description="launch: the server module python -m runs"
+    )
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> ServerConfig:
+        if self.url and self.launch:
+            raise ValueError("synth.server: url (a running server) or launch: true (one per task), not both")
+        return self
+
+
 class SynthConfig(_Section):
     """The ``synthesize`` stage: the instruction synthesizer's multi-round inference."""
 
     model: str | None = Field(None, description="synthesizer: a folder or hub name (instruction-synthesizer)")
     input_stage: str = Field("raw", description="run sub-folder of documents to synthesize from (raw, raw-clean)")
     backend: Literal["transformers", "vllm", "server"] = "transformers"
-    server_url: str | None = Field(None, description="server backend: an OpenAI-compatible server, http://host:port")
-    served_model: str | None = Field(None, description="server backend: the name it serves (default: synth.model)")
-    server_timeout_s: float = Field(600.0, gt=0, description="server backend: seconds per request")
-    server_retries: int = Field(5, ge=0, description="server backend: retries of a busy or unreachable server")
+    server: ServerConfig = Field(default_factory=ServerConfig, description="server backend: url or launch")
     rounds: int = Field(2, ge=1, description="M: documents of a shard are split into M rounds")
     max_new_tokens: int = Field(400, ge=1)
     max_model_len: int = Field(4096, ge=16)

@@ -190,10 +190,50 @@ def stage_models(cfg: Any, stage: str) -> list[Problem]:
     """The model or tokenizer a stage loads."""
     checks: list[Problem | None] = []
     if stage == "synthesize":
-        checks.append(model_folder("synth.model", cfg.synth.model))
+        served = cfg.synth.backend == "server" and not cfg.synth.server.launch
+        checks.append(model_folder("synth.model", cfg.synth.model, tokenizer_only=served))  # the server has weights
+        if cfg.synth.backend == "server":
+            checks.append(server_problem(cfg.synth))
     if stage == "tokenize":
         checks.append(model_folder("tokenize.tokenizer", cfg.tokenize.tokenizer, tokenizer_only=True))
     return [p for p in checks if p]
+
+
+def server_problem(synth: Any) -> Problem | None:
+    """``synth.backend: server``: a running server answers ``/health`` and serves the model (from here: a server
+    only the compute nodes reach needs --skip-preflight), or the server module to launch is importable."""
+    import importlib.util
+    import json
+    import urllib.request
+
+    server = synth.server
+    if server.launch:
+        try:
+            found = importlib.util.find_spec(server.module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if found:
+            return None
+        fix = "install vLLM here and on the compute nodes (pip install 'ipt_hpc[vllm]'), or set synth.server.module"
+        return Problem("synth.server.module", server.module, "is not importable by this Python", fix)
+    if not server.url:
+        return Problem("synth.server.url", "", "is not set (backend server)", "set it, or synth.server.launch: true")
+    want = server.served_model or synth.model
+    try:
+        with urllib.request.urlopen(f"{server.url.rstrip('/')}/health", timeout=5) as resp:
+            healthy = resp.status == 200
+        with urllib.request.urlopen(f"{server.url.rstrip('/')}/v1/models", timeout=5) as resp:
+            served = [m.get("id") for m in json.load(resp).get("data", [])]
+    except (OSError, ValueError) as exc:
+        fix = "start the server first (docs/synthesis.md), or --skip-preflight if only the compute nodes reach it"
+        return Problem("synth.server.url", server.url, f"cannot be reached from here ({exc})", fix)
+    if not healthy:
+        return Problem("synth.server.url", server.url, "/health is not 200", "restart the server")
+    if want not in served:
+        return Problem(
+            "synth.server.url", server.url, f"serves {served}, not {want!r}", "set synth.server.served_model"
+        )
+    return None
 
 
 def early(cfg: Any, stage: str) -> None:

@@ -4,96 +4,29 @@ the first request, and the synthesize stage through it. vLLM's real server: test
 
 from __future__ import annotations
 
-import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+from scripted_openai import EOS, Script, serve
 
 from ipt_hpc.stages.synth_server import ServerEngine, ServerFailed
 
-EOS = 2
-
-
-class Script:
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.busy = 0  # answer 429 this many times
-        self.status: int | None = None  # answer this to every completion
-        self.health = 200
-        self.model = "tiny"
-        self.context = 64
-        self.tokenizer: Any = None  # a real tokenizer: /tokenize and the completions use it
-        self.answer = " <QUE> What is it? <ANS> A shard. </END>"
-
-
-def handler(script: Script) -> type[BaseHTTPRequestHandler]:
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def reply(self, status: int, obj: Any) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            if self.path == "/health":
-                return self.reply(script.health, {})
-            if self.path == "/v1/models":
-                return self.reply(200, {"data": [{"id": script.model, "max_model_len": script.context}]})
-            self.reply(404, {})
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if self.path == "/tokenize":
-                tok = script.tokenizer
-                toks = (
-                    tok(body["prompt"], add_special_tokens=False)["input_ids"]
-                    if tok
-                    else [ord(c) % 50 for c in body["prompt"]]
-                )
-                return self.reply(200, {"tokens": toks, "count": len(toks), "max_model_len": script.context})
-            script.bodies.append(body)
-            if script.status:
-                return self.reply(script.status, {"error": "scripted"})
-            if script.busy:
-                script.busy -= 1
-                return self.reply(429, {"error": "busy"})
-            prompt = body["prompt"]
-            if 9060 in prompt:
-                return self.reply(400, {"error": "Token id 9060 is out of vocabulary"})
-            if script.tokenizer is not None:  # a well-formed pair, then EOS
-                tok = script.tokenizer
-                ids = [
-                    *tok(script.answer, add_special_tokens=False)["input_ids"][: body["max_tokens"] - 1],
-                    tok.eos_token_id,
-                ]
-                return self.reply(
-                    200, {"choices": [{"text": script.answer, "token_ids": ids, "finish_reason": "stop"}]}
-                )
-            ids = [*[t + 1 for t in prompt[-3:]][: body["max_tokens"] - 1], EOS]
-            self.reply(200, {"choices": [{"text": " ".join(map(str, ids)), "token_ids": ids, "finish_reason": "stop"}]})
-
-    return H
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, Script]]:
     script = Script()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler(script))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", script
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve(script) as url:
+        yield url, script
 
 
 def engine(url: str, **kw: Any) -> ServerEngine:
@@ -170,6 +103,10 @@ def test_checks_before_the_first_request_name_both_sides(server: tuple[str, Scri
         script.context = 32
         with pytest.raises(ServerFailed, match=r"synth.max_model_len 64 exceeds the server's context 32"):
             e.check(ours)
+        script.tokenize_status = 404
+        with pytest.raises(ServerFailed, match=r"/tokenize answered 404: token-id prompts need a server"):
+            e.check(ours)
+        script.tokenize_status = 200
         script.model = "other"
         with pytest.raises(ServerFailed, match=r"serves \['other'\], the run asks for 'tiny'"):
             e.check(ours)
@@ -180,29 +117,318 @@ def test_checks_before_the_first_request_name_both_sides(server: tuple[str, Scri
         e.close()
 
 
-def test_the_synthesize_stage_through_a_served_model(
-    server: tuple[str, Script], tiny_synth: Any, tmp_path: Any
-) -> None:
-    """synth.backend=server: the stage's token-id prompts go to the server, its answers are parsed into pairs;
-    the check before the first request passes with the same tokenizer on both sides."""
-    from test_fanout import make_raw
+def scripted(script: Script, model: Path) -> None:
     from transformers import AutoTokenizer
 
+    script.tokenizer = AutoTokenizer.from_pretrained(str(model))
+    script.model, script.context = str(model), 1024
+
+
+def synth_cfg(model: Path, **sets: Any) -> Any:
     from ipt_hpc.config import load_config
-    from ipt_hpc.execution import run_stage, shard_name
-    from ipt_hpc.records import read_records
+
+    base = {"synth.model": str(model), "synth.backend": "server", "synth.max_new_tokens": 32,
+            "synth.max_model_len": 512, "execution.backend": "debug"}  # fmt: skip
+    return load_config(None, None, {**base, **sets})
+
+
+def synth(run: Path, cfg: Any, spec: str = "all") -> dict[str, Any]:
+    from ipt_hpc.execution import run_stage
     from ipt_hpc.stages import synthesize
 
+    return run_stage(synthesize.STAGE, cfg, run, spec)
+
+
+def test_the_synthesize_stage_through_a_served_model(
+    server: tuple[str, Script], tiny_synth: Path, tmp_path: Path
+) -> None:
+    """synth.backend=server: the stage's token-id prompts go to the server, its answers are parsed into pairs;
+    the check before the first request passes with the same tokenizer on both sides; finish reasons and the
+    server's token counts are kept."""
+    from test_fanout import make_raw
+
+    from ipt_hpc.execution import StageState, shard_name
+    from ipt_hpc.records import read_records
+
     url, script = server
-    script.tokenizer = AutoTokenizer.from_pretrained(str(tiny_synth))
-    script.model = str(tiny_synth)
-    script.context = 1024
+    scripted(script, tiny_synth)
     run = make_raw(tmp_path / "run", 1, docs=12)
-    sets = {"synth.model": str(tiny_synth), "synth.backend": "server", "synth.server_url": url,
-            "synth.max_new_tokens": 32, "synth.max_model_len": 512, "execution.backend": "debug"}  # fmt: skip
-    result = run_stage(synthesize.STAGE, load_config(None, None, sets), run)
-    assert result["submitted"] == 1
-    records = list(read_records(run / "synth" / shard_name(0, 1)))
-    assert len(records) == 12 and all(r["error"] is None for r in records)
+    assert synth(run, synth_cfg(tiny_synth, **{"synth.server.url": url}))["submitted"] == 1
+    name = shard_name(0, 1)
+    records = list(read_records(run / "synth" / name))
+    assert len(records) == 12 and all(r["error"] is None and r["finish_reason"] == "stop" for r in records)
     assert all(r["pairs"] == [{"Q": "What is it?", "A": "A shard."}] for r in records), records[0]
     assert all(b["max_tokens"] == 32 and isinstance(b["prompt"][0], int) for b in script.bodies)
+    stats = StageState(run / "synth").read("done", name)
+    assert stats["finish_reasons"] == {"stop": 12}
+    usage = stats["server"]["usage"]
+    assert usage["requests"] == 12 and usage["prompt_tokens"] == sum(r["prompt_tokens"] for r in records)
+    assert usage["completion_tokens"] == sum(r["gen_tokens"] + 1 for r in records)  # + the EOS stripped
+
+
+def test_finish_reasons_and_a_server_that_miscounts_the_prompt(server: tuple[str, Script]) -> None:
+    url, script = server
+    e = engine(url)
+    try:
+        out = e.generate([[5, 6, 7], [10, 11, 12, 13]], 8)
+        assert [g.finish_reason for g in out] == ["stop", "stop"]
+        assert e.usage == {"prompt_tokens": 7, "completion_tokens": 8, "requests": 2}
+        script.usage_offset = 1  # the server did not take the ids as sent
+        with pytest.raises(ServerFailed, match=r"counted 4 prompt tokens for the 3 ids sent"):
+            e.generate([[5, 6, 7]], 8)
+    finally:
+        e.close()
+
+
+def test_an_engine_that_died_fails_the_shard_at_once(server: tuple[str, Script]) -> None:
+    """A 503 is retried unless /health says the engine is dead (503 there too): then one line, no more retries."""
+    url, script = server
+    script.status, script.health = 503, 503
+    e = engine(url, retries=5)
+    try:
+        with pytest.raises(ServerFailed, match=r"/health answered 503: the server's engine died"):
+            e.generate([[1, 2]], 4)
+    finally:
+        e.close()
+    assert len(script.bodies) == 1
+
+
+def test_cancel_drops_the_requests_in_flight(server: tuple[str, Script]) -> None:
+    """A shard that stops (fails, is preempted) cancels its requests: none of their answers reaches the next
+    shard, and the engine takes new requests at once."""
+    url, script = server
+    script.delay_s = 1.5
+    e = engine(url)
+    try:
+        for key in range(3):
+            e.submit(key, [key + 1, 7], 4)
+        time.sleep(0.3)  # the requests are at the server
+        assert e.in_flight() == 3
+        e.cancel()
+        assert e.in_flight() == 0
+        deadline = time.time() + 5
+        while e._tasks and time.time() < deadline:  # the client-side requests end (their connections close)
+            time.sleep(0.05)
+        assert not e._tasks
+        script.delay_s = 0.0
+        e.submit(9, [3, 4], 4)
+        assert e.collect() == [(9, e.generate([[3, 4]], 4)[0])]
+        time.sleep(1.5)  # the cancelled requests' answers would have come back by now
+        assert e.in_flight() == 0 and e._done.empty()
+    finally:
+        e.close()
+
+
+def test_a_shard_the_server_fails_midway_resumes_to_identical_bytes(
+    server: tuple[str, Script], tiny_synth: Path, tmp_path: Path
+) -> None:
+    """The server answers 401 after 5 requests: the shard fails with one line, its durable records stay; the
+    rerun resumes after them and ends with the bytes of an uninterrupted run."""
+    from test_fanout import make_raw
+
+    from ipt_hpc.errors import IptError
+    from ipt_hpc.execution import StageState, shard_name
+
+    url, script = server
+    scripted(script, tiny_synth)
+    cfg = synth_cfg(tiny_synth, **{"synth.server.url": url, "synth.chunk_docs": 2, "synth.max_in_flight": 1})
+    ref = make_raw(tmp_path / "ref", 1, docs=12)
+    synth(ref, cfg)
+    name = shard_name(0, 1)
+    want = (ref / "synth" / name).read_bytes()
+    run = make_raw(tmp_path / "run", 1, docs=12)
+    script.bodies, script.status, script.fail_after = [], 401, 5
+    with pytest.raises(IptError, match=r"answered 401"):
+        synth(run, cfg)
+    state = StageState(run / "synth")
+    error = state.read("failed", name)["error"]
+    assert "answered 401" in error and "\n" not in error.strip()
+    script.status = None
+    synth(run, cfg, "failed")
+    assert (run / "synth" / name).read_bytes() == want
+    resumed = next(e for e in state.events(name) if e["event"] == "resumed")
+    assert resumed["records"] == 5  # the 5 answered documents (a failing shard flushes what it wrote)
+
+
+def test_a_shared_server_that_is_still_starting_is_waited_for() -> None:
+    """url mode: array tasks may start before the shared server listens; /health is polled up to a deadline."""
+    from http.server import ThreadingHTTPServer
+
+    from scripted_openai import handler
+
+    from ipt_hpc.stages.synth_launch import free_port
+
+    port = free_port()
+    e = engine(f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(ServerFailed, match=r"did not answer /health within 0.3 s .*; last: URLError"):
+            e.wait_ready(0.3, poll_s=0.1)
+        httpd: list[Any] = []
+        later = threading.Timer(1.0, lambda: httpd.append(ThreadingHTTPServer(("127.0.0.1", port), handler(Script()))))
+        later.start()
+        try:
+            threading.Thread(target=lambda: (later.join(), httpd[0].serve_forever()), daemon=True).start()
+            assert e.wait_ready(30, poll_s=0.1) >= 0.9
+        finally:
+            later.join()
+            httpd[0].shutdown()
+            httpd[0].server_close()
+    finally:
+        e.close()
+
+
+# -- launch mode: the task starts the server (here the scripted one, as a module; vLLM's: test_vllm.py) ------
+@pytest.fixture
+def launchable(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The scripted server importable by the launched process; engines closed (their servers stopped) after."""
+    from ipt_hpc.stages import synth_engines
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    yield
+    synth_engines.close_engines()
+
+
+def launch_cfg(model: Path, **sets: Any) -> Any:
+    return synth_cfg(model, **{"synth.server.launch": True, "synth.server.module": "scripted_openai",
+                               "synth.server.startup_timeout_s": 120, **sets})  # fmt: skip
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def launched_pid() -> int:
+    from ipt_hpc.stages import synth_engines
+
+    (engine,) = synth_engines._ENGINES.values()
+    return engine.server.proc.pid
+
+
+def test_launch_mode_starts_logs_and_stops_its_server(launchable: None, tiny_synth: Path, tmp_path: Path) -> None:
+    from test_fanout import make_raw
+
+    from ipt_hpc.execution import StageState, shard_name
+    from ipt_hpc.records import read_records
+    from ipt_hpc.stages import synth_engines
+
+    run = make_raw(tmp_path / "run", 1, docs=8)
+    synth(run, launch_cfg(tiny_synth))
+    name = shard_name(0, 1)
+    assert [r["pairs"] for r in read_records(run / "synth" / name)] == [[{"Q": "What is it?", "A": "A shard."}]] * 8
+    server = StageState(run / "synth").read("done", name)["server"]
+    log = Path(server["log"])
+    assert log.parent == run / "synth" / "_state" / "logs" / "shards" and server["startup_s"] > 0
+    assert "ipt_hpc launches:" in log.read_text() and "scripted server on 127.0.0.1" in log.read_text()
+    assert server["url"].startswith("http://127.0.0.1:") and server["usage"]["requests"] == 8
+    pid = launched_pid()
+    assert alive(pid)
+    synth_engines.close_engines()  # what the task's exit does
+    assert not alive(pid)
+
+
+def test_a_launched_server_killed_mid_shard_fails_it_and_the_rerun_resumes(
+    launchable: None, tiny_synth: Path, tmp_path: Path
+) -> None:
+    """SIGKILL to the launched server while the shard runs: the shard fails at once with one line naming the
+    exit, and the rerun (a new server) resumes after the durable records to the bytes of an uninterrupted run."""
+    from test_fanout import make_raw
+
+    from ipt_hpc.errors import IptError
+    from ipt_hpc.execution import StageState, shard_name
+    from ipt_hpc.records import partial_path
+    from ipt_hpc.stages import synth_engines
+
+    cfg = launch_cfg(tiny_synth, **{"synth.chunk_docs": 2, "synth.max_in_flight": 1, "synth.server.retries": 8,
+                                    "synth.vllm_args": {"delay_s": 0.15}})  # fmt: skip
+    ref = make_raw(tmp_path / "ref", 1, docs=24)
+    synth(ref, cfg)
+    name = shard_name(0, 1)
+    want = (ref / "synth" / name).read_bytes()
+    synth_engines.close_engines()
+
+    run = make_raw(tmp_path / "run", 1, docs=24)
+    killed: list[int] = []
+
+    def kill_when_durable() -> None:
+        deadline = time.time() + 120
+        part = partial_path(run / "synth" / name)
+        while time.time() < deadline and not (part.exists() and part.stat().st_size):
+            time.sleep(0.02)
+        pid = launched_pid()
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_when_durable)
+    killer.start()
+    try:
+        with pytest.raises(IptError, match=r"the launched server exited with code -9"):
+            synth(run, cfg)
+    finally:
+        killer.join()
+    state = StageState(run / "synth")
+    error = state.read("failed", name)["error"]
+    assert "the launched server exited with code -9" in error and "\n" not in error.strip(), error
+    synth(run, cfg, "failed")
+    assert (run / "synth" / name).read_bytes() == want
+    resumed = next(e for e in state.events(name) if e["event"] == "resumed")
+    assert 2 <= resumed["records"] < 24
+
+
+@pytest.mark.parametrize("end", ["exit", "sigkill"])
+def test_a_launched_server_does_not_outlive_its_task(tiny_synth: Path, tmp_path: Path, end: str) -> None:
+    """The task process exits (atexit stops the server) or is SIGKILLed (the server gets its parent-death TERM)."""
+    code = f"""
+import os, signal, sys
+from pathlib import Path
+from ipt_hpc.stages.synth_launch import LaunchedServer
+s = LaunchedServer(("-m", "scripted_openai", "--model", {str(tiny_synth)!r}), Path({str(tmp_path)!r}))
+s.start({str(tiny_synth)!r}, 120)
+print(s.proc.pid, flush=True)
+if {end!r} == "sigkill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == (-9 if end == "sigkill" else 0), proc.stderr[-2000:]
+    pid = int(proc.stdout.split()[0])
+    deadline = time.time() + 30
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid)
+
+
+def test_launch_mode_reports_a_server_that_cannot_start(tiny_synth: Path, tmp_path: Path) -> None:
+    from ipt_hpc.stages.synth_launch import LaunchedServer
+
+    s = LaunchedServer(("-m", "no_such_server_module"), tmp_path)
+    with pytest.raises(
+        ServerFailed,
+        match=r"exited with code 1 \(log .*server-.*\.log; last line: .*No module named no_such_server_module",
+    ):
+        s.start("tiny", 60)
+
+
+def test_preflight_and_plan_know_the_server_backend(server: tuple[str, Script], tiny_synth: Path) -> None:
+    from ipt_hpc.planning.estimate import _stage_gpus
+    from ipt_hpc.preflight import stage_models
+
+    url, script = server
+    scripted(script, tiny_synth)
+    assert stage_models(synth_cfg(tiny_synth, **{"synth.server.url": url}), "synthesize") == []
+    [p] = stage_models(synth_cfg(tiny_synth, **{"synth.server.url": "http://127.0.0.1:9"}), "synthesize")
+    assert p.key == "synth.server.url" and "cannot be reached from here" in p.line()
+    [p] = stage_models(
+        synth_cfg(tiny_synth, **{"synth.server.url": url, "synth.server.served_model": "x"}), "synthesize"
+    )
+    assert p.line().startswith(f"synth.server.url={url}: serves [") and "not 'x'" in p.line()
+    [p] = stage_models(launch_cfg(tiny_synth, **{"synth.server.module": "no_such_server_module"}), "synthesize")
+    assert p.key == "synth.server.module" and "not importable" in p.line()
+    cfg = synth_cfg(tiny_synth, **{"synth.server.url": url, "execution.backend": "slurm",
+                                   "execution.slurm.gpus_per_node": 1})  # fmt: skip
+    assert _stage_gpus(cfg, "synthesize") == 0  # the server's GPUs are its own job's
+    assert _stage_gpus(launch_cfg(tiny_synth, **{"execution.slurm.gpus_per_node": 1}), "synthesize") == 1

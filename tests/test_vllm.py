@@ -62,7 +62,7 @@ def make_run(run: Path, docs: int = 16, long_doc: int | None = None) -> Path:
 def engine():
     """The engine the stage itself will use in this process (same options: the stage's cache reuses it)."""
     job = build(synthesize.STAGE, config(), "unused", num_shards=1).stage_config
-    return synthesize._engine(job)
+    return synthesize._engine(job, Path("unused"))
 
 
 def spy(engine, calls: list[list[int]]):
@@ -185,47 +185,64 @@ def test_sigkilled_vllm_synthesis_resumes_to_identical_bytes(tmp_path: Path, eng
     assert 2 <= resumed["records"] < 120
 
 
-def free_port() -> int:
-    import socket
+SERVED = {"synth.backend": "server", "synth.max_model_len": 1024}  # the server's context: the model's positions
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+SERVER_FLAGS = ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.1"]
+
+
+def slurm_up() -> bool:
+    """A local Slurm cluster answers (required under IPT_REQUIRE_SLURM=1, as in CI)."""
+    if os.environ.get("IPT_REQUIRE_SLURM") == "1":
+        return True
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and any(s in ("idle", "mix", "alloc") for s in proc.stdout.split())
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory):
-    """vLLM's OpenAI server (the module: the CPU build's ``vllm serve`` script fails on its distribution name)
-    on the tiny synthesizer, on a free loopback port; stopped with TERM, then KILL."""
-    import urllib.request
+    """vLLM's OpenAI server (CPU build) on the tiny synthesizer. With a Slurm cluster (CI): the shared-server job
+    users submit, ``sbatch slurm/synth-server.sbatch URL_FILE MODEL 1024 ...``, and its URL once written; without:
+    started as launch mode starts it (:class:`LaunchedServer`, the stage's own command for these settings)."""
+    from ipt_hpc.execution.backends import queue_states
+    from ipt_hpc.stages.synth_launch import LaunchedServer, free_port
 
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "vllm-server.log", "w")  # noqa: SIM115 - closed below
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL), "--port", str(port),
-           "--host", "127.0.0.1", "--max-model-len", "1024", "--enforce-eager", "--generation-config", "vllm",
-           "--dtype", "float32", "--gpu-memory-utilization", "0.1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise AssertionError("vLLM's server did not answer /health in 400 s")
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    folder = tmp_path_factory.mktemp("server")
+    t0 = time.time()
+    if not slurm_up():
+        job = build(synthesize.STAGE, config(**SERVED, **{"synth.server.launch": True}), "unused", num_shards=1)
+        server = LaunchedServer(synthesize.launch_command(job.stage_config), folder)
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-        log.close()
+            server.start(str(MODEL), 600)
+            print(f"vLLM's server answered /health and listed the model after {time.time() - t0:.1f} s")
+            yield server.url
+        finally:
+            server.stop()
+        return
+    url_file = folder / "synth-server.url"
+    env = {**os.environ, "IPT_PYTHON": sys.executable, "IPT_SERVER_PORT": str(free_port())}
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=4G", "--time=30",
+           f"--output={folder}/server-%j.out", str(REPO / "slurm" / "synth-server.sbatch"), str(url_file),
+           str(MODEL), "1024", *SERVER_FLAGS]  # fmt: skip
+    job_id = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    try:
+        while not url_file.exists():
+            log = next(folder.glob("server-*.out"), None)
+            tail = log.read_text()[-3000:] if log else "(no log yet)"
+            assert time.time() - t0 < 600, f"no URL from the server job {job_id} in 600 s:\n{tail}"
+            assert queue_states([job_id]), f"the server job {job_id} ended:\n{tail}"
+            time.sleep(1)
+        print(f"the server job wrote its URL {time.time() - t0:.1f} s after sbatch")
+        yield url_file.read_text().strip()
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+        deadline = time.time() + 120
+        while queue_states([job_id]) and time.time() < deadline:
+            time.sleep(1)
+        assert not url_file.exists(), "the server job did not clean up its URL file"
 
 
 def test_the_same_shard_through_the_server_gives_the_in_process_bytes(tmp_path: Path, vllm_server: str) -> None:
@@ -234,9 +251,81 @@ def test_the_same_shard_through_the_server_gives_the_in_process_bytes(tmp_path: 
     here = make_run(tmp_path / "in-process", docs=12)
     run_stage(synthesize.STAGE, config(**{"synth.max_model_len": 1024}), here)
     served = make_run(tmp_path / "served", docs=12)
-    sets = {"synth.backend": "server", "synth.server_url": vllm_server, "synth.max_model_len": 1024}
-    run_stage(synthesize.STAGE, config(**sets), served)
+    run_stage(synthesize.STAGE, config(**SERVED, **{"synth.server.url": vllm_server}), served)
     name = shard_name(0, 1)
     ours = list(read_records(served / "synth" / name))
     assert ours == list(read_records(here / "synth" / name)) and len(ours) == 12
     assert (served / "synth" / name).read_bytes() == (here / "synth" / name).read_bytes()
+    assert {r["finish_reason"] for r in ours} <= {"stop", "length"}
+
+
+def test_a_prompt_over_the_servers_context_is_that_records_error(vllm_server: str) -> None:
+    """The server's 400 for a prompt over its context is that prompt's error; the others are answered. (A run
+    cannot send one: the check before the first request refuses a budget over the server's context; this
+    client skips the check.)"""
+    from transformers import AutoTokenizer
+
+    from ipt_hpc.stages.synth_server import ServerEngine
+
+    tok = AutoTokenizer.from_pretrained(str(MODEL))
+    short = [tok.bos_token_id, *tok(" <CON> A short document. </CON>\n\n", add_special_tokens=False)["input_ids"]]
+    long = short + [5] * 1500
+    e = ServerEngine(vllm_server, str(MODEL), max_model_len=4096, eos=tok.eos_token_id)
+    try:
+        out = e.generate([short, long, short], 16)
+    finally:
+        e.close()
+    assert out[1].error and out[1].error.startswith("server rejected the prompt (400)"), out[1]
+    assert out[0].error is None and out[0] == out[2] and out[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.slurm
+def test_launch_mode_on_slurm_a_killed_server_fails_the_shard_and_the_rerun_resumes(
+    tmp_path: Path, vllm_server: str
+) -> None:
+    """synth.server.launch in a Slurm array task: the task starts vLLM's server; SIGKILL to the server mid-shard
+    fails the shard with one line; the rerun (a new task, a new server) resumes after the durable records to
+    the bytes of the same shard through the shared server (the fixture's job), by a client array task."""
+    from test_local_slurm import slurm_cluster  # noqa: F401 - skip/fail without a cluster
+
+    from ipt_hpc.execution.backends import queue_states
+
+    def wait_idle(job_ids: list[str], timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline and queue_states(job_ids):
+            time.sleep(1)
+        assert not queue_states(job_ids), f"Slurm job {job_ids} still queued after {timeout} s"
+
+    docs = 40
+    on_slurm = {"execution.backend": "slurm", "execution.slurm.time_min": 20}
+    ref = make_run(tmp_path / "ref", docs=docs)  # a client array task of the shared server (the fixture's job)
+    wait_idle(
+        run_stage(synthesize.STAGE, config(**SERVED, **on_slurm, **{"synth.server.url": vllm_server}), ref)["job_ids"],
+        600,
+    )
+    name = shard_name(0, 1)
+    want = (ref / "synth" / name).read_bytes()
+
+    sets = {**SERVED, **on_slurm, "synth.server.launch": True, "synth.chunk_docs": 2, "synth.max_in_flight": 1}
+    run = make_run(tmp_path / "run", docs=docs)
+    state = StageState(run / "synth")
+
+    first = run_stage(synthesize.STAGE, config(**sets), run)
+    part = partial_path(run / "synth" / name)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (part.exists() and part.stat().st_size):  # records durable
+        assert queue_states(first["job_ids"]), "the task ended before its first durable records"
+        time.sleep(0.05)
+    (log,) = (run / "synth" / "_state" / "logs" / "shards").glob("server-*.log")
+    pid = int(next(line for line in log.read_text().splitlines() if line.startswith("# server pid")).split()[-1])
+    os.kill(pid, signal.SIGKILL)  # the task runs on this host's node (the default partition)
+    wait_idle(first["job_ids"], 120)
+    error = state.read("failed", name)["error"]
+    assert "the launched server exited with code -9" in error and "\n" not in error.strip(), error
+
+    second = run_stage(synthesize.STAGE, config(**sets), run, "failed")
+    wait_idle(second["job_ids"], 600)
+    assert (run / "synth" / name).read_bytes() == want
+    resumed = next(e for e in state.events(name) if e["event"] == "resumed")
+    assert 2 <= resumed["records"] < docs
+    assert len(list(log.parent.glob("server-*.log"))) == 2  # each task its own server, its own log

@@ -6,13 +6,18 @@
 (b) *stage*: ``synthesize`` end to end on the shard (reading, tokenizing, prompts, streaming requests
     through the engine, parsing, writing and flushing records), the model loaded beforehand;
 (c) *chunked*: the loop before streaming: round by round, ``synth.chunk_docs`` prompts per blocking
-    ``generate`` call.
+    ``generate`` call;
+(d) *server* (``--server`` or ``--server-url``, vLLM only): the stage end to end through vLLM's OpenAI server
+    (``synth.backend: server``), started as ``synth.server.launch`` starts it with the same settings, or the
+    one at the URL. Its start-up is timed apart; its prefix cache is emptied before every pass too
+    (``/reset_prefix_cache``, which the server offers with VLLM_SERVER_DEV_MODE=1).
 
 All three generate the same prompts greedily, so the same tokens (checked). Prints generated tokens/s
 and the ratio to (a), best of ``--repeats``; the model load and a warm-up call are timed apart, and
 vLLM's prefix cache is emptied before every pass (otherwise a pass would reuse the one before it).
 
     .venv-vllm/bin/python tools/bench_synth_engine.py --backend vllm --docs 600      # vLLM's CPU build
+    .venv-vllm/bin/python tools/bench_synth_engine.py --backend vllm --docs 600 --server --repeats 3
     .venv/bin/python tools/bench_synth_engine.py --backend transformers --docs 600 --max-new-tokens 64
     # on a GPU node, a ~1B Llama-style model at the released synthesizer's settings:
     python tools/bench_synth_engine.py --backend vllm --model PATH --max-model-len 4096 --max-new-tokens 400 \\
@@ -43,7 +48,7 @@ from ipt_hpc.atomic import read_json  # noqa: E402
 from ipt_hpc.config import load_config  # noqa: E402
 from ipt_hpc.execution import build, run_stage, shard_name  # noqa: E402
 from ipt_hpc.records import read_records  # noqa: E402
-from ipt_hpc.stages import shard, synthesize  # noqa: E402
+from ipt_hpc.stages import shard, synth_engines, synthesize  # noqa: E402
 from ipt_hpc.stages.synth_format import context_text, example_text, rounds_of  # noqa: E402
 
 
@@ -87,6 +92,45 @@ def prompts_of(records: list[dict[str, Any]], job: Any, tok: Any) -> list[list[i
     return out
 
 
+def served_cfg(args: Any, cfg: Any, job: Any, tmp: Path) -> tuple[Any, str, Any]:
+    """(d)'s config, its server's URL and what stops it: the server launched as the stage launches it (the same
+    model, budget, dtype, memory share and engine arguments as the in-process engine), or ``--server-url``."""
+    from ipt_hpc.stages.synth_launch import LaunchedServer
+
+    stop: Any = lambda: None  # noqa: E731
+    url = args.server_url
+    if url is None:
+        os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # /reset_prefix_cache
+        launch = cfg.model_copy(update={"synth": cfg.synth.model_copy(update={"backend": "server"})})
+        server = LaunchedServer(
+            synthesize.launch_command(build(synthesize.STAGE, launch, tmp / "unused", num_shards=1).stage_config), tmp
+        )
+        t = time.perf_counter()
+        server.start(args.model, 900)
+        print(f"vLLM's OpenAI server answered /health and listed the model {time.perf_counter() - t:.1f} s after"
+              f" it was started (not counted; log {server.log})")  # fmt: skip
+        url, stop = server.url, server.stop
+    synth = cfg.synth.model_copy(
+        update={"backend": "server", "server": cfg.synth.server.model_copy(update={"url": url})}
+    )
+    return cfg.model_copy(update={"synth": synth}), url, stop
+
+
+def engines(cache: dict[Any, Any]) -> None:
+    """The stage's engine cache set to ``cache`` (nothing closed: both paths keep theirs between passes)."""
+    synth_engines._ENGINES.clear()
+    synth_engines._ENGINES.update(cache)
+
+
+def reset_prefix_cache(url: str) -> None:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/reset_prefix_cache", method="POST"), timeout=30)
+    except OSError as exc:
+        print(f"warning: the server did not empty its prefix cache ({exc}; start it with VLLM_SERVER_DEV_MODE=1)")
+
+
 def timed(fn: Any, engine: Any = None) -> tuple[float, Any]:
     """Seconds of ``fn()`` and its value; with ``engine`` a vLLM engine starts with an empty prefix cache."""
     llm = getattr(engine, "llm", None)
@@ -108,7 +152,11 @@ def main() -> None:
     ap.add_argument("--chunk-docs", type=int, default=64, help="(c)'s prompts per call, and the stage's flush")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--server", action="store_true", help="(d): launch vLLM's OpenAI server and time the stage on it")
+    ap.add_argument("--server-url", help="(d) on a running server (started with VLLM_SERVER_DEV_MODE=1)")
     args = ap.parse_args()
+    if (args.server or args.server_url) and args.backend != "vllm":
+        ap.error("--server and --server-url compare against the in-process vLLM engine: --backend vllm")
     sets: dict[str, Any] = {
         "synth.model": args.model,
         "synth.backend": args.backend,
@@ -128,16 +176,19 @@ def main() -> None:
     docs = documents(args.docs)
     with tempfile.TemporaryDirectory(prefix="ipt-bench-synth-") as tmp:
         job = build(synthesize.STAGE, cfg, Path(tmp) / "unused", num_shards=1).stage_config
-        load_s, engine = timed(lambda: synthesize._engine(job))  # the stage's cache reuses this engine
+        load_s, engine = timed(lambda: synthesize._engine(job, Path(tmp)))  # the stage's cache reuses this engine
         warm_s, _ = timed(lambda: engine.generate([[engine.tokenizer.bos_token_id, 5, 6, 7]] * 8, 16))
         print(f"{args.backend}: model loaded in {load_s:.1f} s, warm-up {warm_s:.1f} s (not counted);"
               f" {len(docs)} documents, {args.rounds} rounds, max_new_tokens {args.max_new_tokens}; the stage's window:"
               f" {synthesize._window(job, engine)} documents")  # fmt: skip
+        in_process, through_server = dict(synth_engines._ENGINES), {}
         best: dict[str, float] = {}
         tokens: dict[str, int] = {}
+        served = served_cfg(args, cfg, job, Path(tmp)) if args.server or args.server_url else None
         for rep in range(args.repeats):
             run = Path(tmp) / f"run{rep}"
             make_shard(run, docs)
+            engines(in_process)  # each path finds its own engine loaded (the stage keeps one per process)
             stage_s, _ = timed(lambda run=run: run_stage(synthesize.STAGE, cfg, run), engine)
             records = list(read_records(run / "synth" / shard_name(0, 1)))
             tokens["stage"] = sum(r["gen_tokens"] for r in records)
@@ -160,8 +211,19 @@ def main() -> None:
             done = read_json(run / "synth" / "_state" / "done" / f"{shard_name(0, 1)}.json")
             for name, sec in (("limit", limit_s), ("stage", stage_s), ("chunked", chunk_s)):
                 best[name] = min(best.get(name, float("inf")), sec)
-            print(f"repeat {rep + 1}: limit {limit_s:.1f} s, stage {stage_s:.1f} s (generation loop"
-                  f" {done['generate_s']:.1f} s), chunked {chunk_s:.1f} s")  # fmt: skip
+            line = (f"repeat {rep + 1}: limit {limit_s:.1f} s, stage {stage_s:.1f} s (generation loop"
+                    f" {done['generate_s']:.1f} s), chunked {chunk_s:.1f} s")  # fmt: skip
+            if served is not None:
+                run = Path(tmp) / f"served{rep}"
+                make_shard(run, docs)
+                reset_prefix_cache(served[1])
+                engines(through_server)
+                server_s, _ = timed(lambda run=run: run_stage(synthesize.STAGE, served[0], run))
+                through_server.update(synth_engines._ENGINES)
+                best["server"] = min(best.get("server", float("inf")), server_s)
+                tokens["server"] = sum(r["gen_tokens"] for r in read_records(run / "synth" / shard_name(0, 1)))
+                line += f", server {server_s:.1f} s"
+            print(line)
         if len(set(tokens.values())) != 1:
             print(f"warning: generated token counts differ: {tokens}")
         limit = tokens["limit"] / best["limit"]
@@ -171,9 +233,17 @@ def main() -> None:
             ("(b) stage end to end (streaming)", "stage"),
             (f"(c) chunked: {args.chunk_docs} per blocking call, round by round", "chunked"),
         ]
+        if served is not None:
+            rows.append(("(d) stage through vLLM's OpenAI server", "server"))
         for label, key in rows:
             rate = tokens[key] / best[key]
             print(f"{label:<52} {rate:10,.0f} {rate / limit:8.2f}")
+        if served is not None:
+            ratio = (tokens["server"] / best["server"]) / (tokens["stage"] / best["stage"])
+            print(f"server path / in-process stage: {ratio:.2f}x (target >= 0.9)")
+            engines(through_server)
+            synth_engines.close_engines()
+            served[2]()
         print(f"{tokens['stage']:,} generated tokens per pass; best of {args.repeats}; cores {os.cpu_count()}")
 
 

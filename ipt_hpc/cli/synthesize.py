@@ -19,11 +19,14 @@ def add_parser(sub: Any) -> None:
         epilog="examples:\n  python -m ipt_hpc.launch synthesize --run runs/demo --model models/tiny-synthesizer\n"
         "  python -m ipt_hpc.launch synthesize --run /scratch/rw --model instruction-pretrain/instruction-synthesizer"
         " --backend vllm --executor slurm --shards-per-task 16 --parallelism 64 --set execution.slurm.gpus_per_node=1\n"
+        "  python -m ipt_hpc.launch synthesize --run /scratch/rw --model instruction-pretrain/instruction-synthesizer"
+        " --backend server --server-url http://gpu-node-07:8000 --executor slurm  # a shared served model\n"
         "  python -m ipt_hpc.launch synthesize --run /scratch/rw --shards failed --executor slurm",
     )
     p.add_argument("--run", metavar="RUN", required=True)
     flag(p, "--model", key="synth.model", metavar="PATH_OR_NAME")
-    flag(p, "--backend", key="synth.backend", choices=["transformers", "vllm"], help="synth.backend")
+    flag(p, "--backend", key="synth.backend", choices=["transformers", "vllm", "server"], help="synth.backend")
+    flag(p, "--server-url", key="synth.server.url", metavar="URL", help="backend server: a running server")
     shard_options(p)
     common(p)
 
@@ -36,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _describe(run: Any, cfg: Any) -> list[str]:
     job = run.stage_config
-    line = f"synthesize {run.num_shards} shards of {run.in_dir} with {job.model} ({job.backend}), {job.rounds}"
+    backend = job.backend
+    if backend == "server":
+        backend = f"server {job.server.url}" if job.server.url else "a vLLM server launched in each task"
+    line = f"synthesize {run.num_shards} shards of {run.in_dir} with {job.model} ({backend}), {job.rounds}"
     line += f" rounds, max_new_tokens {job.max_new_tokens}, max_model_len {job.max_model_len}, converting"
     return [f"{line} {job.convert_share:.0%} of documents, on {cfg.execution.backend}"]

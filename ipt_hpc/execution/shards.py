@@ -132,6 +132,11 @@ class ShardContext:
         self._last_report = 0.0
         self.next_inputs: list[Path] = []  # inputs of the shards this task runs next (set by the runner)
 
+    @property
+    def log_dir(self) -> Path:
+        """The stage's folder of shard logs (a task's helper processes log there too)."""
+        return shard_log(self.state, self.name).parent
+
     def open_output(self, path: Path | None = None) -> RecordWriter:
         """A writer for this shard's output that resumes after the last durable record."""
         writer = RecordWriter(

@@ -29,7 +29,9 @@ def _stage_gpus(cfg: Config, stage: str) -> int:
     if not stage.startswith("synthesize"):
         return 0
     s = cfg.synth
-    on_gpu = s.backend == "vllm" or s.device.startswith("cuda")
+    if s.backend == "server" and not s.server.launch:
+        return 0  # the tasks send requests; the served model's GPUs are the server job's
+    on_gpu = s.backend in ("vllm", "server") or s.device.startswith("cuda")
     if s.device == "auto" and cfg.execution.backend == "slurm":
         on_gpu = bool(cfg.execution.slurm.gpus_per_node)
     if not on_gpu:
@@ -148,6 +150,7 @@ def data_stage(
                 f" {share:.0%} of this time if a full batch cost what a small one did. Calibrate with about"
                 f" {full_waves(fig, cal)} documents to measure it"
             )
+        notes += _server_notes(cfg)
     load_s = fig.get("load_s", 0.0)
     lay = layout(cfg, shards, shard_s, load_s, max_array)
     busy = lay["tasks"] * load_s + shards * shard_s
@@ -179,6 +182,19 @@ def data_stage(
         "measured": {k: fig[k] for k in MEASURED if fig.get(k) is not None},
         "notes": notes,
     }
+
+
+def _server_notes(cfg: Config) -> list[str]:
+    s = cfg.synth
+    if s.backend != "server":
+        return []
+    if s.server.launch:
+        return ["synth.server.launch: each task starts its own server; its start-up is in the load time per task"]
+    return [
+        f"synth.server.url: the tasks share the server at {s.server.url}; its GPU-hours are the server job's (not"
+        " counted here), and the wall time assumes the rate measured by the calibration holds for all the tasks"
+        " at once: more tasks than the server has room for only queue at it"
+    ]
 
 
 def doctor_throughput(cfg: Config, path: str | Path) -> dict[str, Any]:

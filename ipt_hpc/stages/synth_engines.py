@@ -16,6 +16,7 @@ class Generation:
     ids: list[int]
     text: str
     error: str | None = None
+    finish_reason: str | None = None  # "stop" (EOS), "length" (max_new_tokens reached); None with an error
 
 
 class Engine(Protocol):
@@ -173,9 +174,10 @@ class TransformersEngine:
             )
         results = []
         for row in gen[:, width:].tolist():
-            if self.eos in row:
+            finish = "stop" if self.eos in row else "length"
+            if finish == "stop":
                 row = row[: row.index(self.eos)]
-            results.append(Generation(row, self.tokenizer.decode(row, skip_special_tokens=True)))
+            results.append(Generation(row, self.tokenizer.decode(row, skip_special_tokens=True), None, finish))
         return results
 
 
@@ -295,7 +297,7 @@ class VllmEngine:
         self.llm = LLM(
             model=model,
             # at most the model's own positions (vLLM refuses more); longer prompts are vLLM's to reject
-            max_model_len=min(max_model_len, _model_positions(model) or max_model_len),
+            max_model_len=min(max_model_len, model_positions(model) or max_model_len),
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             dtype=dtype,
@@ -399,7 +401,7 @@ class VllmEngine:
         ids = list(c.token_ids)
         if ids and ids[-1] == self.eos:
             ids.pop()
-        return Generation(ids, c.text)
+        return Generation(ids, c.text, None, c.finish_reason)
 
 
 def _check_gpus(tensor_parallel_size: int) -> None:
@@ -419,7 +421,7 @@ def _check_gpus(tensor_parallel_size: int) -> None:
         )
 
 
-def _model_positions(model: str) -> int | None:
+def model_positions(model: str) -> int | None:
     """The model's own maximum positions (``max_position_embeddings`` of its config), if it says."""
     try:
         from transformers import AutoConfig
@@ -441,11 +443,23 @@ def _client_errors() -> tuple[type[BaseException], ...]:
 _ENGINES: dict[tuple[Any, ...], Engine] = {}
 
 
+def close_engines() -> None:
+    """Release this process's engines (a launched server is stopped); the next ``get_engine`` loads anew."""
+    for old in _ENGINES.values():
+        close = getattr(old, "close", None)
+        if close is not None:
+            close()
+    _ENGINES.clear()
+
+
 def get_engine(backend: str, model: str, **options: Any) -> Engine:
     """One engine per task process and model (a pack of shards loads the model once)."""
     key = (backend, model, tuple(sorted(options.items())))
+    cached = _ENGINES.get(key)
+    if cached is not None and not getattr(cached, "usable", lambda: True)():
+        close_engines()  # e.g. its launched server died: the next shard of the pack gets a new one
     if key not in _ENGINES:
-        _ENGINES.clear()
+        close_engines()  # another model or options: the old engine's resources go (a launched server)
         factory = options.pop("factory", None)  # an engine defined elsewhere (synth_server.connect)
         if factory is not None:
             _ENGINES[key] = factory(model, **options)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ..config import Config
+from ..config import Config, ServerConfig
 from ..errors import IptError
 from ..execution import ShardContext
 from ..execution.stage import Stage
@@ -26,7 +26,7 @@ from ..layout import RunLayout
 from ..records import read_records
 from . import synth_format as fmt
 from .mixture import converted
-from .synth_engines import Generation, get_engine
+from .synth_engines import Generation, get_engine, model_positions
 from .synth_format import Entry, Slot, advance, build_prompt, parse_pairs, rounds_of, stats_histogram
 
 
@@ -37,10 +37,7 @@ class SynthJob(BaseModel):
 
     model: str
     backend: Literal["transformers", "vllm", "server"]
-    server_url: str | None
-    served_model: str | None
-    server_timeout_s: float
-    server_retries: int
+    server: ServerConfig
     rounds: int
     max_new_tokens: int
     max_model_len: int
@@ -61,21 +58,27 @@ class SynthJob(BaseModel):
     repetition_penalty: float
 
 
-def _engine(job: SynthJob) -> Any:
+def _engine(job: SynthJob, log_dir: Path) -> Any:
     if job.backend == "server":
         from .synth_server import connect
 
+        server = job.server
         return get_engine(
             "server",
             job.model,
             factory=connect,
-            url=job.server_url,
-            served_model=job.served_model or job.model,
+            url=server.url,
+            served_model=server.served_model or job.model,
             max_model_len=job.max_model_len,
-            concurrency=job.max_in_flight or 2 * job.batch_size,
-            timeout_s=job.server_timeout_s,
-            retries=job.server_retries,
+            concurrency=server.concurrency or job.max_in_flight or 2 * job.batch_size,
+            timeout_s=server.timeout_s,
+            retries=server.retries,
+            launch=launch_command(job) if server.launch else None,
+            startup_timeout_s=server.startup_timeout_s,
+            log_dir=str(log_dir),
+            repetition_penalty=job.repetition_penalty,
         )
+
     if job.backend == "vllm":
         return get_engine(
             "vllm",
@@ -96,6 +99,25 @@ def _engine(job: SynthJob) -> Any:
         no_repeat_ngram_size=job.no_repeat_ngram_size,
         repetition_penalty=job.repetition_penalty,
     )
+
+
+def launch_command(job: SynthJob) -> tuple[str, ...]:
+    """``synth.server.launch``: the server module's arguments for the run's model and limits (python, the port
+    and the host are the launcher's). ``synth.vllm_args`` become flags, as they are engine arguments in both."""
+    server = job.server
+    args = ["-m", server.module, "--model", job.model, "--served-model-name", server.served_model or job.model,
+            "--max-model-len", str(min(job.max_model_len, model_positions(job.model) or job.max_model_len)),
+            "--dtype", job.dtype,
+            "--tensor-parallel-size", str(job.tensor_parallel_size),
+            "--gpu-memory-utilization", str(job.gpu_memory_utilization),
+            "--generation-config", "vllm"]  # fmt: skip
+    for key, value in sorted(job.vllm_args.items()):
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return tuple(args)
 
 
 class PieceTokenizer:
@@ -245,7 +267,7 @@ def synthesize_shard(job: SynthJob, ctx: ShardContext) -> dict[str, Any]:
         else:
             not_converted += 1  # left to the raw group (templify)
     loading = time.perf_counter()
-    engine = _engine(job)  # loaded once per process: later shards of a task find it loaded
+    engine = _engine(job, ctx.log_dir)  # loaded once per process: later shards of a task find it loaded
     load_s = time.perf_counter() - loading
     tok = engine.tokenizer
     bos, eos = tok.bos_token_id, tok.eos_token_id
@@ -253,11 +275,15 @@ def synthesize_shard(job: SynthJob, ctx: ShardContext) -> dict[str, Any]:
         raise IptError(f"synthesizer tokenizer of {job.model} lacks a BOS or EOS token")
     writer = ctx.open_output()
     ids = ContextIds(tok, [d["text"] for d in docs], job, job.chunk_docs)
+    usage = Counter(getattr(engine, "usage", {}))  # a server's token counts: this shard's are the difference
     try:
         stats = _generate(job, ctx, engine, docs, ids, writer, t0, not_converted)
-        return {**stats, "load_s": round(load_s, 3), "engine_batch": engine.batch()}
     finally:
         ids.close()
+    stats.update(load_s=round(load_s, 3), engine_batch=engine.batch())
+    if job.backend == "server":  # what the server said it did for this attempt's requests
+        stats["server"] = {**engine.info, "url": engine.url, "usage": dict(Counter(engine.usage) - usage)}
+    return stats
 
 
 def _generate(
@@ -404,6 +430,7 @@ class Scheduler:
             "prompt_tokens": len(prompt),
             "gen_tokens": len(gen.ids),
             "gen_ids": gen.ids,
+            "finish_reason": gen.finish_reason,
             "error": gen.error,
         }
         if self.job.keep_raw:
@@ -412,12 +439,13 @@ class Scheduler:
 
 
 def shard_stats(path: Path, over_budget: int, wait_s: float, engine_s: float, total_s: float) -> dict[str, Any]:
-    pairs, dropped, errors = [], Counter(), 0
+    pairs, dropped, finished, errors = [], Counter(), Counter(), 0
     prompt_tokens = gen_tokens = 0
     for rec in read_records(path):
         pairs.append(len(rec["pairs"]))
         dropped.update(rec["dropped"])
         errors += rec["error"] is not None
+        finished[rec["finish_reason"] or "error"] += 1
         prompt_tokens += rec["prompt_tokens"]
         gen_tokens += rec["gen_tokens"]
     return {
@@ -427,6 +455,7 @@ def shard_stats(path: Path, over_budget: int, wait_s: float, engine_s: float, to
         "docs_without_pairs": sum(1 for p in pairs if p == 0),
         "dropped": dict(dropped),
         "errors": errors,
+        "finish_reasons": dict(sorted(finished.items())),  # stop (EOS), length (max_new_tokens), error
         "over_budget": over_budget,  # truncated or skipped, per synth.too_long
         "prompt_tokens": prompt_tokens,
         "tokens": gen_tokens,
@@ -443,8 +472,11 @@ def synth_job(cfg: Config, layout: RunLayout | None) -> SynthJob:
     if not s.model:
         raise IptError("synthesize: no synthesizer model (--model PATH_OR_NAME or synth.model)")
     job = SynthJob(**s.model_dump(exclude={"input_stage"}))  # the same fields (the input: the StageRun's), model set
-    if job.backend == "server" and not job.server_url:
-        raise IptError("synth.backend=server needs synth.server_url (http://host:port of an OpenAI-compatible server)")
+    if job.backend == "server" and not (job.server.url or job.server.launch):
+        raise IptError(
+            "synth.backend=server needs synth.server.url (http://host:port of an OpenAI-compatible server)"
+            " or synth.server.launch: true (each task starts vLLM's server)"
+        )
     if job.backend == "vllm" and job.no_repeat_ngram_size:
         raise IptError(
             "synth.no_repeat_ngram_size is a transformers-backend option; with vllm use synth.repetition_penalty"
