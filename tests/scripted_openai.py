@@ -32,6 +32,8 @@ class Script:
         self.context = 64
         self.delay_s = 0.0  # per completion
         self.usage_offset = 0  # added to the prompt tokens the server reports
+        self.garbage = False  # answer 200 with a body that is no completion
+        self.requests: list[int] = []  # prompts per answered completion request
         self.tokenizer: Any = None  # a real tokenizer: /tokenize and the completions use it
         self.answer = " <QUE> What is it? <ANS> A shard. </END>"
 
@@ -76,20 +78,28 @@ def handler(script: Script) -> type[BaseHTTPRequestHandler]:
             if script.busy:
                 script.busy -= 1
                 return self.reply(429, {"error": "busy"})
-            prompt = body["prompt"]
-            if 9060 in prompt:
+            if script.garbage:
+                return self.reply(200, {"choices": "not a list"})
+            prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+            if any(9060 in prompt for prompt in prompts):
                 return self.reply(400, {"error": "Token id 9060 is out of vocabulary"})
-            if script.tokenizer is not None:  # a well-formed pair, then EOS
-                tok = script.tokenizer
-                ids = [*tok(script.answer, add_special_tokens=False)["input_ids"][: body["max_tokens"] - 1]]
-                ids.append(tok.eos_token_id)
-                text = script.answer
-            else:
-                ids = [*[t + 1 for t in prompt[-3:]][: body["max_tokens"] - 1], EOS]
-                text = " ".join(map(str, ids))
-            usage = {"prompt_tokens": len(prompt) + script.usage_offset, "completion_tokens": len(ids)}
-            choice = {"text": text, "token_ids": ids, "finish_reason": "stop"}
-            self.reply(200, {"choices": [choice], "usage": usage})
+            choices = []
+            for index, prompt in enumerate(prompts):
+                if script.tokenizer is not None:  # a well-formed pair, then EOS
+                    tok = script.tokenizer
+                    ids = [*tok(script.answer, add_special_tokens=False)["input_ids"][: body["max_tokens"] - 1]]
+                    ids.append(tok.eos_token_id)
+                    text = script.answer
+                else:
+                    ids = [*[t + 1 for t in prompt[-3:]][: body["max_tokens"] - 1], EOS]
+                    text = " ".join(map(str, ids))
+                choices.append({"index": index, "text": text, "token_ids": ids, "finish_reason": "stop"})
+            script.requests.append(len(prompts))
+            usage = {
+                "prompt_tokens": sum(len(p) for p in prompts) + script.usage_offset,
+                "completion_tokens": sum(len(c["token_ids"]) for c in choices),
+            }
+            self.reply(200, {"choices": choices[::-1], "usage": usage})  # in any order: the client sorts
 
     return H
 

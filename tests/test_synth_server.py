@@ -158,12 +158,34 @@ def test_the_synthesize_stage_through_a_served_model(
     records = list(read_records(run / "synth" / name))
     assert len(records) == 12 and all(r["error"] is None and r["finish_reason"] == "stop" for r in records)
     assert all(r["pairs"] == [{"Q": "What is it?", "A": "A shard."}] for r in records), records[0]
-    assert all(b["max_tokens"] == 32 and isinstance(b["prompt"][0], int) for b in script.bodies)
+    assert all(b["max_tokens"] == 32 for b in script.bodies)
+    sent = [p for b in script.bodies for p in (b["prompt"] if isinstance(b["prompt"][0], list) else [b["prompt"]])]
+    assert len(sent) == 12 and all(isinstance(i, int) for p in sent for i in p)  # token ids, every prompt once
     stats = StageState(run / "synth").read("done", name)
     assert stats["finish_reasons"] == {"stop": 12}
     usage = stats["server"]["usage"]
-    assert usage["requests"] == 12 and usage["prompt_tokens"] == sum(r["prompt_tokens"] for r in records)
+    assert usage["prompts"] == 12 and usage["requests"] == len(script.bodies) <= 12
+    assert usage["prompt_tokens"] == sum(r["prompt_tokens"] for r in records)
     assert usage["completion_tokens"] == sum(r["gen_tokens"] + 1 for r in records)  # + the EOS stripped
+
+
+def test_prompts_submitted_together_share_requests_and_a_rejected_one_is_found(server: tuple[str, Script]) -> None:
+    """A burst of submissions goes out prompts_per_request to a request (the server's cost per request is paid
+    less often); when the server rejects a request of several prompts, each is asked alone, so only the bad
+    one gets the error."""
+    url, script = server
+    e = engine(url, prompts_per_request=4)
+    try:
+        e._loop.call_soon_threadsafe(time.sleep, 0.5)  # the client busy: the whole burst is pending when it looks
+        out = e.generate([[k, k + 1] for k in range(10)], 8)
+        assert [g.ids for g in out] == [[k + 1, k + 2] for k in range(10)]
+        assert sorted(script.requests) == [2, 4, 4] and e.usage["requests"] == 3 and e.usage["prompts"] == 10
+        script.requests = []
+        out = e.generate([[1, 2], [1, 9060], [3, 4]], 8)
+    finally:
+        e.close()
+    assert out[1].error and "out of vocabulary" in out[1].error
+    assert [out[0].ids, out[2].ids] == [[2, 3], [4, 5]] and script.requests == [1, 1]
 
 
 def test_finish_reasons_and_a_server_that_miscounts_the_prompt(server: tuple[str, Script]) -> None:
@@ -172,7 +194,7 @@ def test_finish_reasons_and_a_server_that_miscounts_the_prompt(server: tuple[str
     try:
         out = e.generate([[5, 6, 7], [10, 11, 12, 13]], 8)
         assert [g.finish_reason for g in out] == ["stop", "stop"]
-        assert e.usage == {"prompt_tokens": 7, "completion_tokens": 8, "requests": 2}
+        assert e.usage == {"prompt_tokens": 7, "completion_tokens": 8, "requests": 2, "prompts": 2}
         script.usage_offset = 1  # the server did not take the ids as sent
         with pytest.raises(ServerFailed, match=r"counted 4 prompt tokens for the 3 ids sent"):
             e.generate([[5, 6, 7]], 8)
@@ -191,6 +213,26 @@ def test_an_engine_that_died_fails_the_shard_at_once(server: tuple[str, Script])
     finally:
         e.close()
     assert len(script.bodies) == 1
+
+
+def test_a_malformed_answer_fails_the_shard_instead_of_hanging(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.garbage = True
+    e = engine(url)
+    got: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            e.generate([[1, 2]], 4)
+        except BaseException as exc:  # noqa: BLE001 - handed to the assertion below
+            got.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(30)
+    e.close()
+    assert not worker.is_alive(), "collect() hung on a malformed answer"
+    assert isinstance(got[0], ServerFailed) and "/v1/completions: AttributeError" in str(got[0]), got
 
 
 def test_cancel_drops_the_requests_in_flight(server: tuple[str, Script]) -> None:
@@ -324,7 +366,7 @@ def test_launch_mode_starts_logs_and_stops_its_server(launchable: None, tiny_syn
     log = Path(server["log"])
     assert log.parent == run / "synth" / "_state" / "logs" / "shards" and server["startup_s"] > 0
     assert "ipt_hpc launches:" in log.read_text() and "scripted server on 127.0.0.1" in log.read_text()
-    assert server["url"].startswith("http://127.0.0.1:") and server["usage"]["requests"] == 8
+    assert server["url"].startswith("http://127.0.0.1:") and server["usage"]["prompts"] == 8
     pid = launched_pid()
     assert alive(pid)
     synth_engines.close_engines()  # what the task's exit does

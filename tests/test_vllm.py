@@ -9,6 +9,7 @@ its own processes.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,7 +224,8 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory):
             server.stop()
         return
     url_file = folder / "synth-server.url"
-    env = {**os.environ, "IPT_PYTHON": sys.executable, "IPT_SERVER_PORT": str(free_port())}
+    # VLLM_SERVER_DEV_MODE: /reset_prefix_cache, which tools/bench_synth_engine.py calls between its passes
+    env = {**os.environ, "IPT_PYTHON": sys.executable, "IPT_SERVER_PORT": str(free_port()), "VLLM_SERVER_DEV_MODE": "1"}
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=4G", "--time=30",
            f"--output={folder}/server-%j.out", str(REPO / "slurm" / "synth-server.sbatch"), str(url_file),
            str(MODEL), "1024", *SERVER_FLAGS]  # fmt: skip
@@ -329,3 +331,16 @@ def test_launch_mode_on_slurm_a_killed_server_fails_the_shard_and_the_rerun_resu
     resumed = next(e for e in state.events(name) if e["event"] == "resumed")
     assert 2 <= resumed["records"] < docs
     assert len(list(log.parent.glob("server-*.log"))) == 2  # each task its own server, its own log
+
+
+def test_bench_synth_engine_server_path(vllm_server: str) -> None:
+    """tools/bench_synth_engine.py's server row, at a tiny size on the running server (CI keeps it working)."""
+    args = ["--backend", "vllm", "--docs", "6", "--max-new-tokens", "8", "--repeats", "1", "--chunk-docs", "4",
+            "--server-url", vllm_server, "--set", "synth.gpu_memory_utilization=0.1"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "tools/bench_synth_engine.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"\(d\) stage through vLLM's OpenAI server\s+[\d,]+\s+[\d.]+", out), out
+    assert re.search(r"server path / in-process stage: [\d.]+x", out), out
+    assert "differ" not in out and "did not empty" not in out, out

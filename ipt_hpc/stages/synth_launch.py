@@ -22,7 +22,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .synth_server import ServerFailed
+from ..errors import IptError
+
+
+class ServerFailed(IptError):
+    """The server cannot serve this shard (one line saying why)."""
 
 
 def free_port() -> int:

@@ -24,15 +24,17 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import IptError
+import orjson
+
 from .synth_engines import Generation
+from .synth_launch import ServerFailed
 
 RETRY = {429, 502, 503, 504}
+# requests in flight per task unless synth.server.concurrency (or synth.max_in_flight) says: vLLM's default
+# max_num_seqs, so one task can keep a server's batch full, as the in-process engine's window does
+DEFAULT_CONCURRENCY = 256
 FATAL = {401, 403, 404}
-
-
-class ServerFailed(IptError):
-    """The server cannot serve this shard (one line saying why)."""
+JSON = {"Content-Type": "application/json"}
 
 
 class ServerEngine:
@@ -49,6 +51,7 @@ class ServerEngine:
         backoff_s: float = 0.5,
         repetition_penalty: float = 1.0,
         died: Callable[[], str | None] | None = None,
+        prompts_per_request: int = 1,
     ) -> None:
         self.url = url.rstrip("/")
         self.model = model
@@ -59,6 +62,12 @@ class ServerEngine:
         self.retries = retries
         self.backoff_s = backoff_s
         self.repetition_penalty = repetition_penalty
+        self.prompts_per_request = max(1, min(prompts_per_request, concurrency))
+        self._pending: list[tuple[int, list[int], int]] = []  # submitted, not yet handed to the client
+        self._pending_lock = threading.Lock()
+        self._drain_due = False
+        self._free = concurrency  # prompts that may still go out (the client's bound)
+        self._room: asyncio.Condition | None = None
         self.died = died  # a launched server's process: why it is gone, None while it runs
         self.usage: Counter[str] = Counter()  # the server's token counts over this engine's requests
         self._done: queue.Queue[tuple[int, Generation] | BaseException] = queue.Queue()
@@ -68,7 +77,6 @@ class ServerEngine:
         self._thread = threading.Thread(target=self._loop.run_forever, name="synth-server-client", daemon=True)
         self._thread.start()
         self._session: Any = None
-        self._limit: asyncio.Semaphore | None = None
         self.tokenizer: Any = None  # ours (connect() sets it): the stage builds prompt ids with it
         self.info: dict[str, Any] = {}  # what check() found
         self.server: Any = None  # a launched server (synth_launch.LaunchedServer): stopped by close()
@@ -89,7 +97,12 @@ class ServerEngine:
             gen = Generation([], "", f"prompt of {len(prompt)} tokens + {max_new_tokens} exceeds {self.max_model_len}")
             self._done.put((key, gen))
             return
-        asyncio.run_coroutine_threadsafe(self._start(key, prompt, max_new_tokens), self._loop)
+        with self._pending_lock:  # the client takes what piled up since it last looked: one request per
+            self._pending.append((key, prompt, max_new_tokens))  # prompts_per_request of them, no timer
+            if self._drain_due:
+                return
+            self._drain_due = True
+        self._loop.call_soon_threadsafe(self._drain)
 
     def collect(self) -> list[tuple[int, Generation]]:
         out: list[tuple[int, Generation]] = []
@@ -127,11 +140,17 @@ class ServerEngine:
             for task in list(self._tasks):
                 task.cancel()
 
+        with self._pending_lock:
+            self._pending = []
+
         self._loop.call_soon_threadsafe(stop)
         self._outstanding = 0
         self._done = queue.Queue()
 
     def close(self) -> None:
+        """Stop the client (and a launched server); a second call does nothing."""
+        if not self._thread.is_alive():
+            return
         self.cancel()
 
         async def shut() -> None:
@@ -222,16 +241,29 @@ class ServerEngine:
         return {"model": self.model, "max_model_len": context}
 
     # -- the client ---------------------------------------------------------------------------------
-    async def _start(self, key: int, prompt: list[int], max_new_tokens: int) -> None:
+    def _drain(self) -> None:
+        """In the client's loop: what was submitted since it last looked goes out, ``prompts_per_request`` prompts
+        to a request (a burst of submissions shares requests; a lone one goes alone, without waiting)."""
+        with self._pending_lock:
+            items, self._pending, self._drain_due = self._pending, [], False
+        step = self.prompts_per_request
+        for i in range(0, len(items), step):
+            self._loop.create_task(self._start(items[i : i + step]))
+
+    async def _start(self, items: list[tuple[int, list[int], int]]) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         try:
-            self._done.put((key, await self._request(prompt, max_new_tokens)))
+            gens = await self._request([prompt for _, prompt, _ in items], items[0][2])
+            for (key, _, _), gen in zip(items, gens, strict=True):
+                self._done.put((key, gen))
         except asyncio.CancelledError:
             pass
         except ServerFailed as exc:
             self._done.put(exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. a malformed answer: the shard fails, collect() never hangs
+            self._done.put(ServerFailed(f"synthesize: {self.url}/v1/completions: {type(exc).__name__}: {exc}"))
         finally:
             self._tasks.discard(task)
 
@@ -239,15 +271,21 @@ class ServerEngine:
         import aiohttp
 
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
-            self._limit = asyncio.Semaphore(self.concurrency)
+            # aiohttp's connector holds 100 connections by default: more requests would wait in the client
+            # instead of in the server's batch
+            connector = aiohttp.TCPConnector(limit=self.concurrency + 4)  # + the checks' /health requests
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+            )
+            self._room = asyncio.Condition()
         return self._session
 
-    def body(self, prompt: list[int], max_new_tokens: int) -> dict[str, Any]:
-        """Every sampling field explicit: a server fills what is left out from the model's generation config."""
+    def body(self, prompts: list[list[int]], max_new_tokens: int) -> dict[str, Any]:
+        """Every sampling field explicit: a server fills what is left out from the model's generation config.
+        One prompt goes as a list of ids, several as a list of such lists (one choice each, by index)."""
         return {
             "model": self.model,
-            "prompt": prompt,
+            "prompt": prompts[0] if len(prompts) == 1 else prompts,
             "max_tokens": max_new_tokens,
             "temperature": 0.0,
             "top_p": 1.0,
@@ -263,34 +301,49 @@ class ServerEngine:
             "skip_special_tokens": True,
         }
 
-    async def _request(self, prompt: list[int], max_new_tokens: int) -> Generation:
+    async def _request(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+        """The generations of ``prompts`` (one request). A 400/422 answer to several prompts is asked again one
+        prompt a request, so only the prompt the server rejects gets the error."""
         import aiohttp
 
         session = await self._client()
-        assert self._limit is not None
+        assert self._room is not None
         url = f"{self.url}/v1/completions"
         last = ""
-        async with self._limit:
+        async with self._room:  # at most `concurrency` prompts out (taken at once: no partial holds)
+            await self._room.wait_for(lambda: self._free >= len(prompts))
+            self._free -= len(prompts)
+        try:
             for attempt in range(self.retries + 1):
                 if attempt:
                     await self._gone(last)
                     await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
                 try:
-                    async with session.post(url, json=self.body(prompt, max_new_tokens)) as resp:
+                    body = orjson.dumps(self.body(prompts, max_new_tokens))
+                    async with session.post(url, data=body, headers=JSON) as resp:
                         if resp.status == 200:
-                            return self._generation(await resp.json(), prompt, max_new_tokens)
+                            return self._generations(orjson.loads(await resp.read()), prompts, max_new_tokens)
                         detail = " ".join((await resp.text())[:300].split())
                         if resp.status in (400, 422):
-                            return Generation([], "", f"server rejected the prompt ({resp.status}): {detail}")
+                            if len(prompts) == 1:
+                                return [Generation([], "", f"server rejected the prompt ({resp.status}): {detail}")]
+                            break  # which one: each alone, below (its room given back first)
                         if resp.status in FATAL:
                             raise ServerFailed(f"synthesize: {url} answered {resp.status}: {detail}")
                         last = f"{resp.status}: {detail}"
                         if resp.status not in RETRY:
                             raise ServerFailed(f"synthesize: {url} answered {last}")
-                except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-                    last = f"{type(exc).__name__}: {exc}"
-        await self._gone(last)
-        raise ServerFailed(f"synthesize: {url} failed {self.retries + 1} times; last: {last}")
+                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as exc:
+                    last = f"{type(exc).__name__}: {exc}"  # unreachable, or the answer cut off: retried
+            else:
+                await self._gone(last)
+                raise ServerFailed(f"synthesize: {url} failed {self.retries + 1} times; last: {last}")
+        finally:
+            async with self._room:
+                self._free += len(prompts)
+                self._room.notify_all()
+        alone = await asyncio.gather(*(self._request([p], max_new_tokens) for p in prompts))
+        return [g for (g,) in alone]
 
     async def _gone(self, last: str) -> None:
         """Before a retry: a launched server whose process exited, or an engine that died (``/health`` 503),
@@ -306,22 +359,31 @@ class ServerEngine:
         except (OSError, asyncio.TimeoutError, _client_error()):
             pass  # unreachable: retried
 
-    def _generation(self, data: dict[str, Any], prompt: list[int], max_new_tokens: int) -> Generation:
-        choice = data["choices"][0]
-        ids = list(choice.get("token_ids") or [])
-        if len(ids) > max_new_tokens:
-            raise ServerFailed(f"synthesize: the server generated {len(ids)} tokens for max_tokens {max_new_tokens}")
+    def _generations(self, data: dict[str, Any], prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        if len(choices) != len(prompts):
+            raise ServerFailed(f"synthesize: the server answered {len(choices)} choices for {len(prompts)} prompts")
         usage = data.get("usage") or {}
-        if usage.get("prompt_tokens", len(prompt)) != len(prompt):
+        sent = sum(len(p) for p in prompts)
+        if usage.get("prompt_tokens", sent) != sent:
             raise ServerFailed(
-                f"synthesize: the server counted {usage['prompt_tokens']} prompt tokens for the {len(prompt)} ids"
+                f"synthesize: the server counted {usage['prompt_tokens']} prompt tokens for the {sent} ids"
                 " sent: it does not take token-id prompts as they are"
             )
         self.usage.update({k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")})
         self.usage["requests"] += 1
-        if ids and self.eos is not None and ids[-1] == self.eos:
-            ids.pop()
-        return Generation(ids, choice.get("text", ""), None, choice.get("finish_reason"))
+        self.usage["prompts"] += len(prompts)
+        out = []
+        for choice in choices:
+            ids = list(choice.get("token_ids") or [])
+            if len(ids) > max_new_tokens:
+                raise ServerFailed(
+                    f"synthesize: the server generated {len(ids)} tokens for max_tokens {max_new_tokens}"
+                )
+            if ids and self.eos is not None and ids[-1] == self.eos:
+                ids.pop()
+            out.append(Generation(ids, choice.get("text", ""), None, choice.get("finish_reason")))
+        return out
 
 
 def _short() -> Any:
@@ -349,6 +411,7 @@ def connect(
     launch: tuple[str, ...] | None = None,
     startup_timeout_s: float = 900.0,
     log_dir: str | None = None,
+    prompts_per_request: int = 1,
 ) -> ServerEngine:
     """The engine of a task: our tokenizer (``synth.model``: the stage builds the prompts' ids with it), the
     server (``url``, or ``launch``: the server module's arguments, started here and stopped with the engine)
@@ -377,6 +440,7 @@ def connect(
         retries=retries,
         repetition_penalty=repetition_penalty,
         died=server.exited if server else None,
+        prompts_per_request=prompts_per_request,
     )
     engine.tokenizer = tokenizer
     engine.server = server

@@ -60,7 +60,7 @@ class SynthJob(BaseModel):
 
 def _engine(job: SynthJob, log_dir: Path) -> Any:
     if job.backend == "server":
-        from .synth_server import connect
+        from .synth_server import DEFAULT_CONCURRENCY, connect
 
         server = job.server
         return get_engine(
@@ -70,12 +70,13 @@ def _engine(job: SynthJob, log_dir: Path) -> Any:
             url=server.url,
             served_model=server.served_model or job.model,
             max_model_len=job.max_model_len,
-            concurrency=server.concurrency or job.max_in_flight or 2 * job.batch_size,
+            concurrency=server.concurrency or job.max_in_flight or DEFAULT_CONCURRENCY,
             timeout_s=server.timeout_s,
             retries=server.retries,
             launch=launch_command(job) if server.launch else None,
             startup_timeout_s=server.startup_timeout_s,
-            log_dir=str(log_dir),
+            prompts_per_request=server.prompts_per_request,
+            log_dir=str(log_dir) if server.launch else None,  # url mode: one engine for every stage folder
             repetition_penalty=job.repetition_penalty,
         )
 
@@ -105,12 +106,25 @@ def launch_command(job: SynthJob) -> tuple[str, ...]:
     """``synth.server.launch``: the server module's arguments for the run's model and limits (python, the port
     and the host are the launcher's). ``synth.vllm_args`` become flags, as they are engine arguments in both."""
     server = job.server
-    args = ["-m", server.module, "--model", job.model, "--served-model-name", server.served_model or job.model,
-            "--max-model-len", str(min(job.max_model_len, model_positions(job.model) or job.max_model_len)),
-            "--dtype", job.dtype,
-            "--tensor-parallel-size", str(job.tensor_parallel_size),
-            "--gpu-memory-utilization", str(job.gpu_memory_utilization),
-            "--generation-config", "vllm"]  # fmt: skip
+    args = [
+        "-m",
+        server.module,
+        "--model",
+        job.model,
+        "--served-model-name",
+        server.served_model or job.model,
+        "--max-model-len",
+        str(min(job.max_model_len, model_positions(job.model) or job.max_model_len)),
+        "--dtype",
+        job.dtype,
+        "--tensor-parallel-size",
+        str(job.tensor_parallel_size),
+        "--gpu-memory-utilization",
+        str(job.gpu_memory_utilization),
+        "--generation-config",
+        "vllm",
+        "--disable-uvicorn-access-log",  # a log line per request: slower, and huge over a real shard
+    ]
     for key, value in sorted(job.vllm_args.items()):
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
