@@ -58,7 +58,7 @@ class ServerConfig(_Section):
     timeout_s: float = Field(600.0, gt=0, description="seconds per request")
     retries: int = Field(5, ge=0, description="retries of a busy or unreachable server (backoff with jitter)")
     concurrency: int | None = Field(
-        None, ge=1, description="requests in flight per task (default: synth.max_in_flight, else 256)"
+        None, ge=1, description="prompts in flight per task (default: synth.max_in_flight, else 256)"
     )
     prompts_per_request: int = Field(
         8, ge=1, description="prompts submitted together share a request (the server's CPU per request is amortised)"

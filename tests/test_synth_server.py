@@ -474,3 +474,19 @@ def test_preflight_and_plan_know_the_server_backend(server: tuple[str, Script], 
                                    "execution.slurm.gpus_per_node": 1})  # fmt: skip
     assert _stage_gpus(cfg, "synthesize") == 0  # the server's GPUs are its own job's
     assert _stage_gpus(launch_cfg(tiny_synth, **{"execution.slurm.gpus_per_node": 1}), "synthesize") == 1
+
+
+def test_the_stage_identity_leaves_out_where_the_server_is(tiny_synth: Path, tmp_path: Path) -> None:
+    """A shared server restarted elsewhere (another URL, other client limits) resumes the same stage folder; a
+    different served model does not."""
+    from ipt_hpc.execution import build
+    from ipt_hpc.stages import synthesize
+
+    def hash_of(**sets: Any) -> str:
+        return build(synthesize.STAGE, synth_cfg(tiny_synth, **sets), tmp_path, num_shards=1).config_hash()
+
+    first = hash_of(**{"synth.server.url": "http://a:8000"})
+    assert first == hash_of(**{"synth.server.url": "http://b:9000", "synth.server.retries": 9,
+                               "synth.server.prompts_per_request": 1, "synth.server.concurrency": 4})  # fmt: skip
+    assert first != hash_of(**{"synth.server.url": "http://a:8000", "synth.server.served_model": "other"})
+    assert first != hash_of(**{"synth.server.url": "http://a:8000", "synth.max_new_tokens": 31})

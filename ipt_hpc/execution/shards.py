@@ -66,9 +66,11 @@ class StageRun:
         return cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg
 
     def config_hash(self) -> str:
-        return config_hash(
-            {"stage": self.stage, "config": self.config_data(), "level": self.level, "frame": self.frame_bytes}
-        )
+        """What decides the stage's output: a stage config with ``identity()`` leaves out what cannot change it
+        (e.g. the address of a server), so a stage can be resumed where only that changed."""
+        cfg = self.stage_config
+        data = cfg.identity() if hasattr(cfg, "identity") else self.config_data()
+        return config_hash({"stage": self.stage, "config": data, "level": self.level, "frame": self.frame_bytes})
 
     def to_json(self) -> dict[str, Any]:
         """A JSON form (functions by import path) so that hand-written sbatch scripts can rebuild it."""

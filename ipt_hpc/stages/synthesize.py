@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -56,6 +56,16 @@ class SynthJob(BaseModel):
     select_seed: int
     no_repeat_ngram_size: int
     repetition_penalty: float
+
+    # where the server is and how hard the client tries: not what it generates (a shared server restarted on
+    # another node, with another URL, resumes the same stage folder)
+    CONNECTION: ClassVar[frozenset[str]] = frozenset(
+        {"url", "timeout_s", "retries", "concurrency", "prompts_per_request", "startup_timeout_s"}
+    )
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the records (the stage folder's config hash)."""
+        return self.model_dump(mode="json", exclude={"server": set(self.CONNECTION)})
 
 
 def _engine(job: SynthJob, log_dir: Path) -> Any:
@@ -459,7 +469,7 @@ def shard_stats(path: Path, over_budget: int, wait_s: float, engine_s: float, to
         pairs.append(len(rec["pairs"]))
         dropped.update(rec["dropped"])
         errors += rec["error"] is not None
-        finished[rec["finish_reason"] or "error"] += 1
+        finished[rec.get("finish_reason") or "error"] += 1  # (records of before the field: "error")
         prompt_tokens += rec["prompt_tokens"]
         gen_tokens += rec["gen_tokens"]
     return {
