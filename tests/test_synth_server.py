@@ -490,3 +490,7 @@ def test_the_stage_identity_leaves_out_where_the_server_is(tiny_synth: Path, tmp
                                "synth.server.prompts_per_request": 1, "synth.server.concurrency": 4})  # fmt: skip
     assert first != hash_of(**{"synth.server.url": "http://a:8000", "synth.server.served_model": "other"})
     assert first != hash_of(**{"synth.server.url": "http://a:8000", "synth.max_new_tokens": 31})
+    # another backend: the server section is not part of its identity (its folders keep their earlier hash)
+    assert hash_of(**{"synth.backend": "transformers"}) == hash_of(
+        **{"synth.backend": "transformers", "synth.server.served_model": "other", "synth.server.launch": True}
+    )

@@ -64,8 +64,10 @@ class SynthJob(BaseModel):
     )
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide the records (the stage folder's config hash)."""
-        return self.model_dump(mode="json", exclude={"server": set(self.CONNECTION)})
+        """The fields that decide the records (the stage folder's config hash). Other backends leave the server
+        section out altogether: their stage folders keep the hash they had before it existed."""
+        server: Any = set(self.CONNECTION) if self.backend == "server" else True
+        return self.model_dump(mode="json", exclude={"server": server})
 
 
 def _engine(job: SynthJob, log_dir: Path) -> Any:
