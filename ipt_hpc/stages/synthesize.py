@@ -380,19 +380,28 @@ class Scheduler:
 
     def rebuild(self, written: Any, count: int) -> None:
         """Replay the durable records (the same decisions as the uninterrupted run)."""
-        for d, rec in zip(range(count), written, strict=False):
-            self._advance(d, rec["pairs"], rec["chain_docs"])
+        done = [(d, rec["pairs"], rec["chain_docs"]) for d, rec in zip(range(count), written, strict=False)]
+        self._advance_all(done)
         self.start = count
 
-    def _advance(self, d: int, pairs: list[dict[str, str]], chained: list[int]) -> None:
-        """Document ``d`` has its pairs: its slot's chain goes on with it (as an example of its context and
-        parsed pairs) or, without pairs, ends."""
+    def _advance_all(self, done: list[tuple[int, list[dict[str, str]], list[int]]]) -> None:
+        """Documents ``(d, pairs, chained)`` have their pairs: each slot's chain goes on with its document (as
+        an example of its context and parsed pairs) or, without pairs, ends; in the order given (a resume replays
+        document order; an engine's result set holds at most one document per slot, as a slot's next document
+        waits for its predecessor). Their examples are tokenized in one call, off the per-document path: only an
+        entry that a later document chains onto is one."""
+        want = [k for k, (d, pairs, _) in enumerate(done) if pairs and self._chained_onto(d)]
+        texts = [fmt.example_text(self.ids.context(done[k][0]), done[k][1]) for k in want]
+        examples = dict(zip(want, self.pieces.encode(texts), strict=True)) if want else {}
+        for k, (d, pairs, chained) in enumerate(done):
+            i = self.place[d][1]
+            entry = Entry(d, self.ids[d] or [], examples.get(k), len(pairs))
+            advance(self.slots.setdefault(i, Slot()), entry, chained)
+            self.rounds_in_slot[i] += 1
+
+    def _chained_onto(self, d: int) -> bool:
         r, i = self.place[d]
-        example = None
-        if pairs and (r + 1, i) in self.docs_at:  # only an entry that a later document chains onto is an example
-            example = self.pieces.encode([fmt.example_text(self.ids.context(d), pairs)])[0]
-        advance(self.slots.setdefault(i, Slot()), Entry(d, self.ids[d] or [], example, len(pairs)), chained)
-        self.rounds_in_slot[i] += 1
+        return (r + 1, i) in self.docs_at
 
     def records(self, window: int) -> Any:
         job, engine = self.job, self.engine
@@ -421,7 +430,8 @@ class Scheduler:
                 if prompt:
                     engine.submit(nxt, prompt, job.max_new_tokens)
                 else:
-                    ready[nxt] = self._finish(nxt, [], [], Generation([], "", "skipped: longer than the token budget"))
+                    skipped = Generation([], "", "skipped: longer than the token budget")
+                    ready.update(self._finish([(nxt, [], [], skipped)]))
                 nxt += 1
             if out not in ready:
                 t = time.perf_counter()
@@ -429,39 +439,42 @@ class Scheduler:
                 self.wait_s += time.perf_counter() - t
                 if not finished:
                     raise IptError(f"synthesize: the engine returned nothing with {nxt - out} documents in flight")
-                for d, gen in finished:
-                    prompt, chained = plans[d]
-                    ready[d] = self._finish(d, prompt, chained, gen)
+                ready.update(self._finish([(d, *plans[d], gen) for d, gen in finished]))
             while out in ready:
                 del plans[out]
                 yield ready.pop(out)
                 out += 1
         self.loop_s = time.perf_counter() - started
 
-    def _finish(self, d: int, prompt: list[int], chained: list[int], gen: Generation) -> dict[str, Any]:
-        """The record of document ``d``; its slot advances, so its successor can be admitted."""
-        pairs, dropped = parse_pairs(gen.text, self.job.pair_rules) if gen.error is None else ([], Counter())
-        self._advance(d, pairs, chained)
-        r, i = self.place[d]
+    def _finish(self, results: list[tuple[int, list[int], list[int], Generation]]) -> dict[int, dict[str, Any]]:
+        """The records of a result set ``(d, prompt, chained, generation)``; their slots advance, so their
+        successors can be admitted."""
+        rules = self.job.pair_rules
+        parsed = [parse_pairs(gen.text, rules) if gen.error is None else ([], Counter()) for *_, gen in results]
+        self._advance_all([(d, pairs, chained) for (d, _, chained, _), (pairs, _) in zip(results, parsed, strict=True)])
         docs = self.docs
-        rec = {
-            "id": docs[d]["id"],
-            "text": docs[d]["text"],
-            "round": r,
-            "slot": i,
-            "chain": [docs[j]["id"] for j in chained],
-            "chain_docs": chained,
-            "pairs": pairs,
-            "dropped": dict(dropped),
-            "prompt_tokens": len(prompt),
-            "gen_tokens": len(gen.ids),
-            "gen_ids": gen.ids,
-            "finish_reason": gen.finish_reason,
-            "error": gen.error,
-        }
-        if self.job.keep_raw:
-            rec["raw"] = gen.text
-        return rec
+        out = {}
+        for (d, prompt, chained, gen), (pairs, dropped) in zip(results, parsed, strict=True):
+            r, i = self.place[d]
+            rec = {
+                "id": docs[d]["id"],
+                "text": docs[d]["text"],
+                "round": r,
+                "slot": i,
+                "chain": [docs[j]["id"] for j in chained],
+                "chain_docs": chained,
+                "pairs": pairs,
+                "dropped": dict(dropped),
+                "prompt_tokens": len(prompt),
+                "gen_tokens": len(gen.ids),
+                "gen_ids": gen.ids,
+                "finish_reason": gen.finish_reason,
+                "error": gen.error,
+            }
+            if self.job.keep_raw:
+                rec["raw"] = gen.text
+            out[d] = rec
+        return out
 
 
 def shard_stats(path: Path, over_budget: int, wait_s: float, engine_s: float, total_s: float) -> dict[str, Any]:
