@@ -203,8 +203,8 @@ def server_problem(synth: Any) -> Problem | None:
     """``synth.backend: server``: a running server answers ``/health`` and serves the model (from here: a server
     only the compute nodes reach needs --skip-preflight), or the server module to launch is importable."""
     import importlib.util
-    import json
-    import urllib.request
+
+    from .stages.synth_launch import served_models
 
     server = synth.server
     if server.launch:
@@ -220,14 +220,11 @@ def server_problem(synth: Any) -> Problem | None:
         return Problem("synth.server.url", "", "is not set (backend server)", "set it, or synth.server.launch: true")
     want = server.served_model or synth.model
     try:
-        with urllib.request.urlopen(f"{server.url.rstrip('/')}/health", timeout=5) as resp:
-            healthy = resp.status == 200
-        with urllib.request.urlopen(f"{server.url.rstrip('/')}/v1/models", timeout=5) as resp:
-            served = [m.get("id") for m in json.load(resp).get("data", [])]
+        served = served_models(server.url)
     except (OSError, ValueError) as exc:
         fix = "start the server first (docs/synthesis.md), or --skip-preflight if only the compute nodes reach it"
         return Problem("synth.server.url", server.url, f"cannot be reached from here ({exc})", fix)
-    if not healthy:
+    if served is None:
         return Problem("synth.server.url", server.url, "/health is not 200", "restart the server")
     if want not in served:
         return Problem(

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -34,6 +33,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def served_models(url: str, timeout_s: float = 5) -> list[str] | None:
+    """The model names a server at ``url`` lists, None when its ``/health`` is not 200; raises ``OSError``
+    (unreachable, an HTTP error) or ``ValueError`` (an answer that is not JSON)."""
+    url = url.rstrip("/")
+    with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as resp:
+        if resp.status != 200:
+            return None
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=timeout_s) as resp:
+        return [m.get("id") for m in json.load(resp).get("data", [])]
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -108,12 +118,8 @@ class LaunchedServer:
 
     def _serves(self, model: str) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as resp:
-                if resp.status != 200:
-                    return False
-            with urllib.request.urlopen(f"{self.url}/v1/models", timeout=5) as resp:
-                return model in [m.get("id") for m in json.load(resp).get("data", [])]
-        except (OSError, ValueError, urllib.error.URLError):
+            return model in (served_models(self.url) or [])
+        except (OSError, ValueError):
             return False
 
     def exited(self) -> str | None:
