@@ -27,7 +27,13 @@ class RecordsConfig(_Section):
 
     level: int = Field(3, ge=1, le=22, description="zstd compression level")
     frame_bytes: int = Field(1 << 20, ge=4096, description="uncompressed bytes per zstd frame")
-    fsync: bool = Field(True, description="fsync on flush and close (durability)")
+    fsync: bool = Field(True, description="fsync at close, at preemption and on a flush every sync_s (durability)")
+    sync_s: float = Field(
+        10.0, ge=0, description="a flush fsyncs once this many seconds passed since the last fsync (0: every flush)"
+    )
+    threads: int | None = Field(
+        None, ge=0, le=64, description="frame compression threads per process (default: one per CPU, up to 4)"
+    )
     on_bad_record: Literal["error", "quarantine"] = Field(
         "error", description="'error' stops at the first bad record; 'quarantine' sets it aside, counted"
     )

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import zstandard
 
+import ipt_hpc.records as records_module
 from ipt_hpc.errors import IptError, RecordError
 from ipt_hpc.records import (
     RecordWriter,
@@ -99,6 +103,94 @@ def test_flush_pattern_does_not_change_bytes(tmp_path: Path) -> None:
     assert a == b == c
 
 
+def test_compression_threads_do_not_change_bytes(tmp_path: Path) -> None:
+    recs = records(700, seed=12)
+    ref = write_all(tmp_path / "ref.jsonl.zst", recs, threads=0)
+    assert frame_count(ref) > 10
+    for threads in (1, 3):
+        for every in (0, 5, 41):
+            out = write_all(tmp_path / f"t{threads}-{every}.jsonl.zst", recs, flush_every=every, threads=threads)
+            assert out == ref, (threads, every)
+
+
+def slow_compressors(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.02) -> None:
+    """Frames take a while on the pool's threads (a busy CPU), so flushes and kills find some in flight."""
+    real = records_module._compress
+
+    def compress(level: int, data: bytes) -> bytes:
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(seconds)
+        return real(level, data)
+
+    monkeypatch.setattr(records_module, "_compress", compress)
+
+
+def _fsyncs_of(path: Path, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Calls to os.fsync on ``path`` from now on, each as the file's bytes at that moment (still fsynced for real)."""
+    seen: list[bytes] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+            seen.append(path.read_bytes())
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+def test_flush_fsyncs_once_sync_s_has_passed_and_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = records(300, seed=13)
+    path = tmp_path / "a.jsonl.zst"
+    synced = _fsyncs_of(partial_path(path), monkeypatch)
+    w = RecordWriter(path, frame_bytes=FRAME, sync_s=3600)
+    for i in range(0, 100, 10):
+        w.write_many(recs[i : i + 10])
+        w.flush()
+    assert synced == []  # written to the file (the next test reads it), not fsynced: an hour has not passed
+    assert w.flush(sync=True) == 100 and len(synced) == 1
+    assert w.flush_if_idle()  # what a preemption signal's handler calls: fsyncs
+    assert len(synced) == 2
+    w.abandon()
+    w = RecordWriter(path, frame_bytes=FRAME, sync_s=0, resume=True)  # resume fsyncs the cut file once
+    assert w.records == 100 and len(synced) == 3
+    for r in recs[100:110]:
+        w.write(r)
+        w.flush()
+    assert len(synced) == 13  # sync_s=0: every flush
+    w.close()
+    assert len(synced) == 14
+    other = tmp_path / "b.jsonl.zst"
+    synced_other = _fsyncs_of(partial_path(other), monkeypatch)
+    w = RecordWriter(other, frame_bytes=FRAME, fsync=False)
+    w.write_many(recs)
+    w.flush(sync=True)
+    w.close()
+    assert synced_other == []
+
+
+def test_node_crash_image_at_last_fsync_resumes_to_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node crash keeps what was fsynced: the file as it was at the last fsync resumes to identical bytes."""
+    recs = records(900, seed=14)
+    ref = write_all(tmp_path / "ref.jsonl.zst", recs)
+    path = tmp_path / "a.jsonl.zst"
+    synced = _fsyncs_of(partial_path(path), monkeypatch)
+    slow_compressors(monkeypatch)
+    w = RecordWriter(path, frame_bytes=FRAME, sync_s=3600, threads=2)
+    for i, r in enumerate(recs[:700], 1):
+        w.write(r)
+        if i % 50 == 0:
+            w.flush(sync=i == 350)
+    w.abandon()
+    assert len(synced) == 1
+    partial_path(path).write_bytes(synced[0])  # everything written after that fsync lost
+    w = RecordWriter(path, frame_bytes=FRAME, resume=True)
+    assert w.records == 350
+    w.write_many(recs[350:])
+    w.close()
+    assert path.read_bytes() == ref
+
+
 def test_partial_file_is_readable_prefix_after_flush(tmp_path: Path) -> None:
     recs = records(200, seed=4)
     path = tmp_path / "a.jsonl.zst"
@@ -112,6 +204,29 @@ def test_partial_file_is_readable_prefix_after_flush(tmp_path: Path) -> None:
     assert text.count(b"\n") == 123
     with pytest.raises(IptError, match="unfinished"):
         list(read_records(partial_path(path)))
+
+
+def test_flush_appends_a_tail_frame_and_leaves_earlier_flushes_alone(tmp_path: Path) -> None:
+    recs = records(300, seed=16)
+    path = tmp_path / "a.jsonl.zst"
+    w = RecordWriter(path, frame_bytes=FRAME, threads=0)
+    seen = []
+    for i in range(4):
+        w.write_many(recs[i * 5 : i * 5 + 5])
+        w.flush()
+        seen.append(partial_path(path).read_bytes())
+    for before, after in itertools.pairwise(seen):
+        assert after.startswith(before)  # a kill during a flush cannot take what earlier flushes wrote
+    assert frame_count(seen[-1]) == 4
+    w.write_many(recs[20:])  # full frames replace the tail frames
+    w.flush()
+    data = partial_path(path).read_bytes()
+    assert not data.startswith(seen[0]) and 2 < frame_count(data) < 20
+    w.abandon()
+    w = RecordWriter(path, frame_bytes=FRAME, resume=True)
+    assert w.records == 300
+    w.close()
+    assert path.read_bytes() == write_all(tmp_path / "ref.jsonl.zst", recs)
 
 
 def test_refuses_to_overwrite_complete_file(tmp_path: Path) -> None:
@@ -155,6 +270,14 @@ def test_resume_without_partial_starts_fresh(tmp_path: Path) -> None:
     assert (tmp_path / "a.jsonl.zst").read_bytes() == ref
 
 
+def start_writer(script: str, path: Path) -> subprocess.Popen[str]:
+    """A writer process running ``script`` (a template of the tests folder, path and frame size)."""
+    code = script.format(tests=str(Path(__file__).parent), path=str(path), frame=FRAME)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc
+
+
 KILLED_WRITER = textwrap.dedent(
     """
     import sys
@@ -179,9 +302,7 @@ def test_sigkilled_writer_leaves_readable_prefix_and_resumes_to_same_bytes(tmp_p
     recs = records(4000, seed=9)
     ref = write_all(tmp_path / "ref.jsonl.zst", recs)
     path = tmp_path / "killed.jsonl.zst"
-    script = KILLED_WRITER.format(tests=str(Path(__file__).parent), path=str(path), frame=FRAME)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
+    proc = start_writer(KILLED_WRITER, path)
     assert proc.stdout.readline().strip() == "half"
     os.kill(proc.pid, signal.SIGKILL)  # mid-write: the writer is still producing records
     proc.wait(timeout=30)
@@ -213,6 +334,46 @@ def test_sigkilled_writer_leaves_readable_prefix_and_resumes_to_same_bytes(tmp_p
     # continue after the last durable record: identical to the uninterrupted write
     w = RecordWriter(path, frame_bytes=FRAME, resume=True)
     assert w.records == survived
+    w.write_many(recs[survived:])
+    w.close()
+    assert path.read_bytes() == ref
+
+
+KILLED_BETWEEN_FLUSHES = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from test_records import records
+    from ipt_hpc.records import RecordWriter
+    recs = records(3000, seed=15)
+    import ipt_hpc.records as records_module
+    real = records_module._compress
+    records_module._compress = lambda level, data: time.sleep(0.02) or real(level, data)  # pool threads only
+    w = RecordWriter({path!r}, frame_bytes={frame}, threads=2, sync_s=3600)
+    for i, r in enumerate(recs, 1):
+        w.write(r)
+        if i % 400 == 0:
+            print("flushed", w.flush(), flush=True)
+        if i == 1000:  # 200 records after the last flush: frames cut, some still on the pool's threads
+            print("between", w.records, flush=True)
+            time.sleep(60)
+    """
+)
+
+
+def test_kill_between_two_flushes_with_frames_in_flight_resumes_identically(tmp_path: Path) -> None:
+    recs = records(3000, seed=15)
+    ref = write_all(tmp_path / "ref.jsonl.zst", recs)
+    path = tmp_path / "killed.jsonl.zst"
+    proc = start_writer(KILLED_BETWEEN_FLUSHES, path)
+    assert proc.stdout.readline().split() == ["flushed", "400"]
+    assert proc.stdout.readline().split() == ["flushed", "800"]
+    assert proc.stdout.readline().split() == ["between", "1000"]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    w = RecordWriter(path, frame_bytes=FRAME, resume=True)
+    survived = w.records
+    assert 800 <= survived <= 1000  # nothing flushed is lost; frames cut since may or may not have landed
     w.write_many(recs[survived:])
     w.close()
     assert path.read_bytes() == ref

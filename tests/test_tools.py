@@ -44,9 +44,13 @@ def rows(out: str, *labels: str, figures: int = 1) -> None:
 
 
 def test_bench_records(tmp_path: Path) -> None:
-    out = tool("bench_records.py", "--mb", "1", "--repeat", "1", "--dir", str(tmp_path))
-    for label in ("ours (flush/1000)", "json+zstd", "orjson+zstd", "raw zstd one-shot", "raw zstd stream"):
-        assert re.search(re.escape(label) + rf"\s+│\s+{NUMBER}\s+│\s+{NUMBER}x", out), label
+    out = tool("bench_records.py", "--mb", "1", "--repeat", "2", "--dir", str(tmp_path), "--breakdown")
+    labels = ["json+zstd", "orjson+zstd", "raw zstd one-shot", "raw zstd stream"]
+    labels += ["ours (flush/1000)", "ours (flush/1000, threads=0)", "ours (flush/1000, sync_s=0)", "ours (close only)"]
+    for label in labels:  # MB/s, then write / raw, / peer, CPU / peer
+        assert re.search(re.escape(label) + rf"\s+│\s+{NUMBER}(\s+│\s+{NUMBER}x){{3}}", out), label
+    verdict = r"target \(ours' write within 1.0x of orjson\+zstd\): \w+ "
+    assert re.search(verdict + rf"\({NUMBER}x best of 2; per repeat {NUMBER}, {NUMBER};", out)
     assert "target (ours within 1.2x of raw zstd, write and read)" in out
 
 

@@ -23,15 +23,19 @@ from typing import Any
 from ..atomic import write_json_atomic
 from ..config import config_hash
 from ..errors import IptError
-from ..records import RecordWriter
+from ..records import DEFAULT_SYNC_S, RecordWriter
 from .state import StageState, now, shard_name
 
 REPORT_EVERY_S = 1.0
 
 
+WRITER_OPTIONS = ("level", "frame_bytes", "fsync", "sync_s", "threads")
+
+
 def record_options(records: Any) -> dict[str, Any]:
-    """The :class:`StageRun` fields that every stage's record writers take from ``records.*``."""
-    return {"level": records.level, "frame_bytes": records.frame_bytes, "fsync": records.fsync}
+    """The options every stage's record writers take from ``records.*`` (a ``RecordsConfig``, or a
+    :class:`StageRun`, which carries them as fields)."""
+    return {name: getattr(records, name) for name in WRITER_OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class StageRun:
     frame_bytes: int = 1 << 20
     level: int = 3
     fsync: bool = True
+    sync_s: float = DEFAULT_SYNC_S  # these two do not change the bytes (not in config_hash)
+    threads: int | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -90,6 +96,8 @@ class StageRun:
             "frame_bytes": self.frame_bytes,
             "level": self.level,
             "fsync": self.fsync,
+            "sync_s": self.sync_s,
+            "threads": self.threads,
         }
 
     @classmethod
@@ -141,13 +149,7 @@ class ShardContext:
 
     def open_output(self, path: Path | None = None) -> RecordWriter:
         """A writer for this shard's output that resumes after the last durable record."""
-        writer = RecordWriter(
-            path or self.output_path,
-            resume=True,
-            level=self.run.level,
-            frame_bytes=self.run.frame_bytes,
-            fsync=self.run.fsync,
-        )
+        writer = RecordWriter(path or self.output_path, resume=True, **record_options(self.run))
         self._writers.append(writer)
         if writer.records:
             self.state.log_event(self.name, "resumed", attempt=self.attempt, records=writer.records)

@@ -33,6 +33,7 @@ from ..atomic import atomic_write_bytes, read_json, write_json_atomic
 from ..config import Config, RecordsConfig, ShardConfig, config_hash
 from ..errors import IptError, RecordError
 from ..execution import ShardContext, Stage, StageRun, StageState, run_tasks, shard_name
+from ..execution.shards import record_options
 from ..layout import RunLayout
 from ..records import RecordWriter
 from .sources import BLANK, InputFile, Row, discover_inputs, iter_rows
@@ -204,9 +205,7 @@ def plan_shards(indexes: list[np.ndarray], num_shards: int) -> list[list[tuple[i
 def write_shard(task: WriteTask) -> dict[str, Any]:
     """Write one shard from its planned ranges, atomically; returns its stats (the caller marks it done)."""
     name = shard_name(task.k, task.num_shards)
-    writer = RecordWriter(
-        Path(task.out) / name, level=task.records.level, frame_bytes=task.records.frame_bytes, fsync=task.records.fsync
-    )
+    writer = RecordWriter(Path(task.out) / name, **record_options(task.records))
     text_bytes = 0
     try:
         for i, first, count in task.segments:
@@ -327,9 +326,7 @@ def write_planned_shard(job: ShardJob, ctx: ShardContext) -> dict[str, Any]:
     path = StageState(run.out_dir).root / "plan.json"
     st = path.stat()
     plan = _read_plan(str(path), st.st_mtime_ns, st.st_size)
-    records = RecordsConfig(
-        level=run.level, frame_bytes=run.frame_bytes, fsync=run.fsync, on_bad_record=job.on_bad_record
-    )
+    records = RecordsConfig(**record_options(run), on_bad_record=job.on_bad_record)
     segments = [tuple(seg) for seg in plan[ctx.shard_id]]
     task = WriteTask(
         str(run.out_dir), ctx.shard_id, run.num_shards, segments, job.input_files(), job.shard_config(), records
