@@ -56,11 +56,17 @@ _DUMPS_OPTS = orjson.OPT_APPEND_NEWLINE
 
 
 def default_threads() -> int:
-    """Frame compression threads for this process: none on one CPU, else one per CPU it may use, up to 4."""
+    """Frame compression threads for this process: one per CPU it may use, up to 4, and none on one CPU.
+
+    Its CPUs are its affinity (Slurm's ``--cpus-per-task``), or its share ``OMP_NUM_THREADS`` when that is
+    lower (the local executor sets it to CPUs // workers, so two workers on two cores compress in place)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
+    share = os.environ.get("OMP_NUM_THREADS", "")
+    if share.isdigit() and int(share) > 0:
+        cpus = min(cpus, int(share))
     return 0 if cpus < 2 else min(cpus, MAX_THREADS)
 
 

@@ -368,3 +368,21 @@ def test_status_names_each_tokenize_group(tmp_path: Path) -> None:
         StageState(run / "tokens" / group).write_stage({"stage": "tokenize", "num_shards": 1})
     names = [st["name"] for st in run_status(run, use_queue=False)["stages"]]
     assert names == ["tokenize augmented", "tokenize raw"]
+
+
+def test_advisory_state_survives_what_a_crash_leaves_of_it(tmp_path: Path) -> None:
+    """Events and submission records are not fsynced (advisory): a torn event line or an emptied submission
+    record, what a node crash may leave, is skipped; the done marker, which decides, stays durable."""
+    state = StageState(tmp_path / "stage")
+    name = shard_name(0, 1)
+    state.log_event(name, "start", attempt=1)
+    with open(state.attempts_path(name), "ab") as fh:
+        fh.write(b'{"event": "do\x00\x00\x00\n\x00\x00\n')  # a torn append and zeroed blocks
+    state.log_event(name, "done", attempt=1)
+    assert [e["event"] for e in state.events(name)] == ["start", "done"]
+    first = state.record_submission({"backend": "debug"})
+    second = state.record_submission({"backend": "local"})
+    first.write_bytes(b"")  # renamed into place, its data lost with the node
+    assert [s["backend"] for s in state.submissions()] == ["local"]
+    state.end_submission(second)
+    assert "ended" in state.submissions()[0]

@@ -275,3 +275,72 @@ def test_finetune_synthesizer_reads_a_published_synth_config(run: Path, publishe
     assert proc.returncode == 0, proc.stderr
     info = read_json(out / "finetune.json")
     assert info["data"]["examples"] == len(want) and info["data"]["checksum"].startswith("sha256:")
+
+
+def _publish_one(run: Path, part: str, out: Path) -> tuple[dict, bytes]:
+    """Shard 0 of ``part`` published into ``out`` (the stage's own per-shard function, as a task runs it)."""
+    from ipt_hpc.execution import ShardContext
+
+    c = cfg(out, part)
+    stage_run = build(publish.STAGE, c, run)
+    prepare(stage_run)
+    state = StageState(stage_run.out_dir)
+    ctx = ShardContext(stage_run, 0, state, {"attempt": 1, "job": "test", "host": "h", "pid": 0, "started": 0})
+    stats = publish.publish_shard(publish.publish_job(c, None), ctx)
+    return stats, ctx.output_path.read_bytes()
+
+
+@pytest.mark.parametrize("part", ["augmented", "synth"])
+def test_columns_and_records_give_the_same_file(run: Path, tmp_path: Path, monkeypatch, part: str) -> None:
+    """pyarrow's JSON reader (the usual path) and the record path (a shard it refuses) write the same bytes and
+    stats; so does the Parquet file written on a thread of its own; the checksum is of the file's bytes."""
+    from ipt_hpc.records import file_checksum
+    from ipt_hpc.stages import publish_tables
+
+    real, taken = publish_tables.arrow_tables, []
+
+    def columns(*args, **kwargs):
+        yield from real(*args, **kwargs)
+        taken.append(True)  # read to the end without being refused
+
+    monkeypatch.setattr(publish_tables, "arrow_tables", columns)
+    stats, data = _publish_one(run, part, tmp_path / "columns")
+    assert taken == [True]
+    assert stats["checksum"] == file_checksum(tmp_path / "columns" / part / "shard-00000.parquet")
+    monkeypatch.setattr(publish, "THREADED_FROM", 0)
+    threaded = _publish_one(run, part, tmp_path / "threaded")
+    assert threaded == (stats, data)
+
+    def refuse(*args, **kwargs):
+        raise publish_tables.Refused("test")
+        yield
+
+    monkeypatch.setattr(publish_tables, "arrow_tables", refuse)
+    assert _publish_one(run, part, tmp_path / "records") == (stats, data)
+    assert stats["records"] == len(list(read_records(run / part / shard_name(0, SHARDS))))
+
+
+@pytest.mark.parametrize(
+    ("part", "bad", "reason"),
+    [
+        ("synth", {"id": "b", "text": "t", "pairs": [{"Q": "q"}], "round": 1, "chain": []}, "pair 0 is not"),
+        ("synth", {"id": "b", "text": "t", "pairs": [], "round": "1", "chain": []}, "'round' is missing or not a int"),
+        ("augmented", {"id": "b", "text": 5, "group": "g", "format": "f", "docs": [], "pairs": 0}, "'text' is"),
+    ],
+)
+def test_a_record_the_json_reader_refuses_is_named(tmp_path: Path, part: str, bad: dict, reason: str) -> None:
+    from ipt_hpc.execution import launch
+    from ipt_hpc.records import RecordWriter
+
+    good = {
+        "synth": {"id": "a", "text": "t", "pairs": [{"Q": "q", "A": "a"}], "round": 1, "chain": []},
+        "augmented": {"id": "a", "text": "t", "group": "g", "format": "f", "docs": ["a"], "pairs": 1},
+    }[part]
+    run = make_raw(tmp_path / "run", 1, docs=5)
+    folder = {"synth": "synth", "augmented": "augmented"}[part]
+    with RecordWriter(run / folder / shard_name(0, 1)) as w:  # a folder no stage marked: only the file
+        w.write(good)
+        w.write(bad)
+    with pytest.raises(IptError, match=rf"shard-00000.jsonl.zst:2: not a \w+ record: {reason}"):
+        launch(build(publish.STAGE, cfg(tmp_path / "out", part), run, num_shards=1), "all", cfg().execution)
+    assert not list((tmp_path / "out" / part).glob("*.parquet*"))

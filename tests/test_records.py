@@ -426,3 +426,16 @@ def test_exception_in_with_block_leaves_partial_not_final(tmp_path: Path) -> Non
         raise RuntimeError("boom")
     assert not path.exists()
     assert partial_path(path).exists()
+
+
+def test_default_threads_follow_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert records_module.default_threads() == (0 if cpus < 2 else min(cpus, records_module.MAX_THREADS))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a local worker's share of a 2-core machine: compress in place
+    assert records_module.default_threads() == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert records_module.default_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert records_module.default_threads() == records_module.MAX_THREADS

@@ -99,9 +99,11 @@ def test_bench_hf_train_gpu_tiny() -> None:
 
 
 def test_bench_publish(tmp_path: Path) -> None:
-    out = tool("bench_publish.py", "--gb", "0.002", "--shards", "2", "--repeat", "1", "--dir", str(tmp_path))
-    assert "| run / part | shards | JSONL MB | Parquet MB | read MB/s | publish MB/s | publish/read |" in out
-    assert re.search(rf"\| synthetic 0.002 GB augmented \| 2 \|( {NUMBER} \|){{5}}", out), out
+    out = tool("bench_publish.py", "--gb", "0.002", "--shards", "2", "--repeat", "2", "--dir", str(tmp_path))
+    assert "| run / part | shards | JSONL MB | Parquet MB | read MB/s | publish MB/s | publish/read | ms/shard |" in out
+    assert re.search(rf"\| synthetic 0.002 GB augmented \| 2 \|( {NUMBER} \|){{6}}", out), out
+    assert re.search(rf"publish/read per repeat {NUMBER}, {NUMBER}; same Parquet bytes in every repeat: yes", out)
+    assert re.search(rf"target \(publish >= 0.8x the read on the synthetic run, best of 2\): \w+ \({NUMBER}x\)", out)
 
 
 @pytest.mark.slurm

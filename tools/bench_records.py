@@ -460,7 +460,8 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_records_", dir=args.dir))
     print(
         f"files in {root}; level {LEVEL}; ours: frame_bytes {DEFAULT_FRAME_BYTES:,}, fsync=True, "
-        f"sync_s {DEFAULT_SYNC_S:g}, threads {default_threads()} (CPUs usable: {len(os.sched_getaffinity(0))}), "
+        f"sync_s {DEFAULT_SYNC_S:g}, threads {default_threads()} (CPUs usable: {len(os.sched_getaffinity(0))}, "
+        f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}), "
         f"flush() every {args.flush_every} records; baselines fsync at end: {args.baseline_fsync}"
     )
     vs = variants(args.breakdown, args.flush_every)

@@ -96,7 +96,8 @@ class StageState:
             return None
 
     def mark_running(self, name: str, info: dict[str, Any]) -> None:
-        write_json_atomic(self.marker("running", name), info)
+        """Progress for ``status`` (advisory: not fsynced; a crash may leave it empty, which reads as absent)."""
+        write_json_atomic(self.marker("running", name), info, durable=False)
 
     def mark_done(self, name: str, stats: dict[str, Any]) -> None:
         """Record a durable shard; call only after its output file was renamed into place."""
@@ -114,23 +115,36 @@ class StageState:
 
     # -- attempts ------------------------------------------------------------------------
     def log_event(self, name: str, event: str, **fields: Any) -> None:
-        """Append one event to the shard's attempt log (O_APPEND: concurrent writers are safe)."""
+        """Append one event to the shard's attempt log (O_APPEND: concurrent writers are safe).
+
+        Not fsynced: the log counts attempts (``execution.max_attempts``) and explains them; what decides a
+        shard is its done marker, which is. A node crash may take the last events or leave a torn line,
+        which :meth:`events` skips."""
         path = self.attempts_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         line = orjson.dumps({"event": event, "time": now(), **fields}, option=orjson.OPT_APPEND_NEWLINE)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, line)
-            os.fsync(fd)
         finally:
             os.close(fd)
 
     def events(self, name: str) -> list[dict[str, Any]]:
+        """The shard's attempt log, oldest first (a line a crash tore is skipped)."""
         try:
             with open(self.attempts_path(name), "rb") as fh:
-                return [orjson.loads(line) for line in fh if line.strip()]
+                lines = [line for line in fh if line.strip(b" \t\r\n\x00")]
         except FileNotFoundError:
             return []
+        out = []
+        for line in lines:
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(event, dict) and "event" in event and "time" in event:
+                out.append(event)
+        return out
 
     # -- submissions ---------------------------------------------------------------------
     def record_submission(self, info: dict[str, Any]) -> Path:
@@ -138,12 +152,15 @@ class StageState:
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         path = folder / f"{stamp}-{os.getpid()}-{len(list(folder.iterdir())):04d}.json"
-        write_json_atomic(path, {"time": now(), "host": socket.gethostname(), **info})
+        # history for status and plan (advisory: not fsynced; a crash may leave one empty, which is skipped)
+        write_json_atomic(path, {"time": now(), "host": socket.gethostname(), **info}, durable=False)
         return path
 
     def end_submission(self, path: Path) -> None:
         """Mark a blocking (local/debug) submission as over, so ``status`` stops counting on it."""
-        write_json_atomic(path, {**read_json(path), "ended": now()})
+        write_json_atomic(path, {**read_json(path), "ended": now()}, durable=False)
 
     def submissions(self) -> list[dict[str, Any]]:
-        return self.read_all("submissions")
+        folder = self.root / "submissions"
+        names = sorted(p.name.removesuffix(".json") for p in folder.glob("*.json")) if folder.is_dir() else []
+        return [info for info in (self.read("submissions", name) for name in names) if info is not None]

@@ -13,8 +13,8 @@ folder (the card's ``configs``), which ``shard`` and ``finetune-synthesizer --da
 
 from __future__ import annotations
 
+import functools
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +29,6 @@ from ..errors import IptError, RecordError
 from ..execution import ShardContext
 from ..execution.stage import Stage
 from ..layout import RunLayout
-from ..records import file_checksum, read_records
 
 PARTS = ("augmented", "synth", "raw")
 SUFFIX = ".parquet"
@@ -76,7 +75,7 @@ def _augmented(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _synth(rec: dict[str, Any]) -> dict[str, Any]:
-    pairs = [{"question": p["Q"], "answer": p["A"]} for p in rec["pairs"]]
+    pairs = [{"question": p.get("Q"), "answer": p.get("A")} for p in rec["pairs"]]
     return {
         "id": rec["id"],
         "context": rec["text"],
@@ -134,87 +133,65 @@ def to_row(part: str, rec: Any, path: Path, line: int) -> dict[str, Any]:
     for key, kind in REQUIRED[part].items():
         if not isinstance(rec.get(key), kind):
             raise RecordError(path, line, f"not a {WRITER[part]} record: {key!r} is missing or not a {kind.__name__}")
+    if part == "synth":
+        for k, pair in enumerate(rec["pairs"]):
+            if not (isinstance(pair, dict) and isinstance(pair.get("Q"), str) and isinstance(pair.get("A"), str)):
+                raise RecordError(path, line, f"not a synthesize record: pair {k} is not {{'Q': text, 'A': text}}")
     return ROWS[part](rec)
 
 
 # -- one shard --------------------------------------------------------------------------------------
-class _RowGroups:
-    """Rows collected into row groups of a fixed size (by rows, or bytes of text), appended to a writer."""
-
-    def __init__(self, writer: Any, schema: Any, job: PublishJob) -> None:
-        self.writer, self.schema, self.job = writer, schema, job
-        self.rows: list[dict[str, Any]] = []
-        self.text_bytes = 0
-
-    def add(self, row: dict[str, Any], text_bytes: int) -> None:
-        self.rows.append(row)
-        self.text_bytes += text_bytes
-        if len(self.rows) >= self.job.row_group_rows or self.text_bytes >= self.job.row_group_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        import pyarrow as pa
-
-        if self.rows:
-            table = pa.Table.from_pylist(self.rows, schema=self.schema)
-            self.writer.write_table(table, row_group_size=len(self.rows))  # exactly one row group
-        self.rows, self.text_bytes = [], 0
+DICTIONARY = {"augmented": ["group", "format"], "synth": ["error"], "raw": ["src"]}  # short repeated columns
+THREADED_FROM = 1 << 20  # compressed input bytes from which the Parquet file is written on a thread of its own
 
 
 def publish_shard(job: PublishJob, ctx: ShardContext) -> dict[str, Any]:
     """One input shard -> one Parquet file (a task of the execution layer; redone whole if interrupted)."""
-    import pyarrow.parquet as pq
+    from .publish_tables import Refused, arrow_tables
 
-    part, sch = job.part, schema(job.part)
     out, partial = ctx.output_path, partial_path(ctx.output_path)
-    partial.unlink(missing_ok=True)  # an interrupted attempt: Parquet has no resumable tail
-    counters: dict[str, Counter[str]] = {"groups": Counter(), "formats": Counter()}
-    text_bytes = pairs = records = 0
-    writer = pq.ParquetWriter(
-        str(partial),
-        sch,
-        compression=job.compression,
-        write_statistics=False,  # min/max of long texts only bloat the footer
-        store_schema=True,  # datasets reads the exact types (lists of structs) back
-    )
     try:
-        groups = _RowGroups(writer, sch, job)
-        for n, rec in enumerate(read_records(ctx.input_path), start=1):
-            row = to_row(part, rec, ctx.input_path, n)
-            size = len(row[TEXT_FIELD[part]].encode())
-            groups.add(row, size)
-            text_bytes += size
-            records = n
-            if part == "augmented":
-                counters["groups"][row["group"]] += 1
-                counters["formats"][row["format"]] += 1
-                pairs += row["num_pairs"]
-            elif part == "synth":
-                pairs += len(row["pairs"])
-            if n % 1000 == 0:
-                ctx.report(n)
-        groups.flush()
-    except Exception:
-        writer.close()
-        partial.unlink(missing_ok=True)  # a bad record: no half file left behind
-        raise
-    writer.close()
-    with open(partial, "rb") as fh:
-        os.fsync(fh.fileno())
+        sink = _write(job, ctx, partial, arrow_tables(job.part, ctx.input_path, schema(job.part)))
+    except Refused:  # pyarrow's reader cannot take it: record by record, which names a bad record
+        sink = _write(job, ctx, partial, None)
     os.replace(partial, out)
     fsync_dir(out.parent)
     stats: dict[str, Any] = {
         "name": out.name,
-        "records": records,
+        "records": sink.records,
         "bytes": out.stat().st_size,
-        "text_bytes": text_bytes,
-        "checksum": file_checksum(out),  # as every manifest stores it
+        "text_bytes": sink.text_bytes,
+        "checksum": sink.file.checksum(),  # of the bytes written, as every manifest stores it
     }
-    if part != "raw":
-        stats["pairs"] = pairs
-    if part == "augmented":
-        stats.update(groups=dict(counters["groups"]), formats=dict(counters["formats"]))
+    if job.part != "raw":
+        stats["pairs"] = sink.pairs
+    if job.part == "augmented":
+        stats.update(groups=dict(sink.groups), formats=dict(sink.formats))
     return stats
+
+
+def _write(job: PublishJob, ctx: ShardContext, partial: Path, tables: Any) -> Any:
+    """The shard's tables (record by record when ``tables`` is None) into ``partial``, closed and fsynced."""
+    from .publish_tables import ParquetSink, record_tables
+
+    part = job.part
+    partial.unlink(missing_ok=True)  # an interrupted attempt: Parquet has no resumable tail
+    if tables is None:
+        tables = record_tables(ctx.input_path, schema(part), functools.partial(to_row, part))
+    threaded = ctx.input_path.stat().st_size >= THREADED_FROM
+    sink = ParquetSink(partial, schema(part), job, TEXT_FIELD[part], DICTIONARY[part], threaded=threaded)
+    try:
+        for table in tables:
+            reported = sink.records // 1000
+            sink.add(table)
+            if sink.records // 1000 > reported:  # progress every 1,000 records (a small shard writes none)
+                ctx.report(sink.records)
+        sink.close()
+    except BaseException:
+        sink.abandon()
+        partial.unlink(missing_ok=True)  # a bad record: no half file left behind
+        raise
+    return sink
 
 
 # -- coordinator ------------------------------------------------------------------------------------
