@@ -326,8 +326,10 @@ class RecordWriter:
 
         For stages whose next steps depend on earlier output (synthesis chains): the file is the truth.
         """
+        self.busy = True  # a signal handler's flush must not write the frame this drain is waiting for
         self._drain()
         self._fh.flush()
+        self.busy = False
         if self._base:
             with open(self.partial, "rb") as fh:
                 raw = io.BufferedReader(_Limited(fh, self._base), READ_CHUNK)

@@ -309,7 +309,10 @@ def test_columns_and_records_give_the_same_file(run: Path, tmp_path: Path, monke
     assert stats["checksum"] == file_checksum(tmp_path / "columns" / part / "shard-00000.parquet")
     monkeypatch.setattr(publish, "THREADED_FROM", 0)
     threaded = _publish_one(run, part, tmp_path / "threaded")
-    assert threaded == (stats, data)
+    assert threaded == (stats, data) and taken == [True, True]
+    monkeypatch.setattr(publish_tables, "JSON_BLOCK", 512)  # records longer than a block: the reader refuses
+    assert _publish_one(run, part, tmp_path / "long") == (stats, data)
+    assert taken == [True, True]  # refused this time: the record path wrote it
 
     def refuse(*args, **kwargs):
         raise publish_tables.Refused("test")

@@ -91,9 +91,10 @@ def time_read(folder: Path, shards: int) -> float:
     return time.perf_counter() - t
 
 
-def time_publish(run: Path, out: Path, part: str, shards: int, marked: bool) -> float:
+def time_publish(run: Path, out: Path, part: str, shards: int, marked: bool, compression: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    cfg = load_config(None, None, {"execution.backend": "debug", "publish.out": str(out), "publish.part": part})
+    sets = {"execution.backend": "debug", "publish.out": str(out), "publish.part": part}
+    cfg = load_config(None, None, {**sets, "publish.compression": compression})
     t = time.perf_counter()
     if marked:  # a real run: its stage folders say how many shards they hold
         run_stage(publish.STAGE, cfg, run)
@@ -108,6 +109,7 @@ def main() -> int:
     ap.add_argument("--gb", type=float, default=1.0, help="uncompressed GB of the synthetic run (0: none)")
     ap.add_argument("--shards", type=int, default=8, help="shards of the synthetic run")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compression", default="zstd", choices=["zstd", "snappy", "none"], help="publish.compression")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/bench-publish"))
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +132,7 @@ def main() -> int:
         reads, pubs, digests = [], [], set()
         for _ in range(args.repeat):  # side by side: a read, then a publish, each repeat
             reads.append(time_read(folder, n))
-            pubs.append(time_publish(run, out, part, n, marked))
+            pubs.append(time_publish(run, out, part, n, marked, args.compression))
             digests.add(
                 tuple(hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((out / part).glob("*.parquet")))
             )
@@ -141,6 +143,7 @@ def main() -> int:
         notes.append(f"{label}: publish/read per repeat {per}; same Parquet bytes in every repeat: "
                      f"{'yes' if len(digests) == 1 else 'NO'}")  # fmt: skip
     head = ("run / part", "shards", "JSONL MB", "Parquet MB", "read MB/s", "publish MB/s", "publish/read", "ms/shard")
+    print(f"publish.compression: {args.compression}")
     print("| " + " | ".join(head) + " |")
     print("|---|" + "---:|" * (len(head) - 1))
     for label, n, mb, parquet, r, p, ratio, ms in rows:

@@ -31,7 +31,9 @@ from typing import Any
 from ..errors import RecordError
 from ..records import check_zstd_complete, read_records
 
-JSON_BLOCK = 4 << 20  # bytes of JSON a block of pyarrow's reader parses at once
+# Bytes of JSON a block of pyarrow's reader parses at once: a record longer than a block makes the reader
+# refuse the shard (record path), so this covers shard.max_doc_bytes' 8 MiB documents and their pairs.
+JSON_BLOCK = 16 << 20
 RECORD_BATCH = 2048  # records per table on the record path
 
 
