@@ -141,17 +141,23 @@ class _Limited(io.RawIOBase):
         return len(data)
 
 
-def _new_hash() -> Any:
+def new_hash() -> Any:
+    """A running hash of a file's bytes, in the kind manifests store (:func:`hash_text` gives its text)."""
     return hashlib.blake2b(digest_size=16)
+
+
+def hash_text(h: Any) -> str:
+    """A :func:`new_hash` as manifests store it."""
+    return "blake2b:" + h.hexdigest()
 
 
 def file_checksum(path: str | os.PathLike[str]) -> str:
     """Checksum of a file's bytes, in the form stored in manifests."""
-    h = _new_hash()
+    h = new_hash()
     with open(path, "rb") as fh:
         while chunk := fh.read(READ_CHUNK):
             h.update(chunk)
-    return "blake2b:" + h.hexdigest()
+    return hash_text(h)
 
 
 @dataclass
@@ -272,7 +278,7 @@ class RecordWriter:
         self._inflight: collections.deque[tuple[Future[bytes], int, int]] = collections.deque()
         self._inflight_records = 0
         self._tail_cctx = zstandard.ZstdCompressor(level=TAIL_LEVEL, write_checksum=True, write_content_size=True)
-        self._hash = _new_hash()
+        self._hash = new_hash()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._pending_records = 0
@@ -472,7 +478,7 @@ class RecordWriter:
             records=self._perm_records,
             bytes=self._base,
             raw_bytes=self._perm_raw,
-            checksum="blake2b:" + self._hash.hexdigest(),
+            checksum=hash_text(self._hash),
         )
 
     def abandon(self) -> None:

@@ -75,7 +75,7 @@ def _augmented(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _synth(rec: dict[str, Any]) -> dict[str, Any]:
-    pairs = [{"question": p.get("Q"), "answer": p.get("A")} for p in rec["pairs"]]
+    pairs = [{"question": p["Q"], "answer": p["A"]} for p in rec["pairs"]]  # to_row checked both
     return {
         "id": rec["id"],
         "context": rec["text"],
@@ -149,11 +149,11 @@ def publish_shard(job: PublishJob, ctx: ShardContext) -> dict[str, Any]:
     """One input shard -> one Parquet file (a task of the execution layer; redone whole if interrupted)."""
     from .publish_tables import Refused, arrow_tables
 
-    out, partial = ctx.output_path, partial_path(ctx.output_path)
+    out, partial, sch = ctx.output_path, partial_path(ctx.output_path), schema(job.part)
     try:
-        sink = _write(job, ctx, partial, arrow_tables(job.part, ctx.input_path, schema(job.part)))
+        sink = _write(job, ctx, partial, sch, arrow_tables(job.part, ctx.input_path, sch))
     except Refused:  # pyarrow's reader cannot take it: record by record, which names a bad record
-        sink = _write(job, ctx, partial, None)
+        sink = _write(job, ctx, partial, sch, None)
     os.replace(partial, out)
     fsync_dir(out.parent)
     stats: dict[str, Any] = {
@@ -170,16 +170,16 @@ def publish_shard(job: PublishJob, ctx: ShardContext) -> dict[str, Any]:
     return stats
 
 
-def _write(job: PublishJob, ctx: ShardContext, partial: Path, tables: Any) -> Any:
+def _write(job: PublishJob, ctx: ShardContext, partial: Path, sch: Any, tables: Any) -> Any:
     """The shard's tables (record by record when ``tables`` is None) into ``partial``, closed and fsynced."""
     from .publish_tables import ParquetSink, record_tables
 
     part = job.part
     partial.unlink(missing_ok=True)  # an interrupted attempt: Parquet has no resumable tail
     if tables is None:
-        tables = record_tables(ctx.input_path, schema(part), functools.partial(to_row, part))
+        tables = record_tables(ctx.input_path, sch, functools.partial(to_row, part))
     threaded = ctx.input_path.stat().st_size >= THREADED_FROM
-    sink = ParquetSink(partial, schema(part), job, TEXT_FIELD[part], DICTIONARY[part], threaded=threaded)
+    sink = ParquetSink(partial, sch, job, TEXT_FIELD[part], DICTIONARY[part], threaded=threaded)
     try:
         for table in tables:
             reported = sink.records // 1000

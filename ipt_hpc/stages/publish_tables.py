@@ -19,7 +19,6 @@ compressing this one (pyarrow releases the GIL for both).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecordError
-from ..records import check_zstd_complete, read_records
+from ..records import check_zstd_complete, hash_text, new_hash, read_records
 
 # Bytes of JSON a block of pyarrow's reader parses at once: a record longer than a block makes the reader
 # refuse the shard (record path), so this covers shard.max_doc_bytes' 8 MiB documents and their pairs.
@@ -149,7 +148,7 @@ class _HashingFile:
 
     def __init__(self, path: Path, *, threaded: bool) -> None:
         self._fh = open(path, "wb")  # noqa: SIM115 - closed by close()
-        self._hash = hashlib.blake2b(digest_size=16)  # as ipt_hpc.records.file_checksum
+        self._hash = new_hash()
         self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._hasher: threading.Thread | None = None
         if threaded:
@@ -195,7 +194,7 @@ class _HashingFile:
 
     def checksum(self) -> str:
         """Of every byte written (call after close)."""
-        return "blake2b:" + self._hash.hexdigest()
+        return hash_text(self._hash)
 
 
 class ParquetSink:
@@ -250,29 +249,32 @@ class ParquetSink:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        self._count(table)
         sizes = pc.binary_length(table.column(self.text_field)).to_numpy(zero_copy_only=False).astype(np.int64)
+        ends = np.cumsum(sizes)  # text bytes up to and including each row
+        rows = len(ends)
+        self._count(table, int(ends[-1]) if rows else 0)
         start = 0
-        while start < len(sizes):
-            ends = np.cumsum(sizes[start:])
+        while start < rows:
+            before = int(ends[start - 1]) if start else 0
             rows_left = self.job.row_group_rows - self._pending_rows
-            by_bytes = int(np.searchsorted(ends, self.job.row_group_bytes - self._pending_bytes))  # first >= left
+            # first row (from start) whose group reaches row_group_bytes of text
+            by_bytes = int(np.searchsorted(ends, before + self.job.row_group_bytes - self._pending_bytes)) - start
             cut = min(rows_left - 1, by_bytes)
-            if cut >= len(ends):  # no cut in the rest: it waits for the next table
+            if cut >= rows - start:  # no cut in the rest: it waits for the next table
                 self._pending.append(table.slice(start))
-                self._pending_rows += len(ends)
-                self._pending_bytes += int(ends[-1])
+                self._pending_rows += rows - start
+                self._pending_bytes += int(ends[-1]) - before
                 return
             self._pending.append(table.slice(start, cut + 1))
             self._put(pa.concat_tables(self._pending).combine_chunks())
             self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
             start += cut + 1
 
-    def _count(self, table: Any) -> None:
+    def _count(self, table: Any, text_bytes: int) -> None:
         import pyarrow.compute as pc
 
         self.records += table.num_rows
-        self.text_bytes += int(pc.sum(pc.binary_length(table.column(self.text_field))).as_py() or 0)
+        self.text_bytes += text_bytes
         names = table.schema.names
         if "num_pairs" in names:  # augmented
             self.pairs += int(pc.sum(table.column("num_pairs")).as_py() or 0)
