@@ -90,10 +90,7 @@ class StageState:
         return self.marker("done", name).exists()
 
     def read(self, kind: str, name: str) -> dict[str, Any] | None:
-        try:
-            return read_json(self.marker(kind, name))
-        except (FileNotFoundError, orjson.JSONDecodeError):
-            return None
+        return _json_or_none(self.marker(kind, name))
 
     def mark_running(self, name: str, info: dict[str, Any]) -> None:
         """Progress for ``status`` (advisory: not fsynced; a crash may leave it empty, which reads as absent)."""
@@ -130,20 +127,20 @@ class StageState:
             os.close(fd)
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        """The shard's attempt log, oldest first (a line a crash tore is skipped)."""
+        """The shard's attempt log, oldest first (a line a crash tore, or a blank one, is skipped)."""
         try:
-            with open(self.attempts_path(name), "rb") as fh:
-                lines = [line for line in fh if line.strip(b" \t\r\n\x00")]
+            fh = open(self.attempts_path(name), "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
             return []
         out = []
-        for line in lines:
-            try:
-                event = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(event, dict) and "event" in event and "time" in event:
-                out.append(event)
+        with fh:
+            for line in fh:
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(event, dict) and "event" in event and "time" in event:
+                    out.append(event)
         return out
 
     # -- submissions ---------------------------------------------------------------------
@@ -161,6 +158,13 @@ class StageState:
         write_json_atomic(path, {**read_json(path), "ended": now()}, durable=False)
 
     def submissions(self) -> list[dict[str, Any]]:
-        folder = self.root / "submissions"
-        names = sorted(p.name.removesuffix(".json") for p in folder.glob("*.json")) if folder.is_dir() else []
-        return [info for info in (self.read("submissions", name) for name in names) if info is not None]
+        paths = sorted((self.root / "submissions").glob("*.json"))
+        return [info for info in map(_json_or_none, paths) if info is not None]
+
+
+def _json_or_none(path: Path) -> Any:
+    """A marker's content; None when it is missing or not whole JSON (an advisory file a crash emptied)."""
+    try:
+        return read_json(path)
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
