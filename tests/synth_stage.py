@@ -17,6 +17,7 @@ from ipt_hpc.execution import ShardContext
 from ipt_hpc.records import read_records
 from ipt_hpc.stages.mixture import converted
 from ipt_hpc.stages.synth_format import Entry, Slot, advance, build_prompt, rounds_of
+from ipt_hpc.stages.synthesize import synth_record
 
 
 def rule_pairs(doc: int, rid: str, text: str) -> list[dict[str, str]]:
@@ -57,16 +58,5 @@ def rule_synth(cfg: dict[str, Any], ctx: ShardContext) -> dict[str, Any]:
             _, chained = build_prompt(slot, entry, bos=1, eos=2, max_model_len=budget, max_new_tokens=8)
             entry.example_ids, entry.pairs = entry.context_ids + [0] * 8, len(pairs)
             advance(slot, entry, chained)
-            writer.write(
-                {
-                    "id": docs[d]["id"],
-                    "text": docs[d]["text"],
-                    "round": r,
-                    "slot": i,
-                    "chain": [docs[j]["id"] for j in chained],
-                    "chain_docs": chained,
-                    "pairs": pairs,
-                    "error": None,
-                }
-            )
+            writer.write({**synth_record(docs, d, (r, i), chained, pairs), "error": None})
     return writer.close().to_json()

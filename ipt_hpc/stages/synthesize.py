@@ -452,18 +452,10 @@ class Scheduler:
         rules = self.job.pair_rules
         parsed = [parse_pairs(gen.text, rules) if gen.error is None else ([], Counter()) for *_, gen in results]
         self._advance_all([(d, pairs, chained) for (d, _, chained, _), (pairs, _) in zip(results, parsed, strict=True)])
-        docs = self.docs
         out = {}
         for (d, prompt, chained, gen), (pairs, dropped) in zip(results, parsed, strict=True):
-            r, i = self.place[d]
             rec = {
-                "id": docs[d]["id"],
-                "text": docs[d]["text"],
-                "round": r,
-                "slot": i,
-                "chain": [docs[j]["id"] for j in chained],
-                "chain_docs": chained,
-                "pairs": pairs,
+                **synth_record(self.docs, d, self.place[d], chained, pairs),
                 "dropped": dict(dropped),
                 "prompt_tokens": len(prompt),
                 "gen_tokens": len(gen.ids),
@@ -475,6 +467,23 @@ class Scheduler:
                 rec["raw"] = gen.text
             out[d] = rec
         return out
+
+
+def synth_record(
+    docs: list[dict[str, Any]], d: int, place: tuple[int, int], chained: list[int], pairs: list[dict[str, str]]
+) -> dict[str, Any]:
+    """The fields a synthesized record starts with, in this order (the records' bytes follow it): document
+    ``d``, its (round, slot), the documents its prompt chained and its parsed pairs."""
+    r, i = place
+    return {
+        "id": docs[d]["id"],
+        "text": docs[d]["text"],
+        "round": r,
+        "slot": i,
+        "chain": [docs[j]["id"] for j in chained],
+        "chain_docs": chained,
+        "pairs": pairs,
+    }
 
 
 def shard_stats(path: Path, over_budget: int, wait_s: float, engine_s: float, total_s: float) -> dict[str, Any]:
